@@ -1,0 +1,492 @@
+package cdc
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// Batch is handed to the consumer: whole transactions, in commit order.
+type Batch struct {
+	Txns []Txn
+	// Position: every transaction that commits before Position has been
+	// handed over, in this or an earlier Batch. It is the EndLSN of the
+	// last Txn, or a keepalive's WAL end; idle keepalives produce empty
+	// Batches that only move Position.
+	Position LSN
+}
+
+// Acker is implemented by the consumer.
+type Acker interface {
+	// FlushLSN returns the highest LSN whose transactions are all durable
+	// on the consumer's side: a Batch.Position (or a Txn.EndLSN) whose
+	// transactions, and all before, need the WAL no more. It must never
+	// exceed what was handed over and should not move backwards (the
+	// stream ignores both). It is called from Run's goroutine and must
+	// not block.
+	FlushLSN() LSN
+}
+
+// Status is a snapshot of the stream for health checks and metrics.
+type Status struct {
+	Connected    bool      // streaming right now
+	ReceivedLSN  LSN       // highest WAL position received
+	FlushedLSN   LSN       // flush position last sent to Postgres (confirmed_flush_lsn follows it)
+	LastStatusAt time.Time // when the last standby status update was sent
+	LastError    error     // the last error that broke a connection, nil once streaming again
+}
+
+// Stream streams the publication's transactions from the slot.
+type Stream struct {
+	cfg     Config
+	pgxCfg  *pgx.ConnConfig
+	replCfg *pgconn.Config
+
+	mu     sync.Mutex
+	status Status
+
+	// Owned by Run's goroutine.
+	handed    LSN // highest Position handed over: txns ending at or before it are never handed again
+	flushSent LSN // highest flush position sent (or found confirmed by the slot)
+	running   bool
+}
+
+// New applies Config's defaults and validates it.
+func New(cfg Config) (*Stream, error) {
+	cfg = cfg.withDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	pgxCfg, err := pgx.ParseConfig(cfg.ConnString)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
+	}
+	replCfg, err := pgconn.ParseConfig(cfg.ConnString)
+	if err != nil {
+		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
+	}
+	replCfg.RuntimeParams["replication"] = "database"
+	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
+}
+
+// Status returns a snapshot; safe from any goroutine.
+func (s *Stream) Status() Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.status
+}
+
+func (s *Stream) setStatus(f func(*Status)) {
+	s.mu.Lock()
+	f(&s.status)
+	s.mu.Unlock()
+}
+
+const (
+	backoffMin = 100 * time.Millisecond
+	backoffMax = 5 * time.Second
+)
+
+// Run streams until ctx is done (it returns ctx's error) or a fatal error
+// (slot lost or missing, missing privileges, malformed data). It
+// reconnects with backoff after anything else. Batches go to out; the
+// send blocks for as long as the consumer does, while standby status
+// updates keep the connection alive. Run must not be called concurrently
+// with itself on one Stream.
+func (s *Stream) Run(ctx context.Context, out chan<- Batch, ack Acker) error {
+	if s.running {
+		return errors.New("cdc: Run is already running on this Stream")
+	}
+	s.running = true
+	defer func() { s.running = false }()
+	log := s.cfg.Logger
+	backoff := backoffMin
+	for attempt := 1; ; attempt++ {
+		streamed, err := s.session(ctx, out, ack)
+		s.setStatus(func(st *Status) {
+			st.Connected = false
+			if ctx.Err() == nil {
+				st.LastError = err
+			}
+		})
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if isFatal(err) {
+			log.Error("replication stopped", "error", err)
+			return err
+		}
+		if streamed {
+			backoff, attempt = backoffMin, 1
+		}
+		// Full jitter over the upper half keeps restarts of many relays apart.
+		wait := backoff/2 + rand.N(backoff/2+1)
+		log.Warn("replication connection lost; reconnecting", "error", err, "attempt", attempt, "backoff", wait)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(wait):
+		}
+		backoff = min(2*backoff, backoffMax)
+	}
+}
+
+// isFatal reports errors that reconnecting cannot cure.
+func isFatal(err error) bool {
+	for _, e := range []error{ErrSlotLost, ErrSlotMissing, ErrSlotPlugin, ErrNoReplication, ErrWALLevel, ErrMalformed} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "42501", // insufficient_privilege
+			"28000", "28P01", // invalid authorization, wrong password
+			"3D000", // database does not exist
+			"42704", // undefined_object: slot or publication does not exist
+			"55000": // object_not_in_prerequisite_state: slot invalidated, wal_level too low
+			return true
+		}
+	}
+	return false
+}
+
+// session is one replication connection's life. streamed reports whether
+// START_REPLICATION succeeded (so the backoff starts over).
+func (s *Stream) session(ctx context.Context, out chan<- Batch, ack Acker) (streamed bool, err error) {
+	log := s.cfg.Logger
+	db, err := s.connect(ctx)
+	if err != nil {
+		return false, err
+	}
+	var plugin, slotDB, walStatus *string
+	var confirmed *LSN
+	var dbName string
+	err = db.QueryRow(ctx, `SELECT plugin, database, wal_status, confirmed_flush_lsn, current_database() FROM pg_replication_slots WHERE slot_name = $1`,
+		s.cfg.SlotName).Scan(&plugin, &slotDB, &walStatus, &confirmed, &dbName)
+	db.Close(context.WithoutCancel(ctx))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, fmt.Errorf("cdc: %w: slot %q does not exist; run Setup (outbox-relay creates it at startup)", ErrSlotMissing, s.cfg.SlotName)
+	}
+	if err != nil {
+		return false, fmt.Errorf("cdc: look up replication slot: %w", err)
+	}
+	if err := s.checkSlot(plugin, slotDB, walStatus, confirmed, dbName); err != nil {
+		return false, err
+	}
+	if confirmed != nil && *confirmed > s.flushSent {
+		s.flushSent = *confirmed
+	}
+
+	conn, err := pgconn.ConnectConfig(ctx, s.replCfg.Copy())
+	if err != nil {
+		return false, fmt.Errorf("cdc: open replication connection: %w: %w", ErrConnect, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	start := s.flushSent
+	err = pglogrepl.StartReplication(ctx, conn, s.cfg.SlotName, start, pglogrepl.StartReplicationOptions{
+		Mode:       pglogrepl.LogicalReplication,
+		PluginArgs: []string{"proto_version '1'", fmt.Sprintf("publication_names '%s'", s.cfg.Publication)},
+	})
+	if err != nil {
+		return false, fmt.Errorf("cdc: start replication on slot %q at %s: %w", s.cfg.SlotName, start, err)
+	}
+	log.Info("replication started", slogSlot(s.cfg.SlotName), slogLSN("start_lsn", start), slogLSN("handed_lsn", s.handed))
+	s.setStatus(func(st *Status) { st.Connected, st.LastError = true, nil })
+
+	sess := &session{Stream: s, conn: conn, ack: ack, out: out, dec: NewDecoder(), received: start}
+	stop := context.AfterFunc(ctx, func() { conn.Conn().SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	defer sess.wg.Wait()
+	err = sess.loop(ctx)
+	if ctx.Err() != nil {
+		// Leaving on purpose: tell the server the latest flush position,
+		// best effort, so a restart resumes as late as possible.
+		_ = sess.sendStatus(false)
+	}
+	return true, err
+}
+
+// session is the state of one streaming connection, owned by Run's goroutine.
+type session struct {
+	*Stream
+	conn *pgconn.PgConn
+	ack  Acker
+	out  chan<- Batch
+	dec  *Decoder
+
+	received   LSN       // highest WAL position received
+	nextStatus time.Time // when the next timed status update is due
+	lastData   time.Time // when transaction data last arrived (heartbeat clock)
+	deadline   time.Time // read deadline currently set on the socket
+
+	pending      []Txn
+	pendingPos   LSN
+	pendingSince time.Time
+
+	heartbeating bool
+	heartbeatErr chan error
+	wg           sync.WaitGroup
+}
+
+func (ss *session) loop(ctx context.Context) error {
+	now := time.Now()
+	ss.lastData = now
+	ss.nextStatus = now
+	ss.heartbeatErr = make(chan error, 1)
+	nc := ss.conn.Conn()
+	fe := ss.conn.Frontend()
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		now = time.Now()
+		if !now.Before(ss.nextStatus) {
+			if err := ss.sendStatus(false); err != nil {
+				return err
+			}
+		}
+		if len(ss.pending) > 0 && (len(ss.pending) >= ss.cfg.MaxBatchTxns || fe.ReadBufferLen() == 0 ||
+			now.Sub(ss.pendingSince) >= ss.cfg.MaxBatchDelay) {
+			if err := ss.flush(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		ss.heartbeat(ctx, now)
+
+		deadline := ss.nextStatus
+		if len(ss.pending) > 0 {
+			deadline = minTime(deadline, ss.pendingSince.Add(ss.cfg.MaxBatchDelay))
+		}
+		if !ss.heartbeating {
+			deadline = minTime(deadline, ss.lastData.Add(ss.cfg.HeartbeatInterval))
+		}
+		if !deadline.Equal(ss.deadline) {
+			nc.SetReadDeadline(deadline)
+			ss.deadline = deadline
+		}
+		msg, err := ss.conn.ReceiveMessage(context.Background())
+		if err != nil {
+			if pgconn.Timeout(err) || errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			return fmt.Errorf("cdc: receive: %w", err)
+		}
+		switch msg := msg.(type) {
+		case *pgproto3.CopyData:
+			if err := ss.handleCopyData(ctx, msg.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("cdc: replication: %w", pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return errors.New("cdc: server ended the replication stream")
+		default:
+			// NoticeResponse, ParameterStatus: nothing to do.
+		}
+	}
+}
+
+func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.XLogDataByteID:
+		if len(data) < 25 {
+			return fmt.Errorf("cdc: %w: XLogData of %d bytes", ErrMalformed, len(data))
+		}
+		if at := LSN(binary.BigEndian.Uint64(data[1:])); at > ss.received {
+			ss.received = at
+		}
+		txn, err := ss.dec.Decode(data[25:])
+		if err != nil {
+			return fmt.Errorf("cdc: decode at %s: %w", ss.received, err)
+		}
+		ss.lastData = time.Now()
+		if txn == nil {
+			return nil
+		}
+		if txn.EndLSN <= ss.handed || txn.EndLSN <= ss.pendingPos {
+			ss.cfg.Logger.Debug("dropping transaction already handed over", "xid", txn.XID, slogLSN("end_lsn", txn.EndLSN), slogLSN("handed_lsn", ss.handed))
+			return nil
+		}
+		if len(ss.pending) == 0 {
+			ss.pendingSince = ss.lastData
+			ss.pending = make([]Txn, 0, min(ss.cfg.MaxBatchTxns, 16))
+		}
+		ss.pending = append(ss.pending, *txn)
+		ss.pendingPos = txn.EndLSN
+		return nil
+
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		pkm, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("cdc: %w: %w", ErrMalformed, err)
+		}
+		if pkm.ServerWALEnd > ss.received {
+			ss.received = pkm.ServerWALEnd
+		}
+		if !ss.dec.InTxn() {
+			if len(ss.pending) > 0 {
+				ss.pendingPos = max(ss.pendingPos, pkm.ServerWALEnd)
+			} else if pkm.ServerWALEnd > ss.handed {
+				select {
+				case ss.out <- Batch{Position: pkm.ServerWALEnd}:
+					ss.handed = pkm.ServerWALEnd
+				default: // the consumer is busy; a later keepalive will do
+				}
+			}
+		}
+		if pkm.ReplyRequested {
+			return ss.sendStatus(false)
+		}
+		return nil
+	}
+	return nil
+}
+
+// flush hands the pending transactions over, blocking as long as the
+// consumer does while keeping the standby status updates flowing.
+func (ss *session) flush(ctx context.Context) error {
+	b := Batch{Txns: ss.pending, Position: ss.pendingPos}
+	var timer *time.Timer
+	for {
+		select {
+		case ss.out <- b:
+			ss.handed = max(ss.handed, b.Position)
+			ss.pending, ss.pendingPos = nil, 0
+			if timer != nil {
+				timer.Stop()
+			}
+			return nil
+		default:
+		}
+		wait := time.Until(ss.nextStatus)
+		if wait <= 0 {
+			if err := ss.sendStatus(false); err != nil {
+				return err
+			}
+			continue
+		}
+		if timer == nil {
+			timer = time.NewTimer(wait)
+		} else {
+			timer.Reset(wait)
+		}
+		select {
+		case ss.out <- b:
+			ss.handed = max(ss.handed, b.Position)
+			ss.pending, ss.pendingPos = nil, 0
+			timer.Stop()
+			return nil
+		case <-ctx.Done():
+			timer.Stop()
+			return ctx.Err()
+		case <-timer.C:
+		}
+	}
+}
+
+// sendStatus sends a standby status update with write, flush and apply all
+// set explicitly. (pglogrepl.SendStandbyStatusUpdate would replace a zero
+// flush position by the write position, confirming WAL nobody has made
+// durable.)
+func (ss *session) sendStatus(replyRequested bool) error {
+	flush := ss.ack.FlushLSN()
+	// Never confirm beyond what was handed over, never move backwards.
+	flush = min(flush, ss.handed)
+	flush = max(flush, ss.flushSent)
+	write := max(ss.received, flush)
+	now := time.Now()
+
+	buf := make([]byte, 0, 5+34)
+	buf = append(buf, 'd', 0, 0, 0, 4+34)
+	buf = append(buf, pglogrepl.StandbyStatusUpdateByteID)
+	buf = binary.BigEndian.AppendUint64(buf, uint64(write))
+	buf = binary.BigEndian.AppendUint64(buf, uint64(flush))
+	buf = binary.BigEndian.AppendUint64(buf, uint64(flush)) // apply
+	buf = binary.BigEndian.AppendUint64(buf, uint64(now.Sub(pgEpoch).Microseconds()))
+	if replyRequested {
+		buf = append(buf, 1)
+	} else {
+		buf = append(buf, 0)
+	}
+	nc := ss.conn.Conn()
+	nc.SetWriteDeadline(now.Add(10 * time.Second))
+	if err := ss.conn.Frontend().SendUnbufferedEncodedCopyData(buf); err != nil {
+		return fmt.Errorf("cdc: send standby status: %w", err)
+	}
+	ss.flushSent = flush
+	ss.nextStatus = now.Add(ss.cfg.StatusInterval)
+	ss.setStatus(func(st *Status) {
+		st.ReceivedLSN, st.FlushedLSN, st.LastStatusAt = ss.received, flush, now
+	})
+	return nil
+}
+
+var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// heartbeat writes a WAL record on an ordinary connection when no data
+// arrived for HeartbeatInterval, in its own goroutine so the replication
+// connection keeps being served.
+func (ss *session) heartbeat(ctx context.Context, now time.Time) {
+	if ss.heartbeating {
+		select {
+		case err := <-ss.heartbeatErr:
+			ss.heartbeating = false
+			ss.lastData = now
+			if err != nil {
+				ss.cfg.Logger.Warn("heartbeat failed", "error", err)
+			}
+		default:
+		}
+		return
+	}
+	if now.Sub(ss.lastData) < ss.cfg.HeartbeatInterval {
+		return
+	}
+	ss.heartbeating = true
+	ss.wg.Add(1)
+	go func() {
+		defer ss.wg.Done()
+		hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		ss.heartbeatErr <- ss.emitHeartbeat(hctx)
+	}()
+}
+
+func (s *Stream) emitHeartbeat(ctx context.Context) error {
+	conn, err := s.connect(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	_, err = conn.Exec(ctx, `SELECT pg_logical_emit_message(false, 'outbox-relay-heartbeat', '')`)
+	return err
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func slogLSN(key string, lsn LSN) slog.Attr { return slog.String(key, lsn.String()) }
+
+func slogSlot(name string) slog.Attr { return slog.String("slot", name) }
