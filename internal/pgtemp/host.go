@@ -37,9 +37,13 @@ func FindBinDir() (string, error) {
 		ErrNoServerBinaries, installHint)
 }
 
+// debianRoot is where Debian and Ubuntu install server versions side by
+// side; a variable so that tests can pretend nothing is installed.
+var debianRoot = "/usr/lib/postgresql"
+
 // debianBinDirs returns /usr/lib/postgresql/*/bin, newest version first.
 func debianBinDirs() []string {
-	dirs, _ := filepath.Glob("/usr/lib/postgresql/*/bin")
+	dirs, _ := filepath.Glob(filepath.Join(debianRoot, "*", "bin"))
 	version := func(dir string) float64 {
 		v, err := strconv.ParseFloat(filepath.Base(filepath.Dir(dir)), 64)
 		if err != nil {

@@ -409,6 +409,25 @@ func TestFindBinDir(t *testing.T) {
 	}
 }
 
+func TestMissingBinariesSayWhatToInstall(t *testing.T) {
+	// Not parallel: it changes PATH and debianRoot.
+	t.Setenv("PATH", t.TempDir())
+	saved := debianRoot
+	debianRoot = t.TempDir()
+	t.Cleanup(func() { debianRoot = saved })
+	os.MkdirAll(filepath.Join(debianRoot, "16", "bin"), 0o755) // client-only install
+
+	_, err := Start(t.Context(), Options{})
+	if !errors.Is(err, ErrNoServerBinaries) {
+		t.Fatalf("Start: err = %v, want ErrNoServerBinaries", err)
+	}
+	for _, want := range []string{"apt-get install postgresql", EnvDatabaseURL, "wal_level=logical"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
+		}
+	}
+}
+
 // childEnv makes the test binary, run by TestServerDiesWithItsParent, start
 // a cluster and exit without stopping it.
 const childEnv = "PGTEMP_TEST_ORPHAN_CHILD"

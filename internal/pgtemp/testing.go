@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -45,10 +44,8 @@ type runner struct {
 func (r runner) Run() int {
 	cluster, err := clusterForTests()
 	if err != nil {
+		// When binaries are missing, err already says what to install.
 		fmt.Fprintf(os.Stderr, "pgtemp: cannot get a PostgreSQL server for the tests: %v\n", err)
-		if errors.Is(err, ErrNoServerBinaries) {
-			fmt.Fprintf(os.Stderr, "pgtemp: to fix: %s\n", installHint)
-		}
 		return 1
 	}
 	*r.c = cluster
