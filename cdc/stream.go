@@ -237,6 +237,10 @@ type session struct {
 	pendingPos   LSN
 	pendingSince time.Time
 
+	replyStreak      int       // keepalives asking for a reply, each within a second of the previous
+	replyStreakStart time.Time // first of them
+	lastReplyReq     time.Time
+
 	heartbeating bool
 	heartbeatErr chan error
 	wg           sync.WaitGroup
@@ -353,9 +357,38 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 			}
 		}
 		if pkm.ReplyRequested {
-			return ss.sendStatus(false)
+			if err := ss.sendStatus(false); err != nil {
+				return err
+			}
+			return ss.checkShutdown(pkm.ServerWALEnd)
 		}
 		return nil
+	}
+	return nil
+}
+
+// errServerStopping is returned (and the connection closed) when the server
+// is shutting down and waits for a flush position the consumer has not
+// acknowledged: staying connected would hold up the shutdown indefinitely.
+var errServerStopping = errors.New("cdc: server is shutting down and waits for an acknowledgement the consumer has not given; disconnecting to let it stop")
+
+// checkShutdown spots a server in shutdown. We answer every status request
+// at once and send updates every StatusInterval, so a live walsender asks
+// for a reply at most every wal_sender_timeout/2; a walsender finishing a
+// shutdown instead asks again after each answer until the flush position
+// reaches what it sent. After a second of that, disconnect: the server can
+// stop, and the transactions not acknowledged come again after the
+// reconnect (and are dropped as already handed over).
+func (ss *session) checkShutdown(walEnd LSN) error {
+	now := time.Now()
+	if now.Sub(ss.lastReplyReq) > time.Second {
+		ss.replyStreak, ss.replyStreakStart = 0, now
+	}
+	ss.replyStreak++
+	ss.lastReplyReq = now
+	if ss.replyStreak >= 5 && now.Sub(ss.replyStreakStart) >= time.Second && ss.flushSent < walEnd {
+		ss.cfg.Logger.Info("server is shutting down; disconnecting", slogLSN("server_wal_end", walEnd), slogLSN("flush_lsn", ss.flushSent))
+		return errServerStopping
 	}
 	return nil
 }

@@ -1,0 +1,594 @@
+package cdc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"go.uber.org/goleak"
+
+	outboxrelay "github.com/outbox-relay/outbox-relay"
+	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+)
+
+var cluster *pgtemp.Cluster
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(pgtemp.WithCluster(m, &cluster))
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	if os.Getenv("CDC_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("test", t.Name())
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// newDB creates a fresh database with the relay schema and returns its URL.
+func newDB(t *testing.T, c *pgtemp.Cluster) string {
+	t.Helper()
+	u := pgtemp.NewDatabase(t, c)
+	exec(t, u, outboxrelay.Schema)
+	return u
+}
+
+func exec(t *testing.T, connString string, sql string, args ...any) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, connString)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, sql, args...); err != nil {
+		t.Fatalf("exec %.60q: %v", sql, err)
+	}
+}
+
+func queryLSN(t *testing.T, connString, sql string, args ...any) LSN {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, connString)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer conn.Close(ctx)
+	var s *string
+	if err := conn.QueryRow(ctx, sql, args...).Scan(&s); err != nil {
+		t.Fatalf("query %.60q: %v", sql, err)
+	}
+	if s == nil {
+		return 0
+	}
+	lsn, err := pglogrepl.ParseLSN(*s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return lsn
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// consumer collects batches; with ack set it acknowledges each Position as
+// soon as it has stored the batch (its "durable" side is memory).
+type consumer struct {
+	ack bool
+
+	mu      sync.Mutex
+	txns    []Txn
+	batches []Batch
+	flush   atomic.Uint64
+	gate    chan struct{} // if non-nil, the consumer waits for it before each receive
+}
+
+func (c *consumer) FlushLSN() LSN { return LSN(c.flush.Load()) }
+
+func (c *consumer) snapshot() []Txn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]Txn(nil), c.txns...)
+}
+
+func (c *consumer) lastPosition() LSN {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.batches) == 0 {
+		return 0
+	}
+	return c.batches[len(c.batches)-1].Position
+}
+
+// run starts s.Run and a consumer goroutine; stop cancels both and returns
+// Run's error.
+func (c *consumer) run(t *testing.T, s *Stream) (stop func() error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	out := make(chan Batch)
+	runErr := make(chan error, 1)
+	go func() { runErr <- s.Run(ctx, out, c) }()
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			if c.gate != nil {
+				select {
+				case <-c.gate:
+				case <-ctx.Done():
+					return
+				}
+			}
+			select {
+			case b := <-out:
+				c.mu.Lock()
+				c.batches = append(c.batches, b)
+				c.txns = append(c.txns, b.Txns...)
+				c.mu.Unlock()
+				if c.ack {
+					c.flush.Store(uint64(b.Position))
+				}
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			err = <-runErr
+			wg.Wait()
+		})
+		return err
+	}
+	t.Cleanup(func() { stop() })
+	return stop
+}
+
+// slotFor names the slot after the test's database: slots are cluster-wide.
+func slotFor(connString string) string {
+	u, err := url.Parse(connString)
+	if err != nil {
+		panic(err)
+	}
+	name := strings.TrimPrefix(u.Path, "/")
+	return "s" + name[max(0, len(name)-40):]
+}
+
+func newStream(t *testing.T, connString string, mod func(*Config)) *Stream {
+	t.Helper()
+	slot := slotFor(connString)
+	cfg := Config{ConnString: connString, Logger: testLogger(t), HeartbeatInterval: time.Second, SlotName: slot}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := s.Setup(ctx); err != nil {
+		t.Fatalf("Setup: %v", err)
+	}
+	t.Cleanup(func() {
+		exec(t, connString, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active`, slot)
+	})
+	return s
+}
+
+// outboxRows returns the payload of every relay.outbox insert, in order.
+func outboxRows(txns []Txn) []string {
+	var rows []string
+	for _, txn := range txns {
+		for _, c := range txn.Changes {
+			if c.Rel.Name == "outbox" && c.Op == Insert {
+				rows = append(rows, string(c.New[c.Rel.ColumnIndex("payload")].Data))
+			}
+		}
+	}
+	return rows
+}
+
+func insertOutbox(t *testing.T, connString string, from, to int) {
+	t.Helper()
+	for i := from; i < to; i++ {
+		exec(t, connString, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', jsonb_build_object('n', $1::int))`, i)
+	}
+}
+
+func payloads(from, to int) []string {
+	var p []string
+	for i := from; i < to; i++ {
+		p = append(p, fmt.Sprintf(`{"n": %d}`, i))
+	}
+	return p
+}
+
+func checkCommitOrder(t *testing.T, txns []Txn) {
+	t.Helper()
+	for i := 1; i < len(txns); i++ {
+		if txns[i].EndLSN <= txns[i-1].EndLSN || txns[i].CommitLSN < txns[i-1].EndLSN {
+			t.Fatalf("txn %d (%s..%s) not after txn %d (%s..%s)", i, txns[i].CommitLSN, txns[i].EndLSN, i-1, txns[i-1].CommitLSN, txns[i-1].EndLSN)
+		}
+	}
+}
+
+func TestStreamDeliversCommittedTransactions(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	s := newStream(t, u, nil)
+	c := &consumer{ack: true}
+	c.run(t, s)
+
+	insertOutbox(t, u, 0, 5)
+	exec(t, u, `BEGIN; INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', '{"n": -1}'); ROLLBACK`)
+	exec(t, u, `INSERT INTO relay.outbox (tenant_id, event_type, payload, endpoint_id, headers, traceparent)
+		SELECT 't2', 'big', jsonb_build_object('n', g), 'ep_x', '{"x-a": "b"}', '00-abc-def-01' FROM generate_series(5, 5004) g`)
+	insertOutbox(t, u, 5005, 5010)
+	exec(t, u, `INSERT INTO relay.endpoints (id, tenant_id, url) VALUES ('ep_1', 't1', 'https://a.example/hook')`)
+	exec(t, u, `UPDATE relay.endpoints SET enabled = false, url = 'https://b.example/hook' WHERE id = 'ep_1'`)
+	exec(t, u, `DELETE FROM relay.endpoints WHERE id = 'ep_1'`)
+
+	waitFor(t, 30*time.Second, "every committed transaction", func() bool { return len(c.snapshot()) >= 5+1+5+3 })
+	txns := c.snapshot()
+	if len(txns) != 14 {
+		t.Fatalf("got %d transactions, want 14", len(txns))
+	}
+	checkCommitOrder(t, txns)
+	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, 5010), ","); got != want {
+		t.Fatalf("outbox payloads differ from the committed ones (rolled back row present: %v)", strings.Contains(got, "-1"))
+	}
+	big := txns[5]
+	if len(big.Changes) != 5000 {
+		t.Fatalf("the 5,000-row transaction arrived as %d rows", len(big.Changes))
+	}
+	rel := big.Changes[0].Rel
+	row := big.Changes[4999].New
+	for col, want := range map[string]string{"tenant_id": "t2", "event_type": "big", "endpoint_id": "ep_x", "headers": `{"x-a": "b"}`, "traceparent": "00-abc-def-01"} {
+		if got := string(row[rel.ColumnIndex(col)].Data); got != want {
+			t.Errorf("%s = %q, want %q", col, got, want)
+		}
+	}
+	if id := row[rel.ColumnIndex("id")]; id.Kind != 't' || len(id.Data) != 36 {
+		t.Errorf("id = %q", id.Data)
+	}
+	if !big.Changes[0].Rel.Columns[rel.ColumnIndex("id")].Key {
+		t.Error("outbox.id is not marked as key")
+	}
+	if big.CommitTime.IsZero() || time.Since(big.CommitTime) > time.Minute {
+		t.Errorf("commit time %v", big.CommitTime)
+	}
+
+	ins, upd, del := txns[11].Changes[0], txns[12].Changes[0], txns[13].Changes[0]
+	erel := ins.Rel
+	if erel.Namespace != "relay" || erel.Name != "endpoints" || ins.Op != Insert || upd.Op != Update || del.Op != Delete {
+		t.Fatalf("endpoint changes: %s.%s %s %s %s", erel.Namespace, erel.Name, ins.Op, upd.Op, del.Op)
+	}
+	if got := string(upd.New[erel.ColumnIndex("url")].Data); got != "https://b.example/hook" || string(upd.New[erel.ColumnIndex("enabled")].Data) != "f" {
+		t.Errorf("update new row: url %q enabled %q", got, upd.New[erel.ColumnIndex("enabled")].Data)
+	}
+	if got := string(del.Old[erel.ColumnIndex("id")].Data); got != "ep_1" {
+		t.Errorf("delete old key id = %q", got)
+	}
+	// Everything was acknowledged: the slot follows.
+	last := txns[len(txns)-1].EndLSN
+	waitFor(t, 10*time.Second, "confirmed_flush_lsn to reach the last commit", func() bool {
+		return queryLSN(t, u, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, slotFor(u)) >= last
+	})
+}
+
+// Not parallel: it restarts the shared cluster, which the parallel tests
+// only use after the sequential ones have finished.
+func TestStreamSurvivesPostgresRestart(t *testing.T) {
+	u := newDB(t, cluster)
+	s := newStream(t, u, nil)
+	c := &consumer{} // acks nothing: after the restart the server sends everything again
+	stop := c.run(t, s)
+
+	insertOutbox(t, u, 0, 10)
+	waitFor(t, 20*time.Second, "the first 10 rows", func() bool { return len(outboxRows(c.snapshot())) >= 10 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := cluster.Restart(ctx, "fast"); err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	insertOutbox(t, u, 10, 20)
+	waitFor(t, 30*time.Second, "the rows inserted after the restart", func() bool { return len(outboxRows(c.snapshot())) >= 20 })
+	if st := s.Status(); !st.Connected {
+		t.Errorf("status after reconnect: %+v", st)
+	}
+	if err := stop(); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run returned %v, want context.Canceled", err)
+	}
+	txns := c.snapshot()
+	checkCommitOrder(t, txns)
+	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, 20), ","); got != want {
+		t.Fatalf("rows across the restart:\n got %s\nwant %s", got, want)
+	}
+}
+
+func TestStreamResumesAtConfirmedPosition(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+
+	// A consumer that acknowledges nothing: the next Stream (a new process)
+	// gets the same transactions again.
+	c1 := &consumer{}
+	stop := c1.run(t, newStream(t, u, nil))
+	insertOutbox(t, u, 0, 3)
+	waitFor(t, 20*time.Second, "3 rows", func() bool { return len(outboxRows(c1.snapshot())) == 3 })
+	stop()
+
+	c2 := &consumer{ack: true}
+	s2 := newStream(t, u, nil)
+	stop = c2.run(t, s2)
+	waitFor(t, 20*time.Second, "re-delivery of 3 rows", func() bool { return len(outboxRows(c2.snapshot())) == 3 })
+	if got, want := strings.Join(outboxRows(c2.snapshot()), ","), strings.Join(payloads(0, 3), ","); got != want {
+		t.Fatalf("re-delivered %s, want %s", got, want)
+	}
+	// c2 acknowledges: once the flush reached Postgres, a third process
+	// starts after them.
+	pos := c2.lastPosition()
+	waitFor(t, 10*time.Second, "the flush position to be sent", func() bool { return s2.Status().FlushedLSN >= pos })
+	stop()
+	if got := queryLSN(t, u, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, slotFor(u)); got < pos {
+		t.Fatalf("confirmed_flush_lsn %s < acknowledged %s", got, pos)
+	}
+
+	c3 := &consumer{ack: true}
+	c3.run(t, newStream(t, u, nil))
+	insertOutbox(t, u, 3, 4)
+	waitFor(t, 20*time.Second, "the new row", func() bool { return len(outboxRows(c3.snapshot())) >= 1 })
+	if got := strings.Join(outboxRows(c3.snapshot()), ","); got != `{"n": 3}` {
+		t.Fatalf("after acknowledgement got %s, want only the new row", got)
+	}
+}
+
+// The consumer does not take a Batch for longer than wal_sender_timeout;
+// the status updates keep the same walsender alive.
+func TestStreamBlockedConsumerKeepsConnection(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	// wal_sender_timeout can be set per connection: 1s for this one only.
+	pu, err := url.Parse(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pu.RawQuery += "&options=-c%20wal_sender_timeout%3D1s"
+	s := newStream(t, pu.String(), nil)
+	c := &consumer{ack: true, gate: make(chan struct{})}
+	c.run(t, s)
+
+	activePID := func() int {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(ctx)
+		var pid *int
+		if err := conn.QueryRow(ctx, `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1`, slotFor(u)).Scan(&pid); err != nil {
+			t.Fatal(err)
+		}
+		if pid == nil {
+			return 0
+		}
+		return *pid
+	}
+	waitFor(t, 10*time.Second, "the walsender", func() bool { return activePID() != 0 })
+	pid := activePID()
+
+	insertOutbox(t, u, 0, 3)
+	// Hold the consumer for 3 × wal_sender_timeout while watching that the
+	// walsender stays the same process.
+	blockedUntil := time.Now().Add(3 * time.Second)
+	waitFor(t, 10*time.Second, "3s of blocking", func() bool {
+		if p := activePID(); p != pid {
+			t.Fatalf("walsender changed from %d to %d while the consumer blocked", pid, p)
+		}
+		return time.Now().After(blockedUntil)
+	})
+	if st := s.Status(); !st.Connected || st.LastError != nil || time.Since(st.LastStatusAt) > time.Second {
+		t.Fatalf("status while blocked: %+v", st)
+	}
+	close(c.gate) // the consumer takes everything from now on
+	waitFor(t, 10*time.Second, "the 3 rows", func() bool { return len(outboxRows(c.snapshot())) == 3 })
+	if p := activePID(); p != pid {
+		t.Fatalf("walsender changed from %d to %d", pid, p)
+	}
+}
+
+func TestStreamIdleSlotAdvances(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	s := newStream(t, u, func(c *Config) { c.HeartbeatInterval = 200 * time.Millisecond })
+	slotLSN := func() LSN {
+		return queryLSN(t, u, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`, slotFor(u))
+	}
+	start := slotLSN()
+	c := &consumer{ack: true}
+	c.run(t, s)
+	// Nothing is written to the database: only the heartbeat moves the WAL.
+	waitFor(t, 15*time.Second, "confirmed_flush_lsn to advance on an idle database", func() bool { return slotLSN() > start })
+	if n := len(c.snapshot()); n != 0 {
+		t.Fatalf("idle stream handed over %d transactions", n)
+	}
+}
+
+func setupErr(t *testing.T, connString string, mod func(*Config)) error {
+	t.Helper()
+	cfg := Config{ConnString: connString, Logger: testLogger(t)}
+	if mod != nil {
+		mod(&cfg)
+	}
+	s, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	err = s.Setup(ctx)
+	if err != nil {
+		t.Logf("Setup: %v", err)
+	}
+	return err
+}
+
+func TestSetupChecks(t *testing.T) {
+	t.Parallel()
+	t.Run("unreachable", func(t *testing.T) {
+		t.Parallel()
+		err := setupErr(t, "postgres://postgres@127.0.0.1:1/nope?sslmode=disable&connect_timeout=5", nil)
+		if !errors.Is(err, ErrConnect) {
+			t.Fatalf("err = %v, want ErrConnect", err)
+		}
+	})
+	t.Run("role without replication", func(t *testing.T) {
+		t.Parallel()
+		u := newDB(t, cluster)
+		role := fmt.Sprintf("norepl_%d", time.Now().UnixNano())
+		exec(t, u, fmt.Sprintf(`CREATE ROLE %s LOGIN NOREPLICATION`, role))
+		t.Cleanup(func() { exec(t, u, fmt.Sprintf(`DROP OWNED BY %s; DROP ROLE %s`, role, role)) })
+		pu, _ := url.Parse(u)
+		pu.User = url.User(role)
+		err := setupErr(t, pu.String(), nil)
+		if !errors.Is(err, ErrNoReplication) || !strings.Contains(err.Error(), `ALTER ROLE "`+role+`" REPLICATION`) {
+			t.Fatalf("err = %v, want ErrNoReplication with the fix", err)
+		}
+	})
+	t.Run("publication missing a table", func(t *testing.T) {
+		t.Parallel()
+		u := newDB(t, cluster)
+		exec(t, u, `CREATE PUBLICATION outbox_relay FOR TABLE relay.outbox, relay.tenants`)
+		err := setupErr(t, u, nil)
+		if !errors.Is(err, ErrPublicationMissingTable) {
+			t.Fatalf("err = %v, want ErrPublicationMissingTable", err)
+		}
+		// The message carries the exact statement that fixes it.
+		_, fix, _ := strings.Cut(err.Error(), "run: ")
+		exec(t, u, fix)
+		if err := setupErr(t, u, nil); err != nil {
+			t.Fatalf("after %q: %v", fix, err)
+		}
+	})
+	t.Run("slot with another plugin", func(t *testing.T) {
+		t.Parallel()
+		u := newDB(t, cluster)
+		slot := fmt.Sprintf("td_%d", time.Now().UnixNano())
+		exec(t, u, `SELECT pg_create_logical_replication_slot($1, 'test_decoding')`, slot)
+		t.Cleanup(func() { exec(t, u, `SELECT pg_drop_replication_slot($1)`, slot) })
+		err := setupErr(t, u, func(c *Config) { c.SlotName = slot })
+		if !errors.Is(err, ErrSlotPlugin) {
+			t.Fatalf("err = %v, want ErrSlotPlugin", err)
+		}
+	})
+	t.Run("table missing", func(t *testing.T) {
+		t.Parallel()
+		u := pgtemp.NewDatabase(t, cluster)
+		if err := setupErr(t, u, nil); !errors.Is(err, ErrTableMissing) {
+			t.Fatalf("err = %v, want ErrTableMissing", err)
+		}
+	})
+	t.Run("wal_level replica", func(t *testing.T) {
+		t.Parallel()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		c, err := pgtemp.Start(ctx, pgtemp.Options{Settings: map[string]string{"wal_level": "replica"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Stop()
+		err = setupErr(t, c.URL("postgres"), nil)
+		if !errors.Is(err, ErrWALLevel) || !strings.Contains(err.Error(), "wal_level = logical") {
+			t.Fatalf("err = %v, want ErrWALLevel", err)
+		}
+	})
+	t.Run("slot invalidated", func(t *testing.T) {
+		t.Parallel()
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		defer cancel()
+		c, err := pgtemp.Start(ctx, pgtemp.Options{Settings: map[string]string{"max_slot_wal_keep_size": "1MB", "wal_keep_size": "0"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Stop()
+		u := c.URL("postgres")
+		exec(t, u, outboxrelay.Schema)
+		if err := setupErr(t, u, nil); err != nil {
+			t.Fatal(err)
+		}
+		// Write WAL past max_slot_wal_keep_size with nobody streaming;
+		// the checkpoint invalidates the slot.
+		waitFor(t, 30*time.Second, "the slot to be invalidated", func() bool {
+			exec(t, u, `INSERT INTO relay.tenants (id) SELECT 'x' || g FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING`)
+			exec(t, u, `SELECT pg_switch_wal()`)
+			exec(t, u, `CHECKPOINT`)
+			return errors.Is(setupErr(t, u, nil), ErrSlotLost)
+		})
+		err = setupErr(t, u, nil)
+		if !strings.Contains(err.Error(), "pg_drop_replication_slot('outbox_relay')") || !strings.Contains(err.Error(), "relay.outbox") {
+			t.Fatalf("message does not say what to do: %v", err)
+		}
+		// Run does not loop on it either.
+		s, err := New(Config{ConnString: u, Logger: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Run(ctx, make(chan Batch), &consumer{}); !errors.Is(err, ErrSlotLost) {
+			t.Fatalf("Run = %v, want ErrSlotLost", err)
+		}
+	})
+}
+
+func TestConfigValidate(t *testing.T) {
+	for _, tc := range []struct {
+		cfg   Config
+		field string
+	}{
+		{Config{}, "ConnString"},
+		{Config{ConnString: "postgres://x/y", SlotName: "Bad-Name"}, "SlotName"},
+		{Config{ConnString: "postgres://x/y", Publication: "p;drop"}, "Publication"},
+		{Config{ConnString: "postgres://x/y", Tables: []string{"outbox"}}, "Tables"},
+		{Config{ConnString: "postgres://x/y", StatusInterval: -1}, "StatusInterval"},
+		{Config{ConnString: "postgres://x/y", MaxBatchTxns: -1}, "MaxBatchTxns"},
+	} {
+		_, err := New(tc.cfg)
+		if err == nil || !strings.Contains(err.Error(), "Config."+tc.field) {
+			t.Errorf("New(%+v) = %v, want an error naming %s", tc.cfg, err, tc.field)
+		}
+	}
+	s, err := New(Config{ConnString: "postgres://x/y"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.cfg.SlotName != "outbox_relay" || s.cfg.Publication != "outbox_relay" || len(s.cfg.Tables) != 3 ||
+		s.cfg.StatusInterval != 100*time.Millisecond || s.cfg.HeartbeatInterval != 10*time.Second || s.cfg.MaxBatchTxns != 256 {
+		t.Fatalf("defaults: %+v", s.cfg)
+	}
+}
