@@ -14,8 +14,9 @@
 //     tenant's bucket, or none from either. A refused Take changes nothing.
 //   - Over any interval [t0, t1] of the now values passed in, a bucket with
 //     rate r and burst b grants at most b + r*(t1-t0) tokens, whatever the
-//     number of goroutines and even if their now values arrive out of order.
-//     A late now is refused rather than credited.
+//     number of goroutines and even if their now values arrive out of order:
+//     a now earlier than one already seen earns nothing, and a refusal's
+//     wait then counts the time it is behind.
 //   - The wait returned with a refusal is exact: a Take at now+wait succeeds
 //     if nothing else took tokens meanwhile, and a Take one nanosecond
 //     earlier would have been refused.
