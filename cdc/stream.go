@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -59,7 +60,7 @@ type Stream struct {
 	// Owned by Run's goroutine.
 	handed    LSN // highest Position handed over: txns ending at or before it are never handed again
 	flushSent LSN // highest flush position sent (or found confirmed by the slot)
-	running   bool
+	running   atomic.Bool
 }
 
 // New applies Config's defaults and validates it.
@@ -105,11 +106,10 @@ const (
 // updates keep the connection alive. Run must not be called concurrently
 // with itself on one Stream.
 func (s *Stream) Run(ctx context.Context, out chan<- Batch, ack Acker) error {
-	if s.running {
+	if !s.running.CompareAndSwap(false, true) {
 		return errors.New("cdc: Run is already running on this Stream")
 	}
-	s.running = true
-	defer func() { s.running = false }()
+	defer s.running.Store(false)
 	log := s.cfg.Logger
 	backoff := backoffMin
 	for attempt := 1; ; attempt++ {
