@@ -2,6 +2,9 @@
 -- Idempotent: `outbox-relay migrate` applies it on every run, and applying it
 -- twice changes nothing. Later versions only add (ADD COLUMN IF NOT EXISTS).
 
+-- Serialise concurrent migrations (several sidecars starting at once).
+SELECT pg_advisory_xact_lock(7305432718046262);
+
 CREATE SCHEMA IF NOT EXISTS relay;
 
 -- Tenants are optional: a tenant without a row gets weight 1 and no limit.
@@ -65,6 +68,7 @@ CREATE TABLE IF NOT EXISTS relay.deliveries (
     http_status      integer,
     error            text,
     next_attempt_at  timestamptz,
+    claimed_until    timestamptz,        -- a relay is attempting it; others leave it alone until then
     commit_lsn       pg_lsn,
     committed_at     timestamptz,
     first_attempt_at timestamptz,

@@ -33,12 +33,10 @@
 //
 // What it does not promise:
 //
-//   - Durability by default. fsync, synchronous_commit and full_page_writes
-//     are off unless [Options.Durable] is set. With synchronous_commit off,
-//     transactions committed in the last few hundred milliseconds before a
-//     Restart("immediate") can be lost, as on any server configured that way;
-//     tests that crash the server and then count rows must set Durable (or
-//     Settings{"synchronous_commit": "on"}).
+//   - Durability against an OS crash. fsync and full_page_writes are off
+//     unless [Options.Durable] is set. synchronous_commit stays on, so a
+//     Restart("immediate") (a server crash, not an OS crash) keeps every
+//     commit that was acknowledged.
 //   - Production use, or any security: authentication is "trust".
 //   - Portability beyond Unix-like systems with PostgreSQL 14 or newer.
 package pgtemp

@@ -87,7 +87,7 @@ func TestStartConfiguresLogicalReplication(t *testing.T) {
 		"max_connections":         "300",
 		"listen_addresses":        "127.0.0.1",
 		"fsync":                   "off",
-		"synchronous_commit":      "off",
+		"synchronous_commit":      "on",
 		"full_page_writes":        "off",
 		"port":                    strconv.Itoa(cluster.Port()),
 		"unix_socket_directories": cluster.SocketDir(),

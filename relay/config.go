@@ -1,0 +1,162 @@
+package relay
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+)
+
+// Overflow says what the relay does when its in-memory queues are full.
+type Overflow string
+
+const (
+	// OverflowSpill records deliveries that do not fit as pending rows in
+	// relay.deliveries and loads them back when there is room. The
+	// replication stream keeps flowing and the slot keeps advancing.
+	OverflowSpill Overflow = "spill"
+	// OverflowBlock stops reading the replication stream until there is
+	// room; the WAL waits in the slot.
+	OverflowBlock Overflow = "block"
+)
+
+// Config configures a Relay. Zero values take the documented defaults.
+type Config struct {
+	// DatabaseURL is the database holding the relay schema. Required.
+	DatabaseURL string
+	// SlotName is the logical replication slot. Default "outbox_relay".
+	SlotName string
+	// Publication is the publication the slot reads. Default "outbox_relay".
+	Publication string
+
+	// Workers is the number of concurrent HTTP deliveries. Default 64.
+	Workers int
+	// QueueEvents bounds the deliveries held in memory. Default 20000.
+	QueueEvents int
+	// QueueBytes bounds the payload bytes held in memory. Default 64 MiB.
+	QueueBytes int
+	// EndpointMaxInFlight bounds concurrent deliveries to one endpoint.
+	// Default 64.
+	EndpointMaxInFlight int
+	// Overflow is the policy when queues are full. Default OverflowSpill.
+	Overflow Overflow
+
+	// MaxPayloadBytes rejects larger payloads. Default 256 KiB.
+	MaxPayloadBytes int
+	// StatusBatch is the most status rows written per round trip. Default 2000.
+	StatusBatch int
+	// StatusInterval is the longest a status row waits to be written.
+	// Default 5ms.
+	StatusInterval time.Duration
+
+	// RetrySchedule is the delay before each attempt; entry 0 is the
+	// first attempt's. Its length is the attempt budget. Default: the
+	// Standard Webhooks schedule 0, 5s, 5m, 30m, 2h, 5h, 10h, 10h.
+	RetrySchedule []time.Duration
+	// RetryJitter spreads each delay by ± this fraction. Default 0.2;
+	// negative disables jitter.
+	RetryJitter float64
+	// PollInterval is how often due retries and spilled deliveries are
+	// claimed from relay.deliveries. Default 1s.
+	PollInterval time.Duration
+	// ClaimLease is how long a claimed row is left alone by other relays.
+	// Default 2m.
+	ClaimLease time.Duration
+
+	// OutboxRetention is how long relay.outbox rows are kept. Default 24h.
+	OutboxRetention time.Duration
+	// DeliveryRetention is how long final relay.deliveries rows are kept.
+	// Default 7 days.
+	DeliveryRetention time.Duration
+	// CleanupInterval is how often old rows are removed. Default 1m.
+	CleanupInterval time.Duration
+
+	// AllowNetworks opens holes in the SSRF guard (e.g. 127.0.0.0/8 for
+	// local receivers). Default: none.
+	AllowNetworks []netip.Prefix
+	// UserAgent is sent with every request. Default "outbox-relay".
+	UserAgent string
+
+	// StandbyPoll is how often a standby relay checks whether it can take
+	// over. Default 1s.
+	StandbyPoll time.Duration
+
+	// ShutdownGrace is how long attempts in flight at shutdown may take
+	// before they are cut short and recorded as pending. Default 10s.
+	ShutdownGrace time.Duration
+
+	// Logger receives the relay's logs. Default: discard.
+	Logger *slog.Logger
+	// Now is the clock. Default time.Now.
+	Now func() time.Time
+}
+
+// DefaultRetrySchedule is the delay before each attempt.
+var DefaultRetrySchedule = []time.Duration{0, 5 * time.Second, 5 * time.Minute, 30 * time.Minute, 2 * time.Hour, 5 * time.Hour, 10 * time.Hour, 10 * time.Hour}
+
+func (c Config) withDefaults() Config {
+	c.SlotName = cmp.Or(c.SlotName, "outbox_relay")
+	c.Publication = cmp.Or(c.Publication, "outbox_relay")
+	c.Workers = cmp.Or(c.Workers, 64)
+	c.QueueEvents = cmp.Or(c.QueueEvents, 20000)
+	c.QueueBytes = cmp.Or(c.QueueBytes, 64<<20)
+	c.EndpointMaxInFlight = cmp.Or(c.EndpointMaxInFlight, 64)
+	c.Overflow = cmp.Or(c.Overflow, OverflowSpill)
+	c.MaxPayloadBytes = cmp.Or(c.MaxPayloadBytes, 256<<10)
+	c.StatusBatch = cmp.Or(c.StatusBatch, 2000)
+	c.StatusInterval = cmp.Or(c.StatusInterval, 5*time.Millisecond)
+	if c.RetrySchedule == nil {
+		c.RetrySchedule = DefaultRetrySchedule
+	}
+	if c.RetryJitter == 0 {
+		c.RetryJitter = 0.2
+	} else if c.RetryJitter < 0 {
+		c.RetryJitter = 0
+	}
+	c.PollInterval = cmp.Or(c.PollInterval, time.Second)
+	c.ClaimLease = cmp.Or(c.ClaimLease, 2*time.Minute)
+	c.OutboxRetention = cmp.Or(c.OutboxRetention, 24*time.Hour)
+	c.DeliveryRetention = cmp.Or(c.DeliveryRetention, 7*24*time.Hour)
+	c.CleanupInterval = cmp.Or(c.CleanupInterval, time.Minute)
+	c.UserAgent = cmp.Or(c.UserAgent, "outbox-relay")
+	c.StandbyPoll = cmp.Or(c.StandbyPoll, time.Second)
+	c.ShutdownGrace = cmp.Or(c.ShutdownGrace, 10*time.Second)
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	return c
+}
+
+// Validate reports the first invalid field, by name.
+func (c Config) Validate() error {
+	var errs []error
+	if c.DatabaseURL == "" {
+		errs = append(errs, errors.New("DatabaseURL is required"))
+	}
+	for name, v := range map[string]int{"Workers": c.Workers, "QueueEvents": c.QueueEvents, "QueueBytes": c.QueueBytes,
+		"EndpointMaxInFlight": c.EndpointMaxInFlight, "MaxPayloadBytes": c.MaxPayloadBytes, "StatusBatch": c.StatusBatch} {
+		if v < 0 {
+			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
+		}
+	}
+	if c.Overflow != "" && c.Overflow != OverflowSpill && c.Overflow != OverflowBlock {
+		errs = append(errs, fmt.Errorf("Overflow must be %q or %q (got %q)", OverflowSpill, OverflowBlock, c.Overflow))
+	}
+	for i, d := range c.RetrySchedule {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("RetrySchedule[%d] must not be negative (got %s)", i, d))
+		}
+	}
+	if c.RetrySchedule != nil && len(c.RetrySchedule) == 0 {
+		errs = append(errs, errors.New("RetrySchedule must have at least one entry"))
+	}
+	if c.RetryJitter >= 1 {
+		errs = append(errs, fmt.Errorf("RetryJitter must be below 1 (got %g)", c.RetryJitter))
+	}
+	return errors.Join(errs...)
+}

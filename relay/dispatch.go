@@ -1,0 +1,481 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/cdc"
+)
+
+// configState is the endpoint and tenant config, owned by the dispatch
+// goroutine (and by loadConfig before it starts). Changes arrive in the
+// replication stream in commit order, so an event is routed with the
+// config committed before it.
+type configState struct {
+	endpoints map[string]*Endpoint
+	raw       map[string]mapRow // last full row per endpoint, for unchanged TOAST values
+	byTenant  map[string][]*Endpoint
+	tenants   map[string]*Tenant
+}
+
+func newConfigState() *configState {
+	return &configState{
+		endpoints: make(map[string]*Endpoint),
+		raw:       make(map[string]mapRow),
+		byTenant:  make(map[string][]*Endpoint),
+		tenants:   make(map[string]*Tenant),
+	}
+}
+
+func (c *configState) upsertEndpoint(row mapRow, log *slog.Logger) *Endpoint {
+	ep, err := parseEndpoint(row)
+	if err != nil {
+		log.Warn("ignoring endpoint row", slog.Any("error", err))
+		return nil
+	}
+	if old := c.endpoints[ep.ID]; old != nil {
+		c.unindex(old)
+	}
+	c.endpoints[ep.ID] = ep
+	c.raw[ep.ID] = row
+	c.byTenant[ep.TenantID] = append(c.byTenant[ep.TenantID], ep)
+	if ep.Invalid != "" {
+		log.Warn("endpoint is unusable; its deliveries will be rejected", slog.String("endpoint_id", ep.ID), slog.String("reason", ep.Invalid))
+	}
+	return ep
+}
+
+func (c *configState) deleteEndpoint(id string) {
+	if old := c.endpoints[id]; old != nil {
+		c.unindex(old)
+	}
+	delete(c.endpoints, id)
+	delete(c.raw, id)
+}
+
+func (c *configState) unindex(ep *Endpoint) {
+	list := c.byTenant[ep.TenantID]
+	for i, e := range list {
+		if e.ID == ep.ID {
+			list = append(list[:i:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(c.byTenant, ep.TenantID)
+	} else {
+		c.byTenant[ep.TenantID] = list
+	}
+}
+
+func (c *configState) upsertTenant(row mapRow) *Tenant {
+	t, err := parseTenant(row)
+	if err != nil {
+		return nil
+	}
+	c.tenants[t.ID] = t
+	return t
+}
+
+// tupleRow adapts a decoded tuple to row, taking unchanged TOAST values
+// from the previous version of the row.
+func tupleRow(rel *cdc.Relation, vals []cdc.Value, prev mapRow) mapRow {
+	m := make(mapRow, len(rel.Columns))
+	for i, col := range rel.Columns {
+		if i >= len(vals) {
+			break
+		}
+		switch vals[i].Kind {
+		case 'n':
+			m[col.Name] = nil
+		case 'u':
+			if prev != nil {
+				m[col.Name] = prev[col.Name]
+			}
+		default:
+			s := string(vals[i].Data)
+			m[col.Name] = &s
+		}
+	}
+	return m
+}
+
+// outboxCols caches where the outbox columns sit in a relation.
+type outboxCols struct {
+	rel                                                          *cdc.Relation
+	id, tenant, typ, payload, endpoint, headers, trace, created int
+}
+
+func (o *outboxCols) bind(rel *cdc.Relation) {
+	if o.rel == rel {
+		return
+	}
+	o.rel = rel
+	o.id, o.tenant, o.typ = rel.ColumnIndex("id"), rel.ColumnIndex("tenant_id"), rel.ColumnIndex("event_type")
+	o.payload, o.endpoint, o.headers = rel.ColumnIndex("payload"), rel.ColumnIndex("endpoint_id"), rel.ColumnIndex("headers")
+	o.trace, o.created = rel.ColumnIndex("traceparent"), rel.ColumnIndex("created_at")
+}
+
+func colBytes(vals []cdc.Value, i int) []byte {
+	if i < 0 || i >= len(vals) || vals[i].Kind != 't' {
+		return nil
+	}
+	return vals[i].Data
+}
+
+// dispatch turns batches of transactions into deliveries: config changes
+// are applied in order, outbox rows are routed, every transaction with
+// deliveries is registered with the watermark, and deliveries are queued
+// (or spilled, or waited for, by the overflow policy).
+func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
+	var cols outboxCols
+	var queue, final []*delivery
+	for {
+		var b cdc.Batch
+		select {
+		case <-ctx.Done():
+			return nil
+		case b = <-in:
+		}
+		queue, final = queue[:0], final[:0]
+		var recheck []*delivery
+		for ti := range b.Txns {
+			txn := &b.Txns[ti]
+			start := len(queue) + len(final)
+			startQ, startF := len(queue), len(final)
+			for ci := range txn.Changes {
+				ch := &txn.Changes[ci]
+				rel := ch.Rel
+				if rel.Namespace != "relay" {
+					continue
+				}
+				switch rel.Name {
+				case "outbox":
+					if ch.Op != cdc.Insert {
+						continue
+					}
+					cols.bind(rel)
+					r.stats.EventsReceived.Add(1)
+					queue, final = r.route(txn, ch.New, &cols, queue, final)
+				case "endpoints":
+					r.applyEndpointChange(ch, &final, txn)
+				case "tenants":
+					if ch.Op == cdc.Delete {
+						continue
+					}
+					prev := mapRow(nil)
+					if t := tupleRow(rel, ch.New, nil); t != nil {
+						if tn := r.config.upsertTenant(t); tn != nil {
+							_ = prev
+							r.sched.setTenantWeight(tn.ID, tn.Weight)
+						}
+					}
+				}
+			}
+			n := len(queue) + len(final) - start
+			if n == 0 {
+				continue
+			}
+			mark := r.wm.add(txn.EndLSN, n)
+			for _, d := range queue[startQ:] {
+				d.mark = mark
+			}
+			for _, d := range final[startF:] {
+				d.mark = mark
+			}
+			if txn.EndLSN <= r.recorded {
+				recheck = append(recheck, queue[startQ:]...)
+				recheck = append(recheck, final[startF:]...)
+			}
+		}
+		if len(recheck) > 0 {
+			var err error
+			if queue, final, err = r.dropRecorded(ctx, recheck, queue, final); err != nil {
+				return err
+			}
+		}
+		if len(final) > 0 {
+			r.writer.add(final...)
+		}
+		if len(queue) > 0 {
+			r.enqueue(ctx, queue)
+		}
+		r.wm.advance(b.Position)
+	}
+}
+
+// route builds the deliveries of one outbox row: to the named endpoint, or
+// to every enabled endpoint of the tenant that subscribes to the type.
+// Deliveries that cannot be attempted go to final with their reason.
+func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, final []*delivery) ([]*delivery, []*delivery) {
+	id, ok := parseUUID(colBytes(vals, cols.id))
+	if !ok {
+		r.log.Error("outbox row without a valid id; skipped", slog.String("commit_lsn", txn.CommitLSN.String()))
+		return queue, final
+	}
+	base := delivery{
+		eventID:     id,
+		tenantID:    string(colBytes(vals, cols.tenant)),
+		eventType:   string(colBytes(vals, cols.typ)),
+		payload:     colBytes(vals, cols.payload),
+		headers:     colBytes(vals, cols.headers),
+		traceparent: string(colBytes(vals, cols.trace)),
+		commitLSN:   txn.CommitLSN,
+		endLSN:      txn.EndLSN,
+		committedAt: txn.CommitTime,
+		state:       StatePending,
+	}
+	tooBig := len(base.payload) > r.cfg.MaxPayloadBytes
+	reject := func(d *delivery, state State, reason string) {
+		d.state = state
+		d.errText = reason
+		d.completed = r.now()
+		r.stats.Rejected.Add(1)
+		final = append(final, d)
+	}
+	add := func(ep *Endpoint) {
+		d := new(delivery)
+		*d = base
+		d.endpointID = ep.ID
+		d.ep = ep
+		switch {
+		case tooBig:
+			reject(d, StateRejected, fmt.Sprintf("payload is %d bytes, over the limit of %d (max payload bytes)", len(base.payload), r.cfg.MaxPayloadBytes))
+		case ep.Invalid != "":
+			reject(d, StateRejected, "endpoint is invalid: "+ep.Invalid)
+		case !ep.Enabled:
+			reject(d, StateRejected, "endpoint "+ep.ID+" is disabled")
+		default:
+			queue = append(queue, d)
+		}
+	}
+	if epID := colBytes(vals, cols.endpoint); epID != nil {
+		ep := r.config.endpoints[string(epID)]
+		if ep == nil || ep.TenantID != base.tenantID {
+			d := new(delivery)
+			*d = base
+			d.endpointID = string(epID)
+			reason := "unknown endpoint " + d.endpointID
+			if ep != nil {
+				reason = "endpoint " + d.endpointID + " belongs to another tenant"
+			}
+			reject(d, StateRejected, reason)
+			return queue, final
+		}
+		add(ep)
+		return queue, final
+	}
+	routed := false
+	for _, ep := range r.config.byTenant[base.tenantID] {
+		if ep.Enabled && ep.Subscribes(base.eventType) {
+			add(ep)
+			routed = true
+		}
+	}
+	if !routed {
+		d := new(delivery)
+		*d = base
+		reject(d, StateUnrouted, fmt.Sprintf("no enabled endpoint of tenant %q subscribes to %q", base.tenantID, base.eventType))
+	}
+	return queue, final
+}
+
+func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc.Txn) {
+	rel := ch.Rel
+	if ch.Op == cdc.Delete {
+		row := tupleRow(rel, ch.Old, nil)
+		idp := row["id"]
+		if idp == nil {
+			return
+		}
+		r.config.deleteEndpoint(*idp)
+		// Deliveries already queued for it end here, with the reason.
+		for _, d := range r.sched.removeEndpoint(*idp) {
+			d.state, d.errText, d.completed = StateRejected, "endpoint "+*idp+" was deleted", r.now()
+			r.writer.add(d)
+		}
+		return
+	}
+	var prev mapRow
+	if ch.Op == cdc.Update {
+		if idx := rel.ColumnIndex("id"); idx >= 0 && idx < len(ch.New) {
+			prev = r.config.raw[string(ch.New[idx].Data)]
+		}
+	}
+	if ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log); ep != nil {
+		r.sched.setEndpoint(ep)
+		r.log.Info("endpoint config changed", slog.String("endpoint_id", ep.ID), slog.Bool("enabled", ep.Enabled),
+			slog.String("commit_lsn", txn.CommitLSN.String()))
+	}
+}
+
+// dropRecorded removes deliveries whose row already exists: they were
+// recorded before a restart, and their final state (or their retry row)
+// stands.
+func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) ([]*delivery, []*delivery, error) {
+	ids := make([][16]byte, 0, len(ds))
+	for _, d := range ds {
+		ids = append(ids, d.eventID)
+	}
+	var existing map[pairKey]bool
+	var err error
+	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
+		if existing, err = existingRows(ctx, r.pool, ids); err == nil {
+			break
+		}
+		r.log.Warn("restart lookup failed; retrying", slog.Any("error", err))
+		select {
+		case <-ctx.Done():
+			return queue, final, ctx.Err()
+		case <-time.After(backoff):
+		}
+	}
+	keep := func(list []*delivery) []*delivery {
+		out := list[:0]
+		for _, d := range list {
+			if d.endLSN <= r.recorded {
+				d.maybeDup = true
+				if existing[pairKey{d.eventID, d.endpointID}] {
+					d.mark.done(1)
+					r.stats.Duplicates.Add(1)
+					continue
+				}
+			}
+			out = append(out, d)
+		}
+		return out
+	}
+	return keep(queue), keep(final), nil
+}
+
+// enqueue hands deliveries to the scheduler under the overflow policy.
+func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
+	if r.cfg.Overflow == OverflowBlock {
+		// Wait for room; meanwhile the stream keeps sending status
+		// updates and the WAL waits in the slot.
+		for !r.sched.waitRoom(len(ds), ctx.Done(), time.Second) {
+			if ctx.Err() != nil {
+				return
+			}
+		}
+		r.sched.push(ds, false)
+		return
+	}
+	rest := r.sched.push(ds, true)
+	if len(rest) == 0 {
+		return
+	}
+	now := r.now()
+	for _, d := range rest {
+		d.state = StatePending
+		d.nextAttempt = now
+		d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
+	}
+	r.stats.Spilled.Add(int64(len(rest)))
+	r.spilled.Store(true)
+	r.writer.add(rest...)
+}
+
+// loadLoop claims due retries and spilled deliveries from
+// relay.deliveries when the queues have room.
+func (r *Relay) loadLoop(ctx context.Context) {
+	t := time.NewTicker(r.cfg.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-r.sched.room:
+			if !r.spilled.Load() {
+				continue
+			}
+		}
+		for ctx.Err() == nil {
+			room := r.sched.space()
+			if room < min(100, r.cfg.QueueEvents/4) {
+				break
+			}
+			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease)
+			if err != nil {
+				if ctx.Err() == nil {
+					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))
+				}
+				break
+			}
+			if len(ds) == 0 {
+				r.spilled.Store(false)
+				break
+			}
+			r.stats.Loaded.Add(int64(len(ds)))
+			var queue []*delivery
+			for _, d := range ds {
+				d.state = StatePending
+				ep := r.sched.endpoint(d.endpointID)
+				switch {
+				case ep == nil:
+					d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
+				case ep.Invalid != "":
+					d.state, d.errText = StateRejected, "endpoint is invalid: "+ep.Invalid
+				case !ep.Enabled:
+					d.state, d.errText = StateRejected, "endpoint "+ep.ID+" is disabled"
+				default:
+					d.ep = ep
+					queue = append(queue, d)
+					continue
+				}
+				d.completed = r.now()
+				r.writer.add(d)
+			}
+			r.sched.push(queue, false)
+			if len(ds) < min(room, 1000) {
+				break
+			}
+		}
+	}
+}
+
+// cleanupLoop removes old outbox rows and old final delivery rows in
+// small batches, so no statement holds locks for long.
+func (r *Relay) cleanupLoop(ctx context.Context) {
+	t := time.NewTicker(r.cfg.CleanupInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r.cleanup(ctx)
+	}
+}
+
+func (r *Relay) cleanup(ctx context.Context) {
+	steps := []struct{ what, sql string }{
+		{"outbox", `DELETE FROM relay.outbox WHERE id IN (
+SELECT id FROM relay.outbox WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT 5000)`},
+		{"deliveries", `DELETE FROM relay.deliveries WHERE (event_id, endpoint_id) IN (
+SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval LIMIT 5000)`},
+	}
+	retention := []time.Duration{r.cfg.OutboxRetention, r.cfg.DeliveryRetention}
+	for i, s := range steps {
+		for ctx.Err() == nil {
+			tag, err := r.pool.Exec(ctx, s.sql, retention[i].String())
+			if err != nil {
+				if ctx.Err() == nil {
+					r.log.Warn("cleanup failed", slog.String("table", s.what), slog.Any("error", err))
+				}
+				break
+			}
+			if tag.RowsAffected() < 5000 {
+				break
+			}
+		}
+	}
+}
+
+// headerValue joins a header list for logs.
+func headerValue(v []string) string { return strings.Join(v, ", ") }

@@ -1,0 +1,202 @@
+package relay
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/signer"
+)
+
+// Endpoint is one row of relay.endpoints, parsed. An Endpoint value never
+// changes after it is built; a config change builds a new one.
+type Endpoint struct {
+	ID         string
+	TenantID   string
+	URL        string
+	EventTypes []string // empty = every type
+	Enabled    bool
+	Timeout    time.Duration
+	Headers    http.Header // extra request headers, already filtered
+
+	// Invalid is set when the row cannot be used (bad URL, bad secret, no
+	// secret). Deliveries routed to it are rejected with this reason.
+	Invalid string
+
+	signer *signer.Signer
+}
+
+// Tenant is one row of relay.tenants, parsed.
+type Tenant struct {
+	ID     string
+	Weight int
+}
+
+// reservedHeaders cannot be set by endpoint or event headers: the signature
+// headers, and hop-by-hop or framing headers that would corrupt the request.
+var reservedHeaders = map[string]bool{
+	"Webhook-Id": true, "Webhook-Timestamp": true, "Webhook-Signature": true,
+	"Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Proxy-Connection": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true, "Content-Length": true, "Host": true,
+	"Content-Type": true,
+}
+
+// row is a set of column values in Postgres text format, by column name.
+// It lets the stream path (pgoutput tuples) and the load path (SQL) share
+// one parser.
+type row interface {
+	// text returns the column's text value and whether it is non-NULL.
+	text(col string) (string, bool)
+}
+
+type mapRow map[string]*string
+
+func (m mapRow) text(col string) (string, bool) {
+	v := m[col]
+	if v == nil {
+		return "", false
+	}
+	return *v, true
+}
+
+// parseEndpoint builds an Endpoint from a row. It fails only when the row
+// has no id; every other problem makes the endpoint Invalid, so the
+// deliveries routed to it say why.
+func parseEndpoint(r row) (*Endpoint, error) {
+	id, ok := r.text("id")
+	if !ok || id == "" {
+		return nil, fmt.Errorf("endpoint row without id")
+	}
+	ep := &Endpoint{ID: id, Enabled: true, Timeout: 10 * time.Second}
+	ep.TenantID, _ = r.text("tenant_id")
+	ep.URL, _ = r.text("url")
+	if v, ok := r.text("enabled"); ok {
+		ep.Enabled = v == "t" || v == "true"
+	}
+	if v, ok := r.text("timeout_ms"); ok {
+		if ms, err := strconv.Atoi(v); err == nil && ms > 0 {
+			ep.Timeout = time.Duration(ms) * time.Millisecond
+		}
+	}
+	if v, ok := r.text("event_types"); ok {
+		types, err := parseTextArray(v)
+		if err != nil {
+			ep.Invalid = "event_types: " + err.Error()
+		}
+		ep.EventTypes = types
+	}
+	if v, ok := r.text("headers"); ok && v != "" {
+		h, err := parseHeaders(v)
+		if err != nil && ep.Invalid == "" {
+			ep.Invalid = "headers: " + err.Error()
+		}
+		ep.Headers = h
+	}
+	if ep.Invalid == "" {
+		if err := checkURL(ep.URL); err != nil {
+			ep.Invalid = err.Error()
+		}
+	}
+	var secrets []signer.Secret
+	if v, ok := r.text("secrets"); ok {
+		raw, err := parseTextArray(v)
+		if err != nil && ep.Invalid == "" {
+			ep.Invalid = "secrets: " + err.Error()
+		}
+		for i, s := range raw {
+			sec, err := signer.ParseSecret(s)
+			if err != nil {
+				if ep.Invalid == "" {
+					// The error names the problem, never the secret.
+					ep.Invalid = fmt.Sprintf("secrets[%d]: %v", i+1, err)
+				}
+				continue
+			}
+			secrets = append(secrets, sec)
+		}
+	}
+	if len(secrets) == 0 && ep.Invalid == "" {
+		ep.Invalid = "endpoint has no signing secret (set relay.endpoints.secrets to {whsec_...})"
+	}
+	if len(secrets) > 0 {
+		ep.signer = signer.NewSigner(secrets...)
+	}
+	return ep, nil
+}
+
+func checkURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return fmt.Errorf("invalid url %q: %v", raw, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("invalid url %q: scheme must be http or https", raw)
+	}
+	if u.Host == "" || u.Hostname() == "" {
+		return fmt.Errorf("invalid url %q: no host", raw)
+	}
+	if u.User != nil {
+		return fmt.Errorf("invalid url: credentials in the URL are not allowed, use headers")
+	}
+	return nil
+}
+
+// parseHeaders reads a JSON object of string values. Reserved headers are
+// dropped.
+func parseHeaders(js string) (http.Header, error) {
+	var m map[string]any
+	if err := json.Unmarshal([]byte(js), &m); err != nil {
+		return nil, fmt.Errorf("not a JSON object: %v", err)
+	}
+	h := make(http.Header, len(m))
+	for k, v := range m {
+		ck := http.CanonicalHeaderKey(k)
+		if reservedHeaders[ck] {
+			continue
+		}
+		s, ok := v.(string)
+		if !ok {
+			return nil, fmt.Errorf("header %q: value must be a string", k)
+		}
+		if strings.ContainsAny(s, "\r\n") || strings.ContainsAny(k, " \r\n:") {
+			return nil, fmt.Errorf("header %q: invalid characters", k)
+		}
+		h[ck] = []string{s}
+	}
+	return h, nil
+}
+
+func parseTenant(r row) (*Tenant, error) {
+	id, ok := r.text("id")
+	if !ok || id == "" {
+		return nil, fmt.Errorf("tenant row without id")
+	}
+	t := &Tenant{ID: id, Weight: 1}
+	if v, ok := r.text("weight"); ok {
+		if w, err := strconv.Atoi(v); err == nil && w > 0 {
+			t.Weight = w
+		}
+	}
+	return t, nil
+}
+
+// Subscribes reports whether the endpoint wants events of this type.
+func (ep *Endpoint) Subscribes(eventType string) bool {
+	if len(ep.EventTypes) == 0 {
+		return true
+	}
+	for _, t := range ep.EventTypes {
+		if t == eventType || t == "*" {
+			return true
+		}
+		if strings.HasSuffix(t, "*") && strings.HasPrefix(eventType, t[:len(t)-1]) {
+			return true
+		}
+	}
+	return false
+}

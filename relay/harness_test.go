@@ -1,0 +1,202 @@
+package relay
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
+
+	outboxrelay "github.com/outbox-relay/outbox-relay"
+	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/signer"
+)
+
+var cluster *pgtemp.Cluster
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(pgtemp.WithCluster(m, &cluster),
+		// The shared HTTP transport of httptest clients keeps idle conns.
+		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
+}
+
+// received is one request a test receiver saw.
+type received struct {
+	id, ts, sig string
+	header      http.Header
+	body        []byte
+	verifyErr   error
+	at          time.Time
+}
+
+// receiver is a real HTTP server on loopback whose answers a test scripts.
+type receiver struct {
+	srv    *httptest.Server
+	secret string
+	sec    signer.Secret
+
+	mu     sync.Mutex
+	got    []received
+	answer func(n int, r *http.Request) int // status for the n-th request (0-based); nil = 200
+	notify chan struct{}
+}
+
+func newReceiver(t *testing.T) *receiver {
+	t.Helper()
+	key := make([]byte, 24)
+	rand.Read(key)
+	rcv := &receiver{secret: "whsec_" + base64.StdEncoding.EncodeToString(key), notify: make(chan struct{}, 1)}
+	var err error
+	if rcv.sec, err = signer.ParseSecret(rcv.secret); err != nil {
+		t.Fatal(err)
+	}
+	verifier := &signer.Verifier{Secrets: []signer.Secret{rcv.sec}}
+	rcv.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		rec := received{id: r.Header.Get("webhook-id"), ts: r.Header.Get("webhook-timestamp"),
+			sig: r.Header.Get("webhook-signature"), header: r.Header.Clone(), body: body, at: time.Now()}
+		rec.verifyErr = verifier.Verify(r.Header, body)
+		rcv.mu.Lock()
+		n := len(rcv.got)
+		rcv.got = append(rcv.got, rec)
+		answer := rcv.answer
+		rcv.mu.Unlock()
+		select {
+		case rcv.notify <- struct{}{}:
+		default:
+		}
+		status := 200
+		if answer != nil {
+			status = answer(n, r)
+		}
+		w.WriteHeader(status)
+	}))
+	t.Cleanup(rcv.srv.Close)
+	return rcv
+}
+
+func (rcv *receiver) requests() []received {
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	return append([]received(nil), rcv.got...)
+}
+
+// env is one isolated database with the schema, plus a pool for the test.
+type env struct {
+	t    *testing.T
+	url  string
+	slot string // slots are cluster-wide: each test has its own
+	pool *pgxpool.Pool
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	url := pgtemp.NewDatabase(t, cluster)
+	ctx := context.Background()
+	pool, err := pgxpool.New(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	if err := outboxrelay.Migrate(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
+	suffix := make([]byte, 6)
+	rand.Read(suffix)
+	return &env{t: t, url: url, pool: pool, slot: fmt.Sprintf("t_%x", suffix)}
+}
+
+func (e *env) exec(sql string, args ...any) {
+	e.t.Helper()
+	if _, err := e.pool.Exec(context.Background(), sql, args...); err != nil {
+		e.t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func (e *env) count(sql string, args ...any) int {
+	e.t.Helper()
+	var n int
+	if err := e.pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
+		e.t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func (e *env) waitFor(what string, timeout time.Duration, cond func() bool) {
+	e.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (e *env) addEndpoint(id, tenant string, rcv *receiver, types ...string) {
+	e.t.Helper()
+	var et any
+	if len(types) > 0 {
+		et = types
+	}
+	e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types) VALUES ($1, $2, $3, ARRAY[$4], $5)`,
+		id, tenant, rcv.srv.URL+"/hook", rcv.secret, et)
+}
+
+// startRelay runs a relay against the env until the test ends.
+func (e *env) startRelay(mod func(*Config)) (*Relay, func()) {
+	e.t.Helper()
+	cfg := Config{
+		DatabaseURL:   e.url,
+		SlotName:      e.slot,
+		Publication:   e.slot,
+		AllowNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
+		PollInterval:  50 * time.Millisecond,
+		RetrySchedule: []time.Duration{0, 50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond},
+		RetryJitter:   -1,
+		Workers:       8,
+	}
+	if testing.Verbose() {
+		cfg.Logger = testLogger(e.t)
+	}
+	if mod != nil {
+		mod(&cfg)
+	}
+	r, err := New(cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- r.Run(ctx) }()
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					e.t.Errorf("relay.Run: %v", err)
+				}
+			case <-time.After(30 * time.Second):
+				e.t.Error("relay did not stop within 30s")
+			}
+		})
+	}
+	e.t.Cleanup(stop)
+	e.waitFor("relay to become active", 20*time.Second, func() bool { return r.State() == "active" })
+	return r, stop
+}

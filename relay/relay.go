@@ -1,0 +1,282 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/cdc"
+)
+
+// ErrSchemaMissing means the relay schema is not installed.
+var ErrSchemaMissing = errors.New("relay schema is missing: run `outbox-relay migrate --database-url ...` first")
+
+// Relay streams outbox rows and delivers them. Create it with New and
+// start it with Run.
+type Relay struct {
+	cfg  Config
+	log  *slog.Logger
+	now  func() time.Time
+	pool *pgxpool.Pool
+
+	stream *cdc.Stream
+	wm     *watermark
+	sched  *scheduler
+	writer *writer
+	client *deliveryClient
+	config *configState
+
+	recorded cdc.LSN     // highest end LSN with recorded rows at startup
+	spilled  atomic.Bool // rows were spilled: the loader should look soon
+	loadKick chan struct{}
+
+	stats Stats
+	state atomic.Value // string: "starting", "standby", "active", "stopped"
+}
+
+// Stats are cumulative counters, for tests, the demo and metrics.
+type Stats struct {
+	EventsReceived atomic.Int64 // outbox rows read from the WAL
+	Delivered      atomic.Int64 // deliveries that ended succeeded
+	Attempts       atomic.Int64
+	Rejected       atomic.Int64 // rejected or unrouted
+	Spilled        atomic.Int64
+	Loaded         atomic.Int64 // claimed back from relay.deliveries
+	Duplicates     atomic.Int64 // re-streamed deliveries skipped because a row existed
+}
+
+// New validates cfg and builds a Relay. It does not connect.
+func New(cfg Config) (*Relay, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("relay config: %w", err)
+	}
+	cfg = cfg.withDefaults()
+	r := &Relay{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		now:      cfg.Now,
+		wm:       &watermark{},
+		sched:    newScheduler(cfg.QueueEvents, cfg.QueueBytes, cfg.EndpointMaxInFlight),
+		config:   newConfigState(),
+		loadKick: make(chan struct{}, 1),
+	}
+	r.state.Store("starting")
+	r.client = newDeliveryClient(cfg)
+	return r, nil
+}
+
+// Stats returns the relay's counters.
+func (r *Relay) Stats() *Stats { return &r.stats }
+
+// State is "starting", "standby", "active" or "stopped".
+func (r *Relay) State() string { return r.state.Load().(string) }
+
+// Run connects, waits to become the active relay for its slot, and
+// streams and delivers until ctx is done or a fatal error occurs.
+func (r *Relay) Run(ctx context.Context) error {
+	defer r.state.Store("stopped")
+	pool, err := openPool(ctx, r.cfg.DatabaseURL, 8)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	r.pool = pool
+	if err := checkSchema(ctx, pool); err != nil {
+		return err
+	}
+	stream, err := cdc.New(cdc.Config{
+		ConnString:  r.cfg.DatabaseURL,
+		SlotName:    r.cfg.SlotName,
+		Publication: r.cfg.Publication,
+		Logger:      r.log,
+	})
+	if err != nil {
+		return err
+	}
+	r.stream = stream
+	if err := stream.Setup(ctx); err != nil {
+		return err
+	}
+
+	lock, err := r.becomeActive(ctx)
+	if err != nil {
+		return err
+	}
+	defer lock.Close(context.Background())
+	r.state.Store("active")
+
+	// We are the only relay on this slot: claims left by a dead process
+	// are void.
+	if _, err := pool.Exec(ctx, `UPDATE relay.deliveries SET claimed_until = NULL
+WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != nil {
+		return fmt.Errorf("release old claims: %w", err)
+	}
+	if r.recorded, err = recordedLSN(ctx, pool, r.cfg.SlotName); err != nil {
+		return err
+	}
+	if err := r.loadConfig(ctx); err != nil {
+		return err
+	}
+	r.writer = &writer{
+		pool: pool, slot: r.cfg.SlotName, log: r.log,
+		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
+		kick: make(chan struct{}, 1),
+	}
+	r.log.Info("relay active", slog.String("slot", r.cfg.SlotName), slog.Int("workers", r.cfg.Workers),
+		slog.String("overflow", string(r.cfg.Overflow)), slog.String("recorded_lsn", r.recorded.String()))
+
+	// Shutdown order: stop reading, stop handing out work, let workers
+	// finish their attempt, then write the last status rows.
+	streamCtx, stopStream := context.WithCancel(ctx)
+	defer stopStream()
+	writerCtx, stopWriter := context.WithCancel(context.Background())
+	defer stopWriter()
+
+	var wg, workers sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); r.writer.run(writerCtx) }()
+	// Attempts in flight at shutdown get ShutdownGrace to finish.
+	workCtx, stopWork := context.WithCancel(context.Background())
+	defer stopWork()
+	for range r.cfg.Workers {
+		workers.Add(1)
+		go func() { defer workers.Done(); r.work(workCtx) }()
+	}
+	wg.Add(2)
+	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
+	go func() { defer wg.Done(); r.cleanupLoop(streamCtx) }()
+
+	batches := make(chan cdc.Batch, 4)
+	dispatchErr := make(chan error, 1)
+	go func() { dispatchErr <- r.dispatch(streamCtx, batches) }()
+
+	runErr := stream.Run(streamCtx, batches, r.wm)
+	stopStream()
+	if err := <-dispatchErr; err != nil && runErr == nil {
+		runErr = err
+	}
+	r.sched.close()
+	workersDone := make(chan struct{})
+	go func() { workers.Wait(); close(workersDone) }()
+	select {
+	case <-workersDone:
+	case <-time.After(r.cfg.ShutdownGrace):
+		r.log.Warn("in-flight attempts cut short by shutdown; they stay pending", slog.Duration("grace", r.cfg.ShutdownGrace))
+		stopWork()
+		<-workersDone
+	}
+	stopWriter()
+	wg.Wait()
+	if ctx.Err() != nil && (runErr == nil || errors.Is(runErr, context.Canceled)) {
+		return nil
+	}
+	return runErr
+}
+
+func checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
+	var ok bool
+	err := pool.QueryRow(ctx, `SELECT to_regclass('relay.deliveries') IS NOT NULL AND to_regclass('relay.outbox') IS NOT NULL
+AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'claimed_until')`).Scan(&ok)
+	if err != nil {
+		return fmt.Errorf("check relay schema: %w", err)
+	}
+	if !ok {
+		return ErrSchemaMissing
+	}
+	return nil
+}
+
+// becomeActive takes the slot's advisory lock on a dedicated connection,
+// waiting as a standby while another relay holds it. The lock lives as
+// long as the returned connection.
+func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
+	h := fnv.New64a()
+	h.Write([]byte("outbox-relay/" + r.cfg.SlotName))
+	key := int64(h.Sum64())
+	logged := false
+	for {
+		conn, err := pgx.Connect(ctx, r.cfg.DatabaseURL)
+		if err == nil {
+			var got bool
+			if err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, key).Scan(&got); err == nil && got {
+				return conn, nil
+			}
+			conn.Close(context.Background())
+			if err == nil && !logged {
+				r.state.Store("standby")
+				r.log.Info("another relay is active on this slot; standing by", slog.String("slot", r.cfg.SlotName))
+				logged = true
+			}
+		}
+		if err != nil {
+			r.log.Warn("standby check failed", slog.Any("error", err))
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(r.cfg.StandbyPoll):
+		}
+	}
+}
+
+// loadConfig reads endpoints and tenants. Changes after this arrive
+// through the replication stream.
+func (r *Relay) loadConfig(ctx context.Context) error {
+	eps, err := queryRows(ctx, r.pool, `SELECT id, tenant_id, url, secrets::text, event_types::text, enabled::text,
+timeout_ms::text, headers::text FROM relay.endpoints`)
+	if err != nil {
+		return fmt.Errorf("load endpoints: %w", err)
+	}
+	for _, row := range eps {
+		if ep := r.config.upsertEndpoint(row, r.log); ep != nil {
+			r.sched.setEndpoint(ep)
+		}
+	}
+	tenants, err := queryRows(ctx, r.pool, `SELECT id, weight::text FROM relay.tenants`)
+	if err != nil {
+		return fmt.Errorf("load tenants: %w", err)
+	}
+	for _, row := range tenants {
+		if t := r.config.upsertTenant(row); t != nil {
+			r.sched.setTenantWeight(t.ID, t.Weight)
+		}
+	}
+	r.log.Info("config loaded", slog.Int("endpoints", len(eps)), slog.Int("tenants", len(tenants)))
+	return nil
+}
+
+// queryRows runs a query whose columns are all text and returns each row
+// as a map by column name.
+func queryRows(ctx context.Context, pool *pgxpool.Pool, sql string) ([]mapRow, error) {
+	rows, err := pool.Query(ctx, sql)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	fields := rows.FieldDescriptions()
+	var out []mapRow
+	for rows.Next() {
+		vals := make([]*string, len(fields))
+		dest := make([]any, len(fields))
+		for i := range vals {
+			dest[i] = &vals[i]
+		}
+		if err := rows.Scan(dest...); err != nil {
+			return nil, err
+		}
+		m := make(mapRow, len(fields))
+		for i, f := range fields {
+			m[f.Name] = vals[i]
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}

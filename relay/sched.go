@@ -1,0 +1,307 @@
+package relay
+
+import (
+	"sync"
+	"time"
+)
+
+// fifo is a slice-backed queue that reuses its storage.
+type fifo[T any] struct {
+	items []T
+	head  int
+}
+
+func (q *fifo[T]) len() int { return len(q.items) - q.head }
+
+func (q *fifo[T]) push(v T) { q.items = append(q.items, v) }
+
+func (q *fifo[T]) pop() T {
+	var zero T
+	v := q.items[q.head]
+	q.items[q.head] = zero
+	q.head++
+	if q.head == len(q.items) {
+		q.items, q.head = q.items[:0], 0
+	} else if q.head > 64 && q.head*2 > len(q.items) {
+		n := copy(q.items, q.items[q.head:])
+		clear(q.items[n:])
+		q.items, q.head = q.items[:n], 0
+	}
+	return v
+}
+
+// endpointQueue holds the deliveries waiting for one endpoint.
+type endpointQueue struct {
+	ep       *Endpoint
+	tenant   *tenantQueue
+	items    fifo[*delivery]
+	inFlight int
+	queued   bool // in tenant.ready
+}
+
+// tenantQueue groups a tenant's endpoints that have work ready.
+type tenantQueue struct {
+	id     string
+	weight int
+	ready  fifo[*endpointQueue]
+	queued bool // in scheduler.ready
+}
+
+// scheduler owns the in-memory queues: bounded in deliveries and bytes,
+// one queue per endpoint, served round robin across tenants (a tenant of
+// weight w gets up to w picks per turn) and across a tenant's endpoints.
+// Workers block in next; nothing else in the relay waits on it.
+type scheduler struct {
+	mu     sync.Mutex
+	work   *sync.Cond
+	idle   int
+	closed bool
+
+	endpoints map[string]*endpointQueue
+	tenants   map[string]*tenantQueue
+	ready     fifo[*tenantQueue]
+	cur       *tenantQueue // tenant being served, with credit picks left
+	credit    int
+
+	count, bytes       int
+	maxCount, maxBytes int
+	maxInFlight        int
+	room               chan struct{} // signalled when space frees up
+}
+
+func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
+	s := &scheduler{
+		endpoints:   make(map[string]*endpointQueue),
+		tenants:     make(map[string]*tenantQueue),
+		maxCount:    maxCount,
+		maxBytes:    maxBytes,
+		maxInFlight: maxInFlight,
+		room:        make(chan struct{}, 1),
+	}
+	s.work = sync.NewCond(&s.mu)
+	return s
+}
+
+func (s *scheduler) tenantLocked(id string) *tenantQueue {
+	t := s.tenants[id]
+	if t == nil {
+		t = &tenantQueue{id: id, weight: 1}
+		s.tenants[id] = t
+	}
+	return t
+}
+
+// setEndpoint installs a new version of an endpoint's config. Queued
+// deliveries stay queued and use the new config on their next attempt.
+func (s *scheduler) setEndpoint(ep *Endpoint) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.endpoints[ep.ID]
+	if q == nil {
+		s.endpoints[ep.ID] = &endpointQueue{ep: ep, tenant: s.tenantLocked(ep.TenantID)}
+		return
+	}
+	q.ep = ep
+}
+
+// endpoint returns the current config of an endpoint, or nil.
+func (s *scheduler) endpoint(id string) *Endpoint {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if q := s.endpoints[id]; q != nil {
+		return q.ep
+	}
+	return nil
+}
+
+// removeEndpoint forgets a deleted endpoint. Deliveries still queued for
+// it are returned so the caller can record why they end.
+func (s *scheduler) removeEndpoint(id string) []*delivery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.endpoints[id]
+	if q == nil {
+		return nil
+	}
+	var out []*delivery
+	for q.items.len() > 0 {
+		d := q.items.pop()
+		s.count--
+		s.bytes -= d.size()
+		out = append(out, d)
+	}
+	if q.inFlight == 0 {
+		delete(s.endpoints, id)
+	}
+	s.signalRoomLocked()
+	return out
+}
+
+func (s *scheduler) setTenantWeight(id string, weight int) {
+	s.mu.Lock()
+	s.tenantLocked(id).weight = max(1, weight)
+	s.mu.Unlock()
+}
+
+// hasRoom reports whether n more deliveries fit.
+func (s *scheduler) hasRoom(n int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.count+n <= s.maxCount && s.bytes < s.maxBytes
+}
+
+// space returns how many deliveries fit now.
+func (s *scheduler) space() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.bytes >= s.maxBytes {
+		return 0
+	}
+	return max(0, s.maxCount-s.count)
+}
+
+func (s *scheduler) len() (count, bytes int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.count, s.bytes
+}
+
+// push queues deliveries; each must carry its endpoint in d.ep. With fit
+// set, it stops at the bounds and returns the deliveries that did not fit.
+func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	woken := 0
+	for i, d := range ds {
+		if fit && (s.count >= s.maxCount || s.bytes >= s.maxBytes) {
+			rest = ds[i:]
+			break
+		}
+		q := s.endpoints[d.endpointID]
+		if q == nil {
+			q = &endpointQueue{ep: d.ep, tenant: s.tenantLocked(d.tenantID)}
+			s.endpoints[d.endpointID] = q
+		}
+		q.items.push(d)
+		s.count++
+		s.bytes += d.size()
+		if s.makeReadyLocked(q) && woken < s.idle {
+			s.work.Signal()
+			woken++
+		}
+	}
+	return rest
+}
+
+// makeReadyLocked puts q on its tenant's ready list if it can be served.
+func (s *scheduler) makeReadyLocked(q *endpointQueue) bool {
+	if q.queued || q.items.len() == 0 || q.inFlight >= s.maxInFlight {
+		return false
+	}
+	q.queued = true
+	t := q.tenant
+	t.ready.push(q)
+	if !t.queued {
+		t.queued = true
+		s.ready.push(t)
+	}
+	return true
+}
+
+// next blocks until a delivery is ready and returns it, or returns nil
+// once the scheduler is closed.
+func (s *scheduler) next() *delivery {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if s.closed {
+			return nil
+		}
+		if d := s.pickLocked(); d != nil {
+			return d
+		}
+		s.idle++
+		s.work.Wait()
+		s.idle--
+	}
+}
+
+func (s *scheduler) pickLocked() *delivery {
+	for {
+		t := s.cur
+		if t == nil || s.credit <= 0 || t.ready.len() == 0 {
+			if t != nil && t.ready.len() > 0 && !t.queued {
+				t.queued = true
+				s.ready.push(t)
+			}
+			s.cur = nil
+			if s.ready.len() == 0 {
+				return nil
+			}
+			t = s.ready.pop()
+			t.queued = false
+			s.cur, s.credit = t, t.weight
+			continue
+		}
+		q := t.ready.pop()
+		q.queued = false
+		if q.items.len() == 0 || q.inFlight >= s.maxInFlight {
+			continue
+		}
+		d := q.items.pop()
+		q.inFlight++
+		s.count--
+		s.bytes -= d.size()
+		s.credit--
+		s.makeReadyLocked(q)
+		if s.count < s.maxCount/2 {
+			s.signalRoomLocked()
+		}
+		return d
+	}
+}
+
+// done returns a delivery's in-flight slot.
+func (s *scheduler) done(d *delivery) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	q := s.endpoints[d.endpointID]
+	if q == nil {
+		return
+	}
+	q.inFlight--
+	if s.makeReadyLocked(q) && s.idle > 0 {
+		s.work.Signal()
+	}
+}
+
+func (s *scheduler) signalRoomLocked() {
+	select {
+	case s.room <- struct{}{}:
+	default:
+	}
+}
+
+// waitRoom blocks until n deliveries fit, done is closed, or the timeout
+// passes; it reports whether they fit.
+func (s *scheduler) waitRoom(n int, done <-chan struct{}, timeout time.Duration) bool {
+	t := time.NewTimer(timeout)
+	defer t.Stop()
+	for !s.hasRoom(min(n, s.maxCount)) {
+		select {
+		case <-s.room:
+		case <-done:
+			return false
+		case <-t.C:
+			return false
+		}
+	}
+	return true
+}
+
+func (s *scheduler) close() {
+	s.mu.Lock()
+	s.closed = true
+	s.work.Broadcast()
+	s.mu.Unlock()
+}

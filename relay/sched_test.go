@@ -1,0 +1,98 @@
+package relay
+
+import (
+	"fmt"
+	"testing"
+)
+
+func queued(s *scheduler, tenant, endpoint string, n int) {
+	ep := &Endpoint{ID: endpoint, TenantID: tenant, Enabled: true}
+	ds := make([]*delivery, n)
+	for i := range ds {
+		ds[i] = &delivery{endpointID: endpoint, tenantID: tenant, ep: ep}
+	}
+	s.push(ds, false)
+}
+
+// A tenant with a huge backlog gets no more turns than a tenant with a
+// trickle: picks alternate between tenants.
+func TestSchedulerRoundRobinAcrossTenants(t *testing.T) {
+	s := newScheduler(1_000_000, 1<<40, 1000)
+	queued(s, "big", "big-ep", 10000)
+	queued(s, "small", "small-ep", 10)
+	var order []string
+	for range 20 {
+		d := s.pickLocked()
+		order = append(order, d.tenantID)
+		s.done(d)
+	}
+	small := 0
+	for _, tn := range order[:20] {
+		if tn == "small" {
+			small++
+		}
+	}
+	if small != 10 {
+		t.Fatalf("small tenant got %d of the first 20 picks, want 10: %v", small, order)
+	}
+}
+
+func TestSchedulerWeights(t *testing.T) {
+	s := newScheduler(1_000_000, 1<<40, 1000)
+	s.setTenantWeight("gold", 3)
+	queued(s, "gold", "g", 1000)
+	queued(s, "plain", "p", 1000)
+	counts := map[string]int{}
+	for range 400 {
+		d := s.pickLocked()
+		counts[d.tenantID]++
+		s.done(d)
+	}
+	if counts["gold"] != 300 || counts["plain"] != 100 {
+		t.Fatalf("weights 3:1 gave %v", counts)
+	}
+}
+
+// An endpoint at its in-flight limit does not block its tenant's other
+// endpoints, nor other tenants.
+func TestSchedulerMaxInFlight(t *testing.T) {
+	s := newScheduler(1_000_000, 1<<40, 2)
+	queued(s, "a", "slow", 100)
+	queued(s, "a", "fast", 100)
+	var held []*delivery
+	got := map[string]int{}
+	for range 10 {
+		d := s.pickLocked()
+		if d == nil {
+			break
+		}
+		got[d.endpointID]++
+		held = append(held, d)
+	}
+	if got["slow"] != 2 || got["fast"] != 2 {
+		t.Fatalf("with max in-flight 2 and nothing done, picks = %v", got)
+	}
+	s.done(held[0])
+	if d := s.pickLocked(); d == nil || d.endpointID != held[0].endpointID {
+		t.Fatalf("after one done, next pick = %v", d)
+	}
+}
+
+func TestSchedulerBounds(t *testing.T) {
+	s := newScheduler(10, 1<<40, 100)
+	ep := &Endpoint{ID: "e", TenantID: "t"}
+	var ds []*delivery
+	for i := range 15 {
+		ds = append(ds, &delivery{endpointID: "e", tenantID: "t", ep: ep, errText: fmt.Sprint(i)})
+	}
+	rest := s.push(ds, true)
+	if len(rest) != 5 || rest[0].errText != "10" {
+		t.Fatalf("push past the bound returned %d left over", len(rest))
+	}
+	if n, _ := s.len(); n != 10 {
+		t.Fatalf("queued %d, want 10", n)
+	}
+	if s.space() != 0 || s.hasRoom(1) {
+		t.Fatal("full scheduler reports room")
+	}
+}

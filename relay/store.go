@@ -1,0 +1,436 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/cdc"
+)
+
+// pgLSNOID is the built-in pg_lsn type. Its binary form is an int8, which
+// lets COPY write it without a text round trip.
+const pgLSNOID = 3220
+
+func registerTypes(ctx context.Context, conn *pgx.Conn) error {
+	conn.TypeMap().RegisterType(&pgtype.Type{Name: "pg_lsn", OID: pgLSNOID, Codec: pgtype.Int8Codec{}})
+	return nil
+}
+
+// openPool opens the pool the relay uses for everything but replication.
+func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) {
+	cfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	cfg.MaxConns = int32(size)
+	cfg.AfterConnect = registerTypes
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open database pool: %w", err)
+	}
+	return pool, nil
+}
+
+var copyColumns = []string{
+	"event_id", "endpoint_id", "tenant_id", "event_type", "state", "attempts", "http_status", "error",
+	"next_attempt_at", "commit_lsn", "committed_at", "first_attempt_at", "last_attempt_at", "completed_at",
+	"duration_ms", "payload", "headers", "traceparent",
+}
+
+// copySource feeds deliveries to COPY without building an intermediate
+// [][]any for the whole batch.
+type copySource struct {
+	rows []*delivery
+	i    int
+	vals [18]any
+}
+
+func (c *copySource) Next() bool { c.i++; return c.i <= len(c.rows) }
+func (c *copySource) Err() error { return nil }
+func (c *copySource) Values() ([]any, error) {
+	d := c.rows[c.i-1]
+	v := &c.vals
+	v[0] = d.eventID
+	v[1] = d.endpointID
+	v[2] = d.tenantID
+	v[3] = d.eventType
+	v[4] = string(d.state)
+	v[5] = int32(d.attempts)
+	v[6] = nullInt(d.httpStatus)
+	v[7] = nullString(d.errText)
+	v[8] = nullTime(d.nextAttempt)
+	v[9] = int64(d.commitLSN)
+	v[10] = nullTime(d.committedAt)
+	v[11] = nullTime(d.firstAttempt)
+	v[12] = nullTime(d.lastAttempt)
+	v[13] = nullTime(d.completed)
+	v[14] = nullDuration(d.duration, d.lastAttempt)
+	if d.state.Final() {
+		v[15], v[16], v[17] = nil, nil, nil
+	} else {
+		v[15], v[16], v[17] = d.payload, nullBytes(d.headers), nullString(d.traceparent)
+	}
+	return v[:], nil
+}
+
+func nullInt(n int) any {
+	if n == 0 {
+		return nil
+	}
+	return int32(n)
+}
+
+func nullString(s string) any {
+	if s == "" {
+		return nil
+	}
+	return s
+}
+
+func nullBytes(b []byte) any {
+	if b == nil {
+		return nil
+	}
+	return b
+}
+
+func nullTime(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t
+}
+
+func nullDuration(d time.Duration, at time.Time) any {
+	if at.IsZero() {
+		return nil
+	}
+	return float64(d) / float64(time.Millisecond)
+}
+
+const upsertSQL = `
+INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
+    next_attempt_at, commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms,
+    payload, headers, traceparent)
+SELECT u.event_id, u.endpoint_id, u.tenant_id, u.event_type, u.state, u.attempts, u.http_status, u.error,
+    u.next_attempt_at, u.commit_lsn::pg_lsn, u.committed_at, u.first_attempt_at, u.last_attempt_at, u.completed_at,
+    u.duration_ms, u.payload::jsonb, u.headers::jsonb, u.traceparent
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[], $8::text[],
+    $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
+    $15::float8[], $16::text[], $17::text[], $18::text[])
+    AS u(event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error, next_attempt_at,
+         commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload, headers, traceparent)
+ON CONFLICT (event_id, endpoint_id) DO UPDATE SET
+    state = EXCLUDED.state, attempts = EXCLUDED.attempts, http_status = EXCLUDED.http_status,
+    error = EXCLUDED.error, next_attempt_at = EXCLUDED.next_attempt_at, claimed_until = NULL,
+    first_attempt_at = COALESCE(deliveries.first_attempt_at, EXCLUDED.first_attempt_at),
+    last_attempt_at = EXCLUDED.last_attempt_at, completed_at = EXCLUDED.completed_at,
+    duration_ms = EXCLUDED.duration_ms, payload = EXCLUDED.payload, headers = EXCLUDED.headers,
+    updated_at = now()
+WHERE deliveries.state IN ('pending', 'retrying')`
+
+func upsertArgs(rows []*delivery) []any {
+	n := len(rows)
+	ids := make([][16]byte, n)
+	eps, tenants, types, states := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	attempts := make([]int32, n)
+	statuses := make([]*int32, n)
+	errs, lsns, payloads, headers, tps := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
+	next, committed, first, last, completed := make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n)
+	durs := make([]*float64, n)
+	ptrTime := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		return &t
+	}
+	ptrString := func(s string) *string {
+		if s == "" {
+			return nil
+		}
+		return &s
+	}
+	for i, d := range rows {
+		ids[i], eps[i], tenants[i], types[i], states[i] = d.eventID, d.endpointID, d.tenantID, d.eventType, string(d.state)
+		attempts[i] = int32(d.attempts)
+		if d.httpStatus != 0 {
+			s := int32(d.httpStatus)
+			statuses[i] = &s
+		}
+		errs[i] = ptrString(d.errText)
+		if d.commitLSN != 0 {
+			lsns[i] = ptrString(d.commitLSN.String())
+		}
+		next[i], committed[i], first[i], last[i], completed[i] = ptrTime(d.nextAttempt), ptrTime(d.committedAt), ptrTime(d.firstAttempt), ptrTime(d.lastAttempt), ptrTime(d.completed)
+		if !d.lastAttempt.IsZero() {
+			ms := float64(d.duration) / float64(time.Millisecond)
+			durs[i] = &ms
+		}
+		if !d.state.Final() {
+			payloads[i] = ptrString(string(d.payload))
+			if d.headers != nil {
+				headers[i] = ptrString(string(d.headers))
+			}
+			tps[i] = ptrString(d.traceparent)
+		}
+	}
+	return []any{ids, eps, tenants, types, states, attempts, statuses, errs, next, lsns, committed, first, last, completed, durs, payloads, headers, tps}
+}
+
+// writer batches status rows: many workers add, one goroutine writes a
+// batch per round trip (COPY for new rows, one multi-row upsert for the
+// rest) and then lets the watermark pass the transactions it completed.
+type writer struct {
+	pool     *pgxpool.Pool
+	slot     string
+	log      *slog.Logger
+	maxBatch int
+	interval time.Duration
+	written  func(rows []*delivery) // called after each durable batch; may be nil
+
+	mu   sync.Mutex
+	buf  []*delivery
+	kick chan struct{}
+}
+
+func (w *writer) add(ds ...*delivery) {
+	w.mu.Lock()
+	w.buf = append(w.buf, ds...)
+	full := len(w.buf) >= w.maxBatch
+	w.mu.Unlock()
+	if full {
+		select {
+		case w.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (w *writer) take() []*delivery {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if len(w.buf) == 0 {
+		return nil
+	}
+	n := min(len(w.buf), w.maxBatch)
+	out := make([]*delivery, n)
+	copy(out, w.buf)
+	rest := copy(w.buf, w.buf[n:])
+	clear(w.buf[rest:])
+	w.buf = w.buf[:rest]
+	return out
+}
+
+// run writes until ctx is done, then drains what is left with a short
+// deadline of its own so a shutdown records what was delivered.
+func (w *writer) run(ctx context.Context) {
+	t := time.NewTicker(w.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			dctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			for rows := w.take(); rows != nil; rows = w.take() {
+				if err := w.writeRetry(dctx, rows); err != nil {
+					w.log.Error("status rows not written at shutdown; their events will be delivered again", slog.Int("rows", len(rows)), slog.Any("error", err))
+					break
+				}
+			}
+			cancel()
+			return
+		case <-t.C:
+		case <-w.kick:
+		}
+		for rows := w.take(); rows != nil; rows = w.take() {
+			if err := w.writeRetry(ctx, rows); err != nil {
+				// Only ctx ends writeRetry; put the rows back for the drain.
+				w.mu.Lock()
+				w.buf = append(rows, w.buf...)
+				w.mu.Unlock()
+				break
+			}
+		}
+	}
+}
+
+// writeRetry writes one batch, retrying with backoff until it succeeds or
+// ctx ends. Rows stay in memory meanwhile, and the watermark waits.
+func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
+	backoff := 50 * time.Millisecond
+	for {
+		err := w.write(ctx, rows)
+		if err == nil {
+			for _, d := range rows {
+				if d.mark != nil {
+					d.mark.done(1)
+					d.mark = nil
+				}
+				d.persisted = true
+			}
+			if w.written != nil {
+				w.written(rows)
+			}
+			return nil
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "23505" {
+			// A row exists that the restart lookup did not see: write this
+			// batch through the upsert path, which keeps final states.
+			for _, d := range rows {
+				d.maybeDup = true
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		w.log.Warn("writing status rows failed; retrying", slog.Int("rows", len(rows)), slog.Duration("backoff", backoff), slog.Any("error", err))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (w *writer) write(ctx context.Context, rows []*delivery) error {
+	fresh := make([]*delivery, 0, len(rows))
+	var other []*delivery
+	var maxLSN cdc.LSN
+	for _, d := range rows {
+		if d.mark != nil && d.endLSN > maxLSN {
+			maxLSN = d.endLSN
+		}
+		if d.persisted || d.maybeDup {
+			other = append(other, d)
+		} else {
+			fresh = append(fresh, d)
+		}
+	}
+	tx, err := w.pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("begin status write: %w", err)
+	}
+	defer tx.Rollback(context.Background()) //nolint:errcheck // after Commit it is a no-op
+	if len(fresh) > 0 {
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "deliveries"}, copyColumns, &copySource{rows: fresh}); err != nil {
+			return fmt.Errorf("copy status rows: %w", err)
+		}
+	}
+	if len(other) > 0 {
+		if _, err := tx.Exec(ctx, upsertSQL, upsertArgs(other)...); err != nil {
+			return fmt.Errorf("upsert status rows: %w", err)
+		}
+	}
+	if maxLSN != 0 {
+		if _, err := tx.Exec(ctx, `INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ($1, $2::text::pg_lsn)
+ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.recorded_lsn, EXCLUDED.recorded_lsn), updated_at = now()`,
+			w.slot, maxLSN.String()); err != nil {
+			return fmt.Errorf("record lsn: %w", err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit status write: %w", err)
+	}
+	return nil
+}
+
+// recordedLSN reads the highest commit end LSN with a recorded row.
+func recordedLSN(ctx context.Context, pool *pgxpool.Pool, slot string) (cdc.LSN, error) {
+	var s string
+	err := pool.QueryRow(ctx, `SELECT recorded_lsn::text FROM relay.relay_state WHERE slot_name = $1`, slot).Scan(&s)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("read relay_state: %w", err)
+	}
+	return pglogrepl.ParseLSN(s)
+}
+
+type pairKey struct {
+	event    [16]byte
+	endpoint string
+}
+
+// existingRows returns which (event, endpoint) pairs already have a row.
+func existingRows(ctx context.Context, pool *pgxpool.Pool, events [][16]byte) (map[pairKey]bool, error) {
+	rows, err := pool.Query(ctx, `SELECT event_id, endpoint_id FROM relay.deliveries WHERE event_id = ANY($1::uuid[])`, events)
+	if err != nil {
+		return nil, fmt.Errorf("look up recorded deliveries: %w", err)
+	}
+	out := make(map[pairKey]bool)
+	var k pairKey
+	_, err = pgx.ForEachRow(rows, []any{&k.event, &k.endpoint}, func() error {
+		out[k] = true
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("look up recorded deliveries: %w", err)
+	}
+	return out, nil
+}
+
+const claimSQL = `
+WITH due AS (
+    SELECT event_id, endpoint_id FROM relay.deliveries
+    WHERE state IN ('pending', 'retrying') AND next_attempt_at <= now()
+      AND (claimed_until IS NULL OR claimed_until < now())
+    ORDER BY next_attempt_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
+FROM due WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
+RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts, d.payload::text, d.headers::text,
+    d.traceparent, d.commit_lsn::text, d.committed_at, d.first_attempt_at`
+
+// claimDue claims up to n due pending or retrying deliveries for lease.
+func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration) ([]*delivery, error) {
+	rows, err := pool.Query(ctx, claimSQL, n, lease.String())
+	if err != nil {
+		return nil, fmt.Errorf("claim due deliveries: %w", err)
+	}
+	defer rows.Close()
+	var out []*delivery
+	for rows.Next() {
+		d := &delivery{persisted: true}
+		var payload string
+		var headers, tp, lsn *string
+		var committed, first *time.Time
+		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first); err != nil {
+			return nil, fmt.Errorf("claim due deliveries: %w", err)
+		}
+		d.payload = []byte(payload)
+		if headers != nil {
+			d.headers = []byte(*headers)
+		}
+		if tp != nil {
+			d.traceparent = *tp
+		}
+		if lsn != nil {
+			d.commitLSN, _ = pglogrepl.ParseLSN(*lsn)
+		}
+		if committed != nil {
+			d.committedAt = *committed
+		}
+		if first != nil {
+			d.firstAttempt = *first
+		}
+		out = append(out, d)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("claim due deliveries: %w", err)
+	}
+	return out, nil
+}

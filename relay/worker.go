@@ -1,0 +1,194 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/netguard"
+	"github.com/outbox-relay/outbox-relay/internal/retrypolicy"
+)
+
+// maxResponseBytes is how much of a response body is read (and then
+// discarded, so the connection can be reused); errorSnippetBytes of it is
+// kept in the row when the answer is not 2xx.
+const (
+	maxResponseBytes  = 64 << 10
+	errorSnippetBytes = 256
+)
+
+// deliveryClient is the one HTTP client every worker shares: keep-alive,
+// no redirects, and the SSRF guard on every dial.
+type deliveryClient struct {
+	http      *http.Client
+	userAgent []string
+}
+
+func newDeliveryClient(cfg Config) *deliveryClient {
+	guard := &netguard.Guard{Allow: cfg.AllowNetworks}
+	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second, Control: guard.Control}
+	tr := &http.Transport{
+		DialContext:           dialer.DialContext,
+		MaxIdleConns:          cfg.Workers * 4,
+		MaxIdleConnsPerHost:   cfg.Workers,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: 0,
+		DisableCompression:    true,
+		ForceAttemptHTTP2:     true,
+		ResponseHeaderTimeout: 0, // the per-endpoint timeout covers it
+	}
+	return &deliveryClient{
+		http: &http.Client{
+			Transport: tr,
+			// Never follow redirects: a moved receiver must be
+			// reconfigured, and the row says where it pointed.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		userAgent: []string{cfg.UserAgent},
+	}
+}
+
+var contentTypeJSON = []string{"application/json"}
+
+// work is one worker: take a delivery, attempt it, record the outcome.
+func (r *Relay) work(ctx context.Context) {
+	var sig []byte
+	for {
+		d := r.sched.next()
+		if d == nil {
+			return
+		}
+		ep := r.sched.endpoint(d.endpointID)
+		if ep == nil {
+			ep = d.ep
+		}
+		sig = r.attempt(ctx, d, ep, sig)
+		r.sched.done(d)
+		r.writer.add(d)
+	}
+}
+
+// attempt makes one HTTP attempt and records its outcome in d.
+func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []byte) []byte {
+	now := r.now()
+	switch {
+	case ep.Invalid != "":
+		d.state, d.errText, d.completed = StateRejected, "endpoint is invalid: "+ep.Invalid, now
+		return sig
+	case !ep.Enabled:
+		d.state, d.errText, d.completed = StateRejected, "endpoint "+ep.ID+" is disabled", now
+		return sig
+	}
+	d.attempts++
+	r.stats.Attempts.Add(1)
+	if d.firstAttempt.IsZero() {
+		d.firstAttempt = now
+	}
+	d.lastAttempt = now
+	msgID := d.webhookID()
+	sig = ep.signer.AppendSignature(sig[:0], msgID, now.Unix(), d.payload)
+
+	actx, cancel := context.WithTimeout(ctx, ep.Timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(actx, http.MethodPost, ep.URL, bytes.NewReader(d.payload))
+	if err != nil {
+		d.state, d.errText, d.completed = StateRejected, "invalid request: "+err.Error(), now
+		return sig
+	}
+	h := make(http.Header, 8+len(ep.Headers))
+	for k, v := range ep.Headers {
+		h[k] = v
+	}
+	if d.headers != nil {
+		if extra, err := parseHeaders(string(d.headers)); err == nil {
+			for k, v := range extra {
+				h[k] = v
+			}
+		}
+	}
+	h["Content-Type"] = contentTypeJSON
+	h["User-Agent"] = r.client.userAgent
+	h["Webhook-Id"] = []string{msgID}
+	h["Webhook-Timestamp"] = []string{strconv.FormatInt(now.Unix(), 10)}
+	h["Webhook-Signature"] = []string{string(sig)}
+	if d.traceparent != "" {
+		h["Traceparent"] = []string{d.traceparent}
+	}
+	req.Header = h
+
+	resp, err := r.client.http.Do(req)
+	var status int
+	var respHeader http.Header
+	var snippet []byte
+	if err == nil {
+		status, respHeader = resp.StatusCode, resp.Header
+		if status < 200 || status > 299 {
+			snippet, _ = io.ReadAll(io.LimitReader(resp.Body, errorSnippetBytes))
+		}
+		// Drain (bounded) so the connection goes back to the pool.
+		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxResponseBytes))
+		resp.Body.Close()
+	}
+	end := r.now()
+	d.duration = end.Sub(now)
+	d.httpStatus = status
+	dec := retrypolicy.Classify(status, respHeader, err)
+	switch dec.Outcome {
+	case retrypolicy.Success:
+		d.state, d.errText, d.completed = StateSucceeded, "", end
+		r.stats.Delivered.Add(1)
+		return sig
+	case retrypolicy.Fail, retrypolicy.Gone:
+		d.state, d.completed = StateFailed, end
+		d.errText = withSnippet(dec.Reason, snippet)
+		return sig
+	}
+	d.errText = withSnippet(dec.Reason, snippet)
+	delay, ok := retrypolicy.Delay(r.cfg.RetrySchedule, d.attempts)
+	if !ok {
+		d.state, d.completed = StateDead, end
+		d.errText = "attempts exhausted (" + strconv.Itoa(d.attempts) + "): " + d.errText
+		return sig
+	}
+	delay = retrypolicy.Jitter(delay, r.cfg.RetryJitter, rand.Float64())
+	if ra, ok := retrypolicy.RetryAfter(respHeader, end); ok && (status == 429 || status == 503) && ra > delay {
+		delay = min(ra, 24*time.Hour)
+	}
+	d.state, d.nextAttempt = StateRetrying, end.Add(delay)
+	if ctx.Err() != nil && err != nil {
+		// Shutting down cut the attempt short: it does not count.
+		d.attempts--
+		d.state, d.nextAttempt = StatePending, end
+	}
+	r.log.Debug("delivery attempt failed", slog.String("endpoint_id", d.endpointID), slog.String("webhook_id", msgID),
+		slog.Int("attempt", d.attempts), slog.Int("http_status", status), slog.String("error", d.errText))
+	return sig
+}
+
+func withSnippet(reason string, body []byte) string {
+	body = bytes.TrimSpace(body)
+	if len(body) == 0 {
+		return reason
+	}
+	if !json.Valid(body) && !isPrintable(body) {
+		return reason
+	}
+	return reason + ": " + string(body)
+}
+
+func isPrintable(b []byte) bool {
+	for _, c := range b {
+		if c < 0x20 && c != '\t' && c != '\n' && c != '\r' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
