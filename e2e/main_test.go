@@ -108,9 +108,9 @@ func (rcv *receiver) stats() (distinct, total, dups, bad int) {
 
 // relayProc is one running outbox-relay process.
 type relayProc struct {
-	cmd *exec.Cmd
-	out *bytes.Buffer
-	mu  *sync.Mutex
+	cmd  *exec.Cmd
+	out  *bytes.Buffer
+	mu   *sync.Mutex
 	done chan error
 }
 

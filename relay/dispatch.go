@@ -105,7 +105,7 @@ func tupleRow(rel *cdc.Relation, vals []cdc.Value, prev mapRow) mapRow {
 
 // outboxCols caches where the outbox columns sit in a relation.
 type outboxCols struct {
-	rel                                                          *cdc.Relation
+	rel                                                         *cdc.Relation
 	id, tenant, typ, payload, endpoint, headers, trace, created int
 }
 
