@@ -150,9 +150,10 @@ func demo(ctx context.Context, txnsPerProducer int, timeout time.Duration, log *
 			rcv.srv.Close()
 		}
 	}()
-	_, err = pool.Exec(ctx, `
-INSERT INTO relay.tenants (id, weight) VALUES ('acme', 2), ('globex', 1);
-INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types, headers) VALUES
+	if _, err = pool.Exec(ctx, `INSERT INTO relay.tenants (id, weight) VALUES ('acme', 2), ('globex', 1)`); err != nil {
+		return fmt.Errorf("register tenants: %w", err)
+	}
+	_, err = pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types, headers) VALUES
   ('ep_acme_billing', 'acme', $1, ARRAY[$2], ARRAY['invoice.*'], '{"X-Demo-Type": "invoice"}'),
   ('ep_acme_audit',   'acme', $3, ARRAY[$4], NULL,               '{"X-Demo-Type": "any"}'),
   ('ep_globex',       'globex', $5, ARRAY[$6], ARRAY['order.created'], '{"X-Demo-Type": "order"}')`,
@@ -175,6 +176,14 @@ INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types, headers) 
 	relayCtx, stopRelay := context.WithCancel(ctx)
 	relayDone := make(chan error, 1)
 	go func() { relayDone <- r.Run(relayCtx) }()
+	for r.State() != "active" {
+		select {
+		case err := <-relayDone:
+			stopRelay()
+			return fmt.Errorf("relay: %w", err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 
 	// Four "application" producers; every fourth transaction rolls back.
 	fmt.Fprintf(out, "4 producers x %d transactions, every 4th rolled back ...\n", txnsPerProducer)
@@ -239,7 +248,7 @@ INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types, headers) 
 		case <-ctx.Done():
 			stopRelay()
 			<-relayDone
-			return fmt.Errorf("not everything was delivered within %s (%d of %d events have rows)", timeout, final, committed.Load())
+			return fmt.Errorf("not everything was delivered within %s (%d final delivery rows, %d events committed)", timeout, final, committed.Load())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

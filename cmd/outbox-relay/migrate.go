@@ -4,15 +4,20 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 
 	"github.com/jackc/pgx/v5"
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
+	"github.com/outbox-relay/outbox-relay/cdc"
 )
 
 func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr io.Writer) int {
-	fs := newFlagSet("migrate", "Apply the relay schema (schema.sql, embedded). Safe to run again: it changes nothing the second time.", stderr)
+	fs := newFlagSet("migrate", "Apply the relay schema (schema.sql, embedded), then create the publication and the\nreplication slot if they are missing, so every event committed from now on is kept for the relay\neven before it first runs. Safe to run again: it changes nothing the second time.", stderr)
 	dbURL := fs.String("database-url", "", "Postgres URL of the application database (required)")
+	slot := fs.String("slot", "outbox_relay", "logical replication slot name")
+	publication := fs.String("publication", "outbox_relay", "publication name")
+	schemaOnly := fs.Bool("schema-only", false, "apply the schema only; the slot is created by the first `run`")
 	if err := parseFlags(fs, args); err != nil {
 		return flagExit(err, stderr)
 	}
@@ -31,5 +36,19 @@ func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr 
 		return 1
 	}
 	fmt.Fprintln(stdout, "relay schema is up to date")
+	if *schemaOnly {
+		return 0
+	}
+	stream, err := cdc.New(cdc.Config{ConnString: *dbURL, SlotName: *slot, Publication: *publication,
+		Logger: slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
+		return 2
+	}
+	if err := stream.Setup(ctx); err != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "publication %q and slot %q are ready\n", *publication, *slot)
 	return 0
 }
