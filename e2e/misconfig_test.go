@@ -43,8 +43,9 @@ func TestMisconfigurationFailsFastWithAFix(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if out, err := exec.Command(binary, "migrate", "--database-url", url).CombinedOutput(); err != nil {
-			t.Fatalf("migrate: %v %s", err, out)
+		runFails(t, []string{"wal_level", "logical"}, "migrate", "--database-url", url)
+		if out, err := exec.Command(binary, "migrate", "--schema-only", "--database-url", url).CombinedOutput(); err != nil {
+			t.Fatalf("migrate --schema-only: %v %s", err, out)
 		}
 		runFails(t, []string{"wal_level", "logical"}, relayArgs(url)...)
 	})

@@ -5,12 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"io"
 	"log/slog"
+	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
@@ -89,42 +93,11 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer pool.Close()
 	r.pool = pool
-	if err := checkSchema(ctx, pool); err != nil {
-		return err
-	}
-	stream, err := cdc.New(cdc.Config{
-		ConnString:  r.cfg.DatabaseURL,
-		SlotName:    r.cfg.SlotName,
-		Publication: r.cfg.Publication,
-		Logger:      r.log,
-	})
-	if err != nil {
-		return err
-	}
-	r.stream = stream
-	if err := stream.Setup(ctx); err != nil {
-		return err
-	}
-
-	lock, err := r.becomeActive(ctx)
+	lock, err := r.startup(ctx)
 	if err != nil {
 		return err
 	}
 	defer lock.Close(context.Background())
-	r.state.Store("active")
-
-	// We are the only relay on this slot: claims left by a dead process
-	// are void.
-	if _, err := pool.Exec(ctx, `UPDATE relay.deliveries SET claimed_until = NULL
-WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != nil {
-		return fmt.Errorf("release old claims: %w", err)
-	}
-	if r.recorded, err = recordedLSN(ctx, pool, r.cfg.SlotName); err != nil {
-		return err
-	}
-	if err := r.loadConfig(ctx); err != nil {
-		return err
-	}
 	r.writer = &writer{
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
@@ -158,7 +131,7 @@ WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != n
 	dispatchErr := make(chan error, 1)
 	go func() { dispatchErr <- r.dispatch(streamCtx, batches) }()
 
-	runErr := stream.Run(streamCtx, batches, r.wm)
+	runErr := r.stream.Run(streamCtx, batches, r.wm)
 	stopStream()
 	if err := <-dispatchErr; err != nil && runErr == nil {
 		runErr = err
@@ -179,6 +152,93 @@ WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != n
 		return nil
 	}
 	return runErr
+}
+
+// startup checks the database, sets up replication, waits to become the
+// active relay and loads config. A Postgres restart or a dropped
+// connection during startup is retried with backoff; a configuration
+// problem (or a database never reached) ends Run with an error that says
+// what to fix.
+func (r *Relay) startup(ctx context.Context) (*pgx.Conn, error) {
+	connected := false
+	backoff := 100 * time.Millisecond
+	for {
+		lock, err := r.startupOnce(ctx, &connected)
+		if err == nil {
+			return lock, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		// A database never reached is a wrong URL or credentials: say so
+		// at once. Once the server has answered, losing it is transient.
+		var connErr *pgconn.ConnectError
+		if (!connected && errors.As(err, &connErr)) || !transient(err) {
+			return nil, err
+		}
+		r.log.Warn("startup interrupted; retrying", slog.Duration("backoff", backoff), slog.Any("error", err))
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, error) {
+	if err := checkSchema(ctx, r.pool); err != nil {
+		return nil, err
+	}
+	*connected = true
+	stream, err := cdc.New(cdc.Config{
+		ConnString:  r.cfg.DatabaseURL,
+		SlotName:    r.cfg.SlotName,
+		Publication: r.cfg.Publication,
+		Logger:      r.log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	r.stream = stream
+	if err := stream.Setup(ctx); err != nil {
+		return nil, err
+	}
+	lock, err := r.becomeActive(ctx)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*pgx.Conn, error) {
+		lock.Close(context.Background())
+		return nil, err
+	}
+	r.state.Store("active")
+	// We are the only relay on this slot: claims left by a dead process
+	// are void.
+	if _, err := r.pool.Exec(ctx, `UPDATE relay.deliveries SET claimed_until = NULL
+WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != nil {
+		return fail(fmt.Errorf("release old claims: %w", err))
+	}
+	if r.recorded, err = recordedLSN(ctx, r.pool, r.cfg.SlotName); err != nil {
+		return fail(err)
+	}
+	if err := r.loadConfig(ctx); err != nil {
+		return fail(err)
+	}
+	return lock, nil
+}
+
+// transient reports whether err is a lost connection or a server going
+// away, as opposed to a configuration problem.
+func transient(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return strings.HasPrefix(pgErr.Code, "57") || strings.HasPrefix(pgErr.Code, "08")
+	}
+	var connErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.As(err, &connErr) || errors.As(err, &netErr) || errors.Is(err, cdc.ErrConnect) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err)
 }
 
 func checkSchema(ctx context.Context, pool *pgxpool.Pool) error {

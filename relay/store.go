@@ -268,7 +268,11 @@ func (w *writer) run(ctx context.Context) {
 func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	backoff := 50 * time.Millisecond
 	for {
+		start := time.Now()
 		err := w.write(ctx, rows)
+		if took := time.Since(start); took > 250*time.Millisecond {
+			w.log.Info("slow status write", slog.Int("rows", len(rows)), slog.Duration("took", took))
+		}
 		if err == nil {
 			for _, d := range rows {
 				if d.mark != nil {
