@@ -61,9 +61,11 @@ func TestKill9LosesNothing(t *testing.T) {
 		}()
 	}
 	// Kill at random moments while producers run and after.
+	var killedAt []time.Time
 	for k := range kills {
 		time.Sleep(time.Duration(300+rand.IntN(700)) * time.Millisecond)
 		proc.kill9()
+		killedAt = append(killedAt, time.Now())
 		t.Logf("kill -9 #%d after %d events committed", k+1, committed.Load())
 		proc = startRelay(t, relayArgs(url)...)
 	}
@@ -92,6 +94,9 @@ func TestKill9LosesNothing(t *testing.T) {
 	for name, rcv := range map[string]*receiver{"a": a, "b": b} {
 		distinct, total, dups, bad := rcv.stats()
 		allDups += dups
+		if n := rcv.repeatsWithoutKill(killedAt); n != 0 {
+			t.Errorf("receiver %s: %d deliveries repeated within one relay process", name, n)
+		}
 		if distinct != events {
 			t.Errorf("receiver %s saw %d distinct events, want %d", name, distinct, events)
 		}

@@ -58,6 +58,7 @@ type receiver struct {
 
 	mu       sync.Mutex
 	seen     map[string]int
+	arrivals map[string][]time.Time
 	bodies   map[string]string
 	badSigs  int
 	requests int
@@ -67,7 +68,7 @@ type receiver struct {
 func newReceiver(t *testing.T) *receiver {
 	key := make([]byte, 32)
 	rand.Read(key)
-	rcv := &receiver{secret: "whsec_" + base64.StdEncoding.EncodeToString(key), seen: map[string]int{}, bodies: map[string]string{}}
+	rcv := &receiver{secret: "whsec_" + base64.StdEncoding.EncodeToString(key), seen: map[string]int{}, arrivals: map[string][]time.Time{}, bodies: map[string]string{}}
 	sec, err := signer.ParseSecret(rcv.secret)
 	if err != nil {
 		t.Fatal(err)
@@ -83,6 +84,7 @@ func newReceiver(t *testing.T) *receiver {
 		}
 		id := r.Header.Get("webhook-id")
 		rcv.seen[id]++
+		rcv.arrivals[id] = append(rcv.arrivals[id], time.Now())
 		rcv.bodies[id] = string(body)
 		fail := rcv.fail
 		rcv.mu.Unlock()
@@ -104,6 +106,29 @@ func (rcv *receiver) stats() (distinct, total, dups, bad int) {
 		dups += n - 1
 	}
 	return distinct, rcv.requests, dups, rcv.badSigs
+}
+
+// repeatsWithoutKill counts deliveries that arrived twice with no kill
+// between them: a duplicate a crash does not explain.
+func (rcv *receiver) repeatsWithoutKill(kills []time.Time) int {
+	rcv.mu.Lock()
+	defer rcv.mu.Unlock()
+	n := 0
+	for _, times := range rcv.arrivals {
+		for i := 1; i < len(times); i++ {
+			explained := false
+			for _, k := range kills {
+				if times[i-1].Before(k) && k.Before(times[i]) {
+					explained = true
+					break
+				}
+			}
+			if !explained {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // relayProc is one running outbox-relay process.
