@@ -57,7 +57,9 @@ CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON relay.outbox (created_at);
 --   rejected   never attempted: unknown or disabled endpoint, bad URL or secret, payload too large (final)
 --   unrouted   no enabled endpoint subscribes; endpoint_id is '' (final)
 -- payload, headers and traceparent are kept while the row is not final, so
--- the relay can finish the delivery without the WAL or the outbox row.
+-- the relay can finish the delivery without the WAL or the outbox row, and
+-- on failed, dead and rejected rows, so a dead letter can be replayed.
+-- They are dropped (NULL) on succeeded and unrouted rows.
 CREATE TABLE IF NOT EXISTS relay.deliveries (
     event_id         uuid NOT NULL,
     endpoint_id      text NOT NULL,
@@ -96,3 +98,24 @@ CREATE TABLE IF NOT EXISTS relay.relay_state (
     recorded_lsn pg_lsn NOT NULL DEFAULT '0/0',
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- One row per failed attempt (a success is described by its deliveries
+-- row). attempt numbers start again at 1 after a replay. Kept for
+-- --delivery-retention, then removed by the relay.
+CREATE TABLE IF NOT EXISTS relay.attempts (
+    event_id     uuid NOT NULL,
+    endpoint_id  text NOT NULL,
+    attempt      integer NOT NULL,
+    attempted_at timestamptz NOT NULL,
+    duration_ms  double precision,
+    http_status  integer,
+    error_class  text,      -- timeout, connection_refused, http_5xx, blocked, ...
+    error        text
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery_idx ON relay.attempts (event_id, endpoint_id);
+CREATE INDEX IF NOT EXISTS attempts_attempted_at_idx ON relay.attempts (attempted_at);
+
+-- Replays (see relay.dead_letters below) count here; a replayed delivery
+-- keeps its event_id, and so its webhook-id.
+ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS replay_count integer NOT NULL DEFAULT 0;
+ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS replayed_at timestamptz;

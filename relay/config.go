@@ -67,9 +67,12 @@ type Config struct {
 
 	// OutboxRetention is how long relay.outbox rows are kept. Default 24h.
 	OutboxRetention time.Duration
-	// DeliveryRetention is how long final relay.deliveries rows are kept.
-	// Default 7 days.
+	// DeliveryRetention is how long succeeded and unrouted
+	// relay.deliveries rows, and relay.attempts rows, are kept. Default 7 days.
 	DeliveryRetention time.Duration
+	// DeadLetterRetention is how long dead, failed and rejected rows (the
+	// dead-letter queue) are kept. Default 30 days.
+	DeadLetterRetention time.Duration
 	// CleanupInterval is how often old rows are removed. Default 1m.
 	CleanupInterval time.Duration
 
@@ -119,6 +122,7 @@ func (c Config) withDefaults() Config {
 	c.ClaimLease = cmp.Or(c.ClaimLease, 2*time.Minute)
 	c.OutboxRetention = cmp.Or(c.OutboxRetention, 24*time.Hour)
 	c.DeliveryRetention = cmp.Or(c.DeliveryRetention, 7*24*time.Hour)
+	c.DeadLetterRetention = cmp.Or(c.DeadLetterRetention, 30*24*time.Hour)
 	c.CleanupInterval = cmp.Or(c.CleanupInterval, time.Minute)
 	c.UserAgent = cmp.Or(c.UserAgent, "outbox-relay")
 	c.StandbyPoll = cmp.Or(c.StandbyPoll, time.Second)

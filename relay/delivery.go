@@ -26,6 +26,12 @@ func (s State) Final() bool {
 	return s != StatePending && s != StateRetrying
 }
 
+// keepsPayload reports whether a row in this state keeps the payload: while
+// it may still be attempted, and as a dead letter that may be replayed.
+func (s State) keepsPayload() bool {
+	return s != StateSucceeded && s != StateUnrouted
+}
+
 // delivery is one (event, endpoint) pair in memory, from routing (or
 // loading) until its row is written.
 type delivery struct {
@@ -55,6 +61,7 @@ type delivery struct {
 	lastAttempt  time.Time
 	completed    time.Time
 	duration     time.Duration
+	failClass    string // error class of the last attempt if it failed: it gets a relay.attempts row
 }
 
 // webhookID is the Standard Webhooks message id: stable across attempts,

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
@@ -454,28 +453,34 @@ func (r *Relay) cleanupLoop(ctx context.Context) {
 }
 
 func (r *Relay) cleanup(ctx context.Context) {
-	steps := []struct{ what, sql string }{
+	const batch = 5000
+	steps := []struct {
+		what, sql string
+		keep      time.Duration
+	}{
 		{"outbox", `DELETE FROM relay.outbox WHERE id IN (
-SELECT id FROM relay.outbox WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT 5000)`},
+SELECT id FROM relay.outbox WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT 5000)`, r.cfg.OutboxRetention},
 		{"deliveries", `DELETE FROM relay.deliveries WHERE (event_id, endpoint_id) IN (
-SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval LIMIT 5000)`},
+SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval
+AND state IN ('succeeded', 'unrouted') LIMIT 5000)`, r.cfg.DeliveryRetention},
+		{"dead letters", `DELETE FROM relay.deliveries WHERE (event_id, endpoint_id) IN (
+SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval
+AND state IN ('dead', 'failed', 'rejected') LIMIT 5000)`, r.cfg.DeadLetterRetention},
+		{"attempts", `DELETE FROM relay.attempts WHERE ctid IN (
+SELECT ctid FROM relay.attempts WHERE attempted_at < now() - $1::interval LIMIT 5000)`, r.cfg.DeliveryRetention},
 	}
-	retention := []time.Duration{r.cfg.OutboxRetention, r.cfg.DeliveryRetention}
-	for i, s := range steps {
+	for _, s := range steps {
 		for ctx.Err() == nil {
-			tag, err := r.pool.Exec(ctx, s.sql, retention[i].String())
+			tag, err := r.pool.Exec(ctx, s.sql, s.keep.String())
 			if err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("cleanup failed", slog.String("table", s.what), slog.Any("error", err))
 				}
 				break
 			}
-			if tag.RowsAffected() < 5000 {
+			if tag.RowsAffected() < batch {
 				break
 			}
 		}
 	}
 }
-
-// headerValue joins a header list for logs.
-func headerValue(v []string) string { return strings.Join(v, ", ") }

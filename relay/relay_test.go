@@ -223,6 +223,10 @@ func TestRetriesThenSucceeds(t *testing.T) {
 	if n := e.count(`SELECT attempts FROM relay.deliveries`); n != 3 {
 		t.Errorf("row says %d attempts, want 3", n)
 	}
+	// The two failures left attempt rows; the success is the delivery row.
+	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE http_status = 503 AND error_class = 'http_5xx' AND attempt IN (1, 2)`); n != 2 {
+		t.Errorf("%d attempt rows for the two 503s, want 2", n)
+	}
 }
 
 // A receiver that never succeeds exhausts the schedule and the row ends
@@ -245,6 +249,13 @@ func TestExhaustedAndFinalFailures(t *testing.T) {
 	}
 	if n := e.count(`SELECT attempts FROM relay.deliveries WHERE endpoint_id = 'picky' AND state = 'failed' AND http_status = 400`); n != 1 {
 		t.Errorf("failed row has %d attempts, want 1", n)
+	}
+	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'down'`); n != 4 {
+		t.Errorf("%d attempt rows for the dead delivery, want 4", n)
+	}
+	// Dead letters keep their payload so they can be replayed.
+	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('dead', 'failed') AND payload IS NOT NULL`); n != 2 {
+		t.Errorf("%d dead/failed rows kept their payload, want 2", n)
 	}
 	if len(down.requests()) != 4 || len(picky.requests()) != 1 {
 		t.Errorf("attempts seen: down %d picky %d", len(down.requests()), len(picky.requests()))

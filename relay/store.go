@@ -75,7 +75,7 @@ func (c *copySource) Values() ([]any, error) {
 	v[12] = nullTime(d.lastAttempt)
 	v[13] = nullTime(d.completed)
 	v[14] = nullDuration(d.duration, d.lastAttempt)
-	if d.state.Final() {
+	if !d.state.keepsPayload() {
 		v[15], v[16], v[17] = nil, nil, nil
 	} else {
 		v[15], v[16], v[17] = d.payload, nullBytes(d.headers), nullString(d.traceparent)
@@ -176,7 +176,7 @@ func upsertArgs(rows []*delivery) []any {
 			ms := float64(d.duration) / float64(time.Millisecond)
 			durs[i] = &ms
 		}
-		if !d.state.Final() {
+		if d.state.keepsPayload() {
 			payloads[i] = ptrString(string(d.payload))
 			if d.headers != nil {
 				headers[i] = ptrString(string(d.headers))
@@ -337,6 +337,15 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 			return fmt.Errorf("upsert status rows: %w", err)
 		}
 	}
+	if failed := failedAttempts(rows); len(failed) > 0 {
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "attempts"}, attemptColumns, pgx.CopyFromSlice(len(failed), func(i int) ([]any, error) {
+			d := failed[i]
+			return []any{d.eventID, d.endpointID, int32(d.attempts), d.lastAttempt, float64(d.duration) / float64(time.Millisecond),
+				nullInt(d.httpStatus), d.failClass, nullString(d.errText)}, nil
+		})); err != nil {
+			return fmt.Errorf("copy attempt rows: %w", err)
+		}
+	}
 	if maxLSN != 0 {
 		if _, err := tx.Exec(ctx, `INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ($1, $2::text::pg_lsn)
 ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.recorded_lsn, EXCLUDED.recorded_lsn), updated_at = now()`,
@@ -348,6 +357,18 @@ ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.record
 		return fmt.Errorf("commit status write: %w", err)
 	}
 	return nil
+}
+
+var attemptColumns = []string{"event_id", "endpoint_id", "attempt", "attempted_at", "duration_ms", "http_status", "error_class", "error"}
+
+func failedAttempts(rows []*delivery) []*delivery {
+	var out []*delivery
+	for _, d := range rows {
+		if d.failClass != "" && !d.lastAttempt.IsZero() {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 // recordedLSN reads the highest commit end LSN with a recorded row.

@@ -79,6 +79,7 @@ func (r *Relay) work(ctx context.Context) {
 // attempt makes one HTTP attempt and records its outcome in d.
 func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []byte) []byte {
 	now := r.now()
+	d.failClass = ""
 	switch {
 	case ep.Invalid != "":
 		d.state, d.errText, d.completed = StateRejected, "endpoint is invalid: "+ep.Invalid, now
@@ -141,6 +142,9 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	d.duration = end.Sub(now)
 	d.httpStatus = status
 	dec := retrypolicy.Classify(status, respHeader, err)
+	if dec.Outcome != retrypolicy.Success {
+		d.failClass = dec.Class
+	}
 	switch dec.Outcome {
 	case retrypolicy.Success:
 		d.state, d.errText, d.completed = StateSucceeded, "", end

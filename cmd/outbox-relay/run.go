@@ -27,7 +27,8 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.Float64Var(&cfg.RetryJitter, "retry-jitter", 0.2, "spread each retry delay by ± this fraction")
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", time.Second, "how often due retries and spilled deliveries are claimed")
 	fs.DurationVar(&cfg.OutboxRetention, "outbox-retention", 24*time.Hour, "how long relay.outbox rows are kept")
-	fs.DurationVar(&cfg.DeliveryRetention, "delivery-retention", 7*24*time.Hour, "how long final relay.deliveries rows are kept")
+	fs.DurationVar(&cfg.DeliveryRetention, "delivery-retention", 7*24*time.Hour, "how long succeeded and unrouted relay.deliveries rows and relay.attempts rows are kept")
+	fs.DurationVar(&cfg.DeadLetterRetention, "dead-letter-retention", 30*24*time.Hour, "how long dead, failed and rejected rows (the dead-letter queue) are kept")
 	fs.Var(allow, "allow-networks", "comma-separated CIDRs the SSRF guard lets through (e.g. 127.0.0.0/8 for local receivers); default none")
 }
 
