@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -224,8 +225,19 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 }
 
 func relayArgs(url string, extra ...string) []string {
-	return append([]string{"run", "--database-url", url, "--allow-networks", "127.0.0.0/8",
+	return append([]string{"run", "--database-url", url, "--allow-networks", "127.0.0.0/8", "--http-addr", "127.0.0.1:0",
 		"--retry-schedule", "0s,100ms,200ms,500ms,1s,1s,1s,1s", "--poll-interval", "100ms", "--log-level", "info"}, extra...)
+}
+
+// freeAddr returns a loopback address with a port that was free just now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
 }
 
 func hasAll(s string, parts ...string) bool {

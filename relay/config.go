@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net/netip"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Overflow says what the relay does when its in-memory queues are full.
@@ -86,6 +88,16 @@ type Config struct {
 	// over. Default 1s.
 	StandbyPoll time.Duration
 
+	// Registerer receives the relay's Prometheus metrics. Default: a
+	// private registry (metrics are kept but not exported).
+	Registerer prometheus.Registerer
+	// SlotCheckInterval is how often slot lag and retained WAL are read.
+	// Default 10s.
+	SlotCheckInterval time.Duration
+	// SlotWarnBytes logs a warning when the slot retains this much WAL.
+	// Default 1 GiB; negative disables.
+	SlotWarnBytes int64
+
 	// ShutdownGrace is how long attempts in flight at shutdown may take
 	// before they are cut short and recorded as pending. Default 10s.
 	ShutdownGrace time.Duration
@@ -126,6 +138,11 @@ func (c Config) withDefaults() Config {
 	c.CleanupInterval = cmp.Or(c.CleanupInterval, time.Minute)
 	c.UserAgent = cmp.Or(c.UserAgent, "outbox-relay")
 	c.StandbyPoll = cmp.Or(c.StandbyPoll, time.Second)
+	if c.Registerer == nil {
+		c.Registerer = prometheus.NewRegistry()
+	}
+	c.SlotCheckInterval = cmp.Or(c.SlotCheckInterval, 10*time.Second)
+	c.SlotWarnBytes = cmp.Or(c.SlotWarnBytes, 1<<30)
 	c.ShutdownGrace = cmp.Or(c.ShutdownGrace, 10*time.Second)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

@@ -158,6 +158,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					}
 					cols.bind(rel)
 					r.stats.EventsReceived.Add(1)
+					r.metrics.eventsReceived.Inc()
 					queue, final = r.route(txn, ch.New, &cols, queue, final)
 				case "endpoints":
 					r.applyEndpointChange(ch, &final, txn)
@@ -374,6 +375,7 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 		d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
 	}
 	r.stats.Spilled.Add(int64(len(rest)))
+	r.metrics.spilled.Add(float64(len(rest)))
 	r.spilled.Store(true)
 	r.writer.add(rest...)
 }
@@ -410,6 +412,7 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				break
 			}
 			r.stats.Loaded.Add(int64(len(ds)))
+			r.metrics.loaded.Add(float64(len(ds)))
 			var queue []*delivery
 			for _, d := range ds {
 				d.state = StatePending

@@ -42,8 +42,9 @@ type Relay struct {
 	spilled  atomic.Bool // rows were spilled: the loader should look soon
 	loadKick chan struct{}
 
-	stats Stats
-	state atomic.Value // string: "starting", "standby", "active", "stopped"
+	stats   Stats
+	metrics *metrics
+	state   atomic.Value // string: "starting", "standby", "active", "stopped"
 }
 
 // Stats are cumulative counters, for tests, the demo and metrics.
@@ -74,6 +75,7 @@ func New(cfg Config) (*Relay, error) {
 	}
 	r.state.Store("starting")
 	r.client = newDeliveryClient(cfg)
+	r.metrics = newMetrics(cfg.Registerer, r)
 	return r, nil
 }
 
@@ -82,6 +84,26 @@ func (r *Relay) Stats() *Stats { return &r.stats }
 
 // State is "starting", "standby", "active" or "stopped".
 func (r *Relay) State() string { return r.state.Load().(string) }
+
+// Ready reports whether the relay is doing its job, for a readiness probe:
+// streaming with a live replication connection, or standing by while
+// another relay streams. The reason says why not.
+func (r *Relay) Ready() (bool, string) {
+	switch r.State() {
+	case "standby":
+		return true, "standby: another relay holds the slot"
+	case "active":
+		st := r.stream.Status()
+		if st.Connected {
+			return true, "streaming"
+		}
+		if st.LastError != nil {
+			return false, "replication disconnected: " + st.LastError.Error()
+		}
+		return false, "replication connecting"
+	}
+	return false, r.State()
+}
 
 // Run connects, waits to become the active relay for its slot, and
 // streams and delivers until ctx is done or a fatal error occurs.
@@ -101,7 +123,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.writer = &writer{
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
-		kick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
 	}
 	r.log.Info("relay active", slog.String("slot", r.cfg.SlotName), slog.Int("workers", r.cfg.Workers),
 		slog.String("overflow", string(r.cfg.Overflow)), slog.String("recorded_lsn", r.recorded.String()))
@@ -123,7 +145,8 @@ func (r *Relay) Run(ctx context.Context) error {
 		workers.Add(1)
 		go func() { defer workers.Done(); r.work(workCtx) }()
 	}
-	wg.Add(2)
+	wg.Add(3)
+	go func() { defer wg.Done(); r.slotLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.cleanupLoop(streamCtx) }()
 

@@ -64,6 +64,7 @@ type scheduler struct {
 	credit    int
 
 	count, bytes       int
+	busy               int // deliveries handed to workers and not done
 	maxCount, maxBytes int
 	maxInFlight        int
 	room               chan struct{} // signalled when space frees up
@@ -160,6 +161,18 @@ func (s *scheduler) space() int {
 	return max(0, s.maxCount-s.count)
 }
 
+func (s *scheduler) idleWorkers() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.idle
+}
+
+func (s *scheduler) inFlight() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.busy
+}
+
 func (s *scheduler) len() (count, bytes int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -171,7 +184,7 @@ func (s *scheduler) len() (count, bytes int) {
 func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	woken := 0
+	added := false
 	for i, d := range ds {
 		if fit && (s.count >= s.maxCount || s.bytes >= s.maxBytes) {
 			rest = ds[i:]
@@ -185,10 +198,13 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 		q.items.push(d)
 		s.count++
 		s.bytes += d.size()
-		if s.makeReadyLocked(q) && woken < s.idle {
-			s.work.Signal()
-			woken++
-		}
+		s.makeReadyLocked(q)
+		added = true
+	}
+	// Wake one worker; each worker that finds more work wakes the next
+	// (see next), so a burst fans out without one signal per delivery.
+	if added && s.idle > 0 {
+		s.work.Signal()
 	}
 	return rest
 }
@@ -218,6 +234,9 @@ func (s *scheduler) next() *delivery {
 			return nil
 		}
 		if d := s.pickLocked(); d != nil {
+			if s.idle > 0 && (s.ready.len() > 0 || (s.cur != nil && s.cur.ready.len() > 0)) {
+				s.work.Signal()
+			}
 			return d
 		}
 		s.idle++
@@ -250,6 +269,7 @@ func (s *scheduler) pickLocked() *delivery {
 		}
 		d := q.items.pop()
 		q.inFlight++
+		s.busy++
 		s.count--
 		s.bytes -= d.size()
 		s.credit--
@@ -265,6 +285,7 @@ func (s *scheduler) pickLocked() *delivery {
 func (s *scheduler) done(d *delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.busy--
 	q := s.endpoints[d.endpointID]
 	if q == nil {
 		return

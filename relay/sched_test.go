@@ -2,7 +2,9 @@ package relay
 
 import (
 	"fmt"
+	"runtime"
 	"testing"
+	"time"
 )
 
 func queued(s *scheduler, tenant, endpoint string, n int) {
@@ -95,4 +97,31 @@ func TestSchedulerBounds(t *testing.T) {
 	if s.space() != 0 || s.hasRoom(1) {
 		t.Fatal("full scheduler reports room")
 	}
+}
+
+// A burst for one endpoint reaches every idle worker, not just the first
+// one woken: workers that hold their delivery (never call done) must still
+// all get one.
+func TestSchedulerWakesEnoughWorkers(t *testing.T) {
+	s := newScheduler(1000, 1<<40, 100)
+	got := make(chan *delivery, 4)
+	for range 4 {
+		go func() { got <- s.next() }()
+	}
+	for s.idleWorkers() < 4 {
+		runtime.Gosched()
+	}
+	queued(s, "t", "e", 10)
+	deadline := time.After(5 * time.Second)
+	for i := range 4 {
+		select {
+		case d := <-got:
+			if d == nil {
+				t.Fatal("nil delivery")
+			}
+		case <-deadline:
+			t.Fatalf("only %d of 4 idle workers got work from a burst of 10", i)
+		}
+	}
+	s.close()
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
 )
@@ -191,12 +192,13 @@ func upsertArgs(rows []*delivery) []any {
 // batch per round trip (COPY for new rows, one multi-row upsert for the
 // rest) and then lets the watermark pass the transactions it completed.
 type writer struct {
-	pool     *pgxpool.Pool
-	slot     string
-	log      *slog.Logger
-	maxBatch int
-	interval time.Duration
-	written  func(rows []*delivery) // called after each durable batch; may be nil
+	pool      *pgxpool.Pool
+	slot      string
+	log       *slog.Logger
+	maxBatch  int
+	interval  time.Duration
+	written   func(rows []*delivery) // called after each durable batch; may be nil
+	writeSecs prometheus.Histogram   // may be nil
 
 	mu   sync.Mutex
 	buf  []*delivery
@@ -270,7 +272,11 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	for {
 		start := time.Now()
 		err := w.write(ctx, rows)
-		if took := time.Since(start); took > 250*time.Millisecond {
+		took := time.Since(start)
+		if w.writeSecs != nil {
+			w.writeSecs.Observe(took.Seconds())
+		}
+		if took > 250*time.Millisecond {
 			w.log.Info("slow status write", slog.Int("rows", len(rows)), slog.Duration("took", took))
 		}
 		if err == nil {

@@ -140,11 +140,13 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	}
 	end := r.now()
 	d.duration = end.Sub(now)
+	r.metrics.attemptDuration.Observe(d.duration.Seconds())
 	d.httpStatus = status
 	dec := retrypolicy.Classify(status, respHeader, err)
 	if dec.Outcome != retrypolicy.Success {
 		d.failClass = dec.Class
 	}
+	r.metrics.attemptsByClass.WithLabelValues(dec.Class).Inc()
 	switch dec.Outcome {
 	case retrypolicy.Success:
 		d.state, d.errText, d.completed = StateSucceeded, "", end

@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -41,6 +43,9 @@ func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer
 	relayFlags(fs, &cfg, &schedule, &allow, &overflow)
 	var lf logFlags
 	lf.register(fs)
+	httpAddr := fs.String("http-addr", ":9465", "address for /healthz, /readyz and /metrics; empty disables")
+	fs.Int64Var(&cfg.SlotWarnBytes, "slot-warn-bytes", 1<<30, "warn when the slot retains this much WAL; negative disables")
+	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
 	if err := parseFlags(fs, args); err != nil {
 		return flagExit(err, stderr)
 	}
@@ -55,11 +60,19 @@ func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer
 	if cfg.RetryJitter == 0 {
 		cfg.RetryJitter = -1 // an explicit 0 means no jitter
 	}
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
 	r, err := relay.New(cfg)
 	if err != nil {
 		fmt.Fprintln(stderr, "outbox-relay run:", err)
 		return 2
 	}
+	stopOps, err := serveOps(ctx, *httpAddr, r, reg, log)
+	if err != nil {
+		fmt.Fprintln(stderr, "outbox-relay run:", err)
+		return 2
+	}
+	defer stopOps()
 	if err := r.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("relay stopped", slog.Any("error", err))
 		fmt.Fprintln(stderr, "outbox-relay run:", err)

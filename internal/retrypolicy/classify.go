@@ -66,8 +66,8 @@ type Decision struct {
 	Status int
 	// Class is a low-cardinality label for metrics: the error class for
 	// transport errors (see ErrorClass), "http_3xx", "http_4xx", "http_5xx",
-	// "http_1xx" or "http_invalid" for unsuccessful responses, and empty on
-	// success.
+	// "http_1xx" or "http_invalid" for unsuccessful responses, and
+	// "http_2xx" on success.
 	Class string
 }
 
@@ -79,6 +79,10 @@ func Classify(status int, header http.Header, err error) Decision {
 	if err != nil {
 		return classifyError(err)
 	}
+	if status >= 200 && status <= 299 {
+		// The hot path: no formatting.
+		return Decision{Outcome: Success, Status: status, Class: "http_2xx"}
+	}
 	text := http.StatusText(status)
 	statusLine := fmt.Sprintf("HTTP %d", status)
 	if text != "" {
@@ -86,9 +90,6 @@ func Classify(status int, header http.Header, err error) Decision {
 	}
 	d := Decision{Status: status}
 	switch {
-	case status >= 200 && status <= 299:
-		d.Outcome = Success
-		return d
 	case status >= 300 && status <= 399:
 		d.Outcome, d.Class = Retry, "http_3xx"
 		if loc := header.Get("Location"); loc != "" {

@@ -27,11 +27,11 @@ func TestClassifyStatus(t *testing.T) {
 		class   string
 		reason  string
 	}{
-		{200, nil, Success, "", ""},
-		{201, nil, Success, "", ""},
-		{202, nil, Success, "", ""},
-		{204, nil, Success, "", ""},
-		{299, nil, Success, "", ""},
+		{200, nil, Success, "http_2xx", ""},
+		{201, nil, Success, "http_2xx", ""},
+		{202, nil, Success, "http_2xx", ""},
+		{204, nil, Success, "http_2xx", ""},
+		{299, nil, Success, "http_2xx", ""},
 		{301, loc("https://new.example.com/hook"), Retry, "http_3xx", `HTTP 301 Moved Permanently: redirect to "https://new.example.com/hook" not followed`},
 		{302, loc("/elsewhere"), Retry, "http_3xx", `HTTP 302 Found: redirect to "/elsewhere" not followed`},
 		{307, loc("http://169.254.169.254/latest/meta-data"), Retry, "http_3xx", `HTTP 307 Temporary Redirect: redirect to "http://169.254.169.254/latest/meta-data" not followed`},
