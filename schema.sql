@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS relay.endpoints (
     timeout_ms   integer NOT NULL DEFAULT 10000 CHECK (timeout_ms > 0),
     headers      jsonb,                          -- extra request headers, {"name": "value"}
     description  text,
+    -- Optional per-endpoint overrides; NULL = the relay's defaults.
+    retry_schedule   text[],       -- delay before each attempt, e.g. '{0s,10s,1m,1h}'
+    max_attempts     integer CHECK (max_attempts > 0),  -- cuts or extends (repeating the last delay) the schedule
+    rate_limit       double precision,  -- deliveries/s; NULL or 0 = unlimited
+    rate_burst       integer,
+    max_in_flight    integer CHECK (max_in_flight > 0),
+    breaker_failures integer CHECK (breaker_failures > 0),  -- consecutive failures that open the circuit (default 5)
+    breaker_cooldown_ms integer CHECK (breaker_cooldown_ms > 0), -- how long it stays open before one probe (default 30000)
     disabled_reason text,                        -- set by the relay when it disables an endpoint
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
@@ -114,6 +122,17 @@ CREATE TABLE IF NOT EXISTS relay.attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery_idx ON relay.attempts (event_id, endpoint_id);
 CREATE INDEX IF NOT EXISTS attempts_attempted_at_idx ON relay.attempts (attempted_at);
+
+-- Why an endpoint is quiet: its circuit breaker and failure streak, written
+-- by the relay when they change. failing_since survives restarts, so an
+-- endpoint failing for --auto-disable-after is disabled even across them.
+CREATE TABLE IF NOT EXISTS relay.endpoint_health (
+    endpoint_id   text PRIMARY KEY,
+    breaker_state text NOT NULL DEFAULT 'closed' CHECK (breaker_state IN ('closed', 'open', 'half-open')),
+    failing_since timestamptz,          -- first failure after the last success; NULL when healthy
+    last_error    text,
+    changed_at    timestamptz NOT NULL DEFAULT now()
+);
 
 -- Replays (see relay.dead_letters below) count here; a replayed delivery
 -- keeps its event_id, and so its webhook-id.

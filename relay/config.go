@@ -78,6 +78,11 @@ type Config struct {
 	// CleanupInterval is how often old rows are removed. Default 1m.
 	CleanupInterval time.Duration
 
+	// AutoDisableAfter disables an endpoint that has failed continuously
+	// (no success in between) for this long; its pending and retrying
+	// deliveries go to the dead-letter queue. Default 5 days.
+	AutoDisableAfter time.Duration
+
 	// AllowNetworks opens holes in the SSRF guard (e.g. 127.0.0.0/8 for
 	// local receivers). Default: none.
 	AllowNetworks []netip.Prefix
@@ -135,6 +140,7 @@ func (c Config) withDefaults() Config {
 	c.OutboxRetention = cmp.Or(c.OutboxRetention, 24*time.Hour)
 	c.DeliveryRetention = cmp.Or(c.DeliveryRetention, 7*24*time.Hour)
 	c.DeadLetterRetention = cmp.Or(c.DeadLetterRetention, 30*24*time.Hour)
+	c.AutoDisableAfter = cmp.Or(c.AutoDisableAfter, 5*24*time.Hour)
 	c.CleanupInterval = cmp.Or(c.CleanupInterval, time.Minute)
 	c.UserAgent = cmp.Or(c.UserAgent, "outbox-relay")
 	c.StandbyPoll = cmp.Or(c.StandbyPoll, time.Second)

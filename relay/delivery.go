@@ -62,6 +62,8 @@ type delivery struct {
 	completed    time.Time
 	duration     time.Duration
 	failClass    string // error class of the last attempt if it failed: it gets a relay.attempts row
+
+	breakerDone func(error) // reports the attempt to the endpoint's breaker; nil without one
 }
 
 // webhookID is the Standard Webhooks message id: stable across attempts,

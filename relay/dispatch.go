@@ -166,13 +166,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					if ch.Op == cdc.Delete {
 						continue
 					}
-					prev := mapRow(nil)
-					if t := tupleRow(rel, ch.New, nil); t != nil {
-						if tn := r.config.upsertTenant(t); tn != nil {
-							_ = prev
-							r.sched.setTenantWeight(tn.ID, tn.Weight)
-						}
-					}
+					r.installTenant(r.config.upsertTenant(tupleRow(rel, ch.New, nil)))
 				}
 			}
 			n := len(queue) + len(final) - start
@@ -306,7 +300,7 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 		}
 	}
 	if ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log); ep != nil {
-		r.sched.setEndpoint(ep)
+		r.installEndpoint(ep)
 		r.log.Info("endpoint config changed", slog.String("endpoint_id", ep.ID), slog.Bool("enabled", ep.Enabled),
 			slog.String("commit_lsn", txn.CommitLSN.String()))
 	}

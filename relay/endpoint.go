@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/limiter"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -23,17 +24,50 @@ type Endpoint struct {
 	Timeout    time.Duration
 	Headers    http.Header // extra request headers, already filtered
 
+	// Per-endpoint overrides; zero values mean the relay's defaults.
+	RetrySchedule   []time.Duration
+	MaxInFlight     int
+	Limit           limiter.Limit
+	BreakerFailures int
+	BreakerCooldown time.Duration
+	// DisabledReason is set when the relay disabled the endpoint itself.
+	DisabledReason string
+
 	// Invalid is set when the row cannot be used (bad URL, bad secret, no
 	// secret). Deliveries routed to it are rejected with this reason.
 	Invalid string
 
-	signer *signer.Signer
+	signer      *signer.Signer
+	maxAttempts int
+}
+
+// schedule returns the retry schedule in force for this endpoint: its own
+// or the default, cut or extended (repeating the last delay) to
+// max_attempts.
+func (ep *Endpoint) schedule(def []time.Duration) []time.Duration {
+	s := def
+	if len(ep.RetrySchedule) > 0 {
+		s = ep.RetrySchedule
+	}
+	if ep.maxAttempts == 0 || ep.maxAttempts == len(s) {
+		return s
+	}
+	if ep.maxAttempts < len(s) {
+		return s[:ep.maxAttempts]
+	}
+	out := make([]time.Duration, ep.maxAttempts)
+	n := copy(out, s)
+	for i := n; i < len(out); i++ {
+		out[i] = s[len(s)-1]
+	}
+	return out
 }
 
 // Tenant is one row of relay.tenants, parsed.
 type Tenant struct {
 	ID     string
 	Weight int
+	Limit  limiter.Limit
 }
 
 // reservedHeaders cannot be set by endpoint or event headers: the signature
@@ -89,6 +123,46 @@ func parseEndpoint(r row) (*Endpoint, error) {
 			ep.Invalid = "event_types: " + err.Error()
 		}
 		ep.EventTypes = types
+	}
+	ep.DisabledReason, _ = r.text("disabled_reason")
+	ep.BreakerFailures, ep.BreakerCooldown = defaultBreakerFailures, defaultBreakerCooldown
+	if v, ok := r.text("breaker_failures"); ok {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			ep.BreakerFailures = n
+		}
+	}
+	if v, ok := r.text("breaker_cooldown_ms"); ok {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			ep.BreakerCooldown = time.Duration(n) * time.Millisecond
+		}
+	}
+	if v, ok := r.text("max_in_flight"); ok {
+		ep.MaxInFlight, _ = strconv.Atoi(v)
+	}
+	if v, ok := r.text("rate_limit"); ok {
+		ep.Limit.Rate, _ = strconv.ParseFloat(v, 64)
+	}
+	if v, ok := r.text("rate_burst"); ok {
+		ep.Limit.Burst, _ = strconv.Atoi(v)
+	}
+	if v, ok := r.text("retry_schedule"); ok {
+		steps, err := parseTextArray(v)
+		for _, st := range steps {
+			d, derr := time.ParseDuration(st)
+			if derr != nil || d < 0 {
+				err = fmt.Errorf("%q is not a duration like 5s or 2h", st)
+				break
+			}
+			ep.RetrySchedule = append(ep.RetrySchedule, d)
+		}
+		if err != nil && ep.Invalid == "" {
+			ep.Invalid = "retry_schedule: " + err.Error()
+		}
+	}
+	if v, ok := r.text("max_attempts"); ok {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			ep.maxAttempts = n
+		}
 	}
 	if v, ok := r.text("headers"); ok && v != "" {
 		h, err := parseHeaders(v)
@@ -181,6 +255,12 @@ func parseTenant(r row) (*Tenant, error) {
 		if w, err := strconv.Atoi(v); err == nil && w > 0 {
 			t.Weight = w
 		}
+	}
+	if v, ok := r.text("rate_limit"); ok {
+		t.Limit.Rate, _ = strconv.ParseFloat(v, 64)
+	}
+	if v, ok := r.text("rate_burst"); ok {
+		t.Limit.Burst, _ = strconv.Atoi(v)
 	}
 	return t, nil
 }

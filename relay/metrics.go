@@ -23,6 +23,8 @@ type metrics struct {
 	slotRetainedWAL prometheus.Gauge
 	ackAge          prometheus.Gauge
 	statusWriteSecs prometheus.Histogram
+
+	breakerTransitions *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
@@ -48,6 +50,8 @@ func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
 		statusWriteSecs: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_status_write_duration_seconds",
 			Help: "Duration of one batched status write.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 	}
+	m.breakerTransitions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_breaker_transitions_total",
+		Help: "Circuit breaker state changes, by the state entered (open, half-open, closed). Per-endpoint state is in relay.endpoint_health."}, []string{"to"})
 	deliveries := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_deliveries_total",
 		Help: "Delivery rows written, by state (succeeded, retrying, failed, dead, rejected, unrouted, pending)."}, []string{"state"})
 	m.deliveries = make(map[State]prometheus.Counter)
@@ -72,7 +76,7 @@ func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
 			}),
 	}
 	for _, c := range append(gauges, m.eventsReceived, deliveries, m.attemptsByClass, m.attemptDuration, m.commitToDeliver,
-		m.spilled, m.loaded, m.slotLagBytes, m.slotRetainedWAL, m.ackAge, m.statusWriteSecs) {
+		m.spilled, m.loaded, m.breakerTransitions, m.slotLagBytes, m.slotRetainedWAL, m.ackAge, m.statusWriteSecs) {
 		reg.MustRegister(c)
 	}
 	return m

@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
+	"github.com/outbox-relay/outbox-relay/limiter"
 )
 
 // ErrSchemaMissing means the relay schema is not installed.
@@ -44,6 +45,7 @@ type Relay struct {
 
 	stats   Stats
 	metrics *metrics
+	health  *health
 	state   atomic.Value // string: "starting", "standby", "active", "stopped"
 }
 
@@ -72,7 +74,11 @@ func New(cfg Config) (*Relay, error) {
 		sched:    newScheduler(cfg.QueueEvents, cfg.QueueBytes, cfg.EndpointMaxInFlight),
 		config:   newConfigState(),
 		loadKick: make(chan struct{}, 1),
+		health:   newHealth(),
 	}
+	r.sched.now = cfg.Now
+	r.sched.limits = limiter.New()
+	r.sched.breakerChanged = r.breakerChanged
 	r.state.Store("starting")
 	r.client = newDeliveryClient(cfg)
 	r.metrics = newMetrics(cfg.Registerer, r)
@@ -145,7 +151,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		workers.Add(1)
 		go func() { defer workers.Done(); r.work(workCtx) }()
 	}
-	wg.Add(3)
+	wg.Add(5)
+	go func() { defer wg.Done(); r.sched.unparkLoop() }()
+	go func() { defer wg.Done(); r.runHealth(writerCtx) }()
 	go func() { defer wg.Done(); r.slotLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.cleanupLoop(streamCtx) }()
@@ -314,26 +322,58 @@ func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
 // through the replication stream.
 func (r *Relay) loadConfig(ctx context.Context) error {
 	eps, err := queryRows(ctx, r.pool, `SELECT id, tenant_id, url, secrets::text, event_types::text, enabled::text,
-timeout_ms::text, headers::text FROM relay.endpoints`)
+timeout_ms::text, headers::text, disabled_reason, retry_schedule::text, max_attempts::text, rate_limit::text,
+rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_ms::text FROM relay.endpoints`)
 	if err != nil {
 		return fmt.Errorf("load endpoints: %w", err)
 	}
 	for _, row := range eps {
-		if ep := r.config.upsertEndpoint(row, r.log); ep != nil {
-			r.sched.setEndpoint(ep)
-		}
+		r.installEndpoint(r.config.upsertEndpoint(row, r.log))
 	}
-	tenants, err := queryRows(ctx, r.pool, `SELECT id, weight::text FROM relay.tenants`)
+	tenants, err := queryRows(ctx, r.pool, `SELECT id, weight::text, rate_limit::text, rate_burst::text FROM relay.tenants`)
 	if err != nil {
 		return fmt.Errorf("load tenants: %w", err)
 	}
 	for _, row := range tenants {
-		if t := r.config.upsertTenant(row); t != nil {
-			r.sched.setTenantWeight(t.ID, t.Weight)
-		}
+		r.installTenant(r.config.upsertTenant(row))
 	}
 	r.log.Info("config loaded", slog.Int("endpoints", len(eps)), slog.Int("tenants", len(tenants)))
-	return nil
+	return r.loadHealth(ctx)
+}
+
+// installEndpoint hands a new endpoint version to the scheduler and
+// records why the deliveries it can no longer take end.
+func (r *Relay) installEndpoint(ep *Endpoint) {
+	if ep == nil {
+		return
+	}
+	if ep.Enabled {
+		r.health.enabled(ep.ID)
+	}
+	drained := r.sched.setEndpoint(ep)
+	now := r.now()
+	for _, d := range drained {
+		switch {
+		case ep.Invalid != "":
+			d.state, d.errText = StateRejected, "endpoint is invalid: "+ep.Invalid
+		case ep.DisabledReason != "":
+			d.state, d.errText = StateDead, ep.DisabledReason
+		default:
+			d.state, d.errText = StateRejected, "endpoint "+ep.ID+" is disabled"
+		}
+		d.completed = now
+	}
+	if len(drained) > 0 && r.writer != nil {
+		r.writer.add(drained...)
+	}
+}
+
+func (r *Relay) installTenant(t *Tenant) {
+	if t == nil {
+		return
+	}
+	r.sched.setTenantWeight(t.ID, t.Weight)
+	r.sched.limits.Tenants().Configure(t.ID, t.Limit, r.now())
 }
 
 // queryRows runs a query whose columns are all text and returns each row

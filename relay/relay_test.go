@@ -162,6 +162,11 @@ func TestEndpointChangesApplyInCommitOrder(t *testing.T) {
 	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 1}')`)
 	e.addEndpoint("ep1", "t1", rcv)
 	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 2}')`)
+	// Disabling drains what is still queued (see TestDisablingDrainsTheQueue);
+	// let event 2 arrive first.
+	e.waitFor("event 2 delivered", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	})
 	e.exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep1'`)
 	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 3}')`)
 	e.exec(`UPDATE relay.endpoints SET enabled = true, event_types = '{y}' WHERE id = 'ep1'`)

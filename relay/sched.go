@@ -3,6 +3,10 @@ package relay
 import (
 	"sync"
 	"time"
+
+	"github.com/sony/gobreaker/v2"
+
+	"github.com/outbox-relay/outbox-relay/limiter"
 )
 
 // fifo is a slice-backed queue that reuses its storage.
@@ -37,6 +41,17 @@ type endpointQueue struct {
 	items    fifo[*delivery]
 	inFlight int
 	queued   bool // in tenant.ready
+	breaker  *breaker
+
+	parkedUntil time.Time // breaker open or limit reached: not ready before
+	parkIdx     int       // index in scheduler.parked, -1 when not parked
+}
+
+func (q *endpointQueue) maxInFlight(def int) int {
+	if q.ep != nil && q.ep.MaxInFlight > 0 {
+		return q.ep.MaxInFlight
+	}
+	return def
 }
 
 // tenantQueue groups a tenant's endpoints that have work ready.
@@ -68,6 +83,12 @@ type scheduler struct {
 	maxCount, maxBytes int
 	maxInFlight        int
 	room               chan struct{} // signalled when space frees up
+
+	now            func() time.Time
+	limits         *limiter.Limiter // nil = no limits
+	parked         parkHeap
+	parkKick       chan struct{}
+	breakerChanged func(epID string, from, to gobreaker.State) // nil = no breakers
 }
 
 func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
@@ -78,9 +99,19 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 		maxBytes:    maxBytes,
 		maxInFlight: maxInFlight,
 		room:        make(chan struct{}, 1),
+		now:         time.Now,
+		parkKick:    make(chan struct{}, 1),
 	}
 	s.work = sync.NewCond(&s.mu)
 	return s
+}
+
+func (s *scheduler) newQueueLocked(ep *Endpoint, tenant string) *endpointQueue {
+	q := &endpointQueue{ep: ep, tenant: s.tenantLocked(tenant), parkIdx: -1}
+	if s.breakerChanged != nil && ep != nil {
+		q.breaker = newBreaker(ep, s.breakerChanged)
+	}
+	return q
 }
 
 func (s *scheduler) tenantLocked(id string) *tenantQueue {
@@ -93,16 +124,37 @@ func (s *scheduler) tenantLocked(id string) *tenantQueue {
 }
 
 // setEndpoint installs a new version of an endpoint's config. Queued
-// deliveries stay queued and use the new config on their next attempt.
-func (s *scheduler) setEndpoint(ep *Endpoint) {
+// deliveries stay queued and use the new config on their next attempt,
+// unless the endpoint can no longer be used (disabled or invalid): then
+// they are taken out and returned, for the caller to record why.
+func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.limits != nil {
+		s.limits.Endpoints().Configure(ep.ID, ep.Limit, s.now())
+	}
 	q := s.endpoints[ep.ID]
 	if q == nil {
-		s.endpoints[ep.ID] = &endpointQueue{ep: ep, tenant: s.tenantLocked(ep.TenantID)}
-		return
+		s.endpoints[ep.ID] = s.newQueueLocked(ep, ep.TenantID)
+		return nil
 	}
 	q.ep = ep
+	if s.breakerChanged != nil && (q.breaker == nil || !q.breaker.sameSettings(ep)) {
+		q.breaker = newBreaker(ep, s.breakerChanged)
+	}
+	if ep.Enabled && ep.Invalid == "" {
+		s.makeReadyLocked(q)
+		return nil
+	}
+	var out []*delivery
+	for q.items.len() > 0 {
+		d := q.items.pop()
+		s.count--
+		s.bytes -= d.size()
+		out = append(out, d)
+	}
+	s.signalRoomLocked()
+	return out
 }
 
 // endpoint returns the current config of an endpoint, or nil.
@@ -192,7 +244,7 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 		}
 		q := s.endpoints[d.endpointID]
 		if q == nil {
-			q = &endpointQueue{ep: d.ep, tenant: s.tenantLocked(d.tenantID)}
+			q = s.newQueueLocked(d.ep, d.tenantID)
 			s.endpoints[d.endpointID] = q
 		}
 		q.items.push(d)
@@ -211,7 +263,7 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 
 // makeReadyLocked puts q on its tenant's ready list if it can be served.
 func (s *scheduler) makeReadyLocked(q *endpointQueue) bool {
-	if q.queued || q.items.len() == 0 || q.inFlight >= s.maxInFlight {
+	if q.queued || q.items.len() == 0 || q.parkIdx >= 0 || q.inFlight >= q.maxInFlight(s.maxInFlight) {
 		return false
 	}
 	q.queued = true
@@ -264,10 +316,17 @@ func (s *scheduler) pickLocked() *delivery {
 		}
 		q := t.ready.pop()
 		q.queued = false
-		if q.items.len() == 0 || q.inFlight >= s.maxInFlight {
+		if q.items.len() == 0 || q.parkIdx >= 0 || q.inFlight >= q.maxInFlight(s.maxInFlight) {
+			continue
+		}
+		now := s.now()
+		done, wait := s.admitLocked(q, now)
+		if wait > 0 {
+			s.parkLocked(q, now.Add(wait))
 			continue
 		}
 		d := q.items.pop()
+		d.breakerDone = done
 		q.inFlight++
 		s.busy++
 		s.count--
@@ -325,4 +384,8 @@ func (s *scheduler) close() {
 	s.closed = true
 	s.work.Broadcast()
 	s.mu.Unlock()
+	select {
+	case s.parkKick <- struct{}{}:
+	default:
+	}
 }

@@ -71,6 +71,10 @@ func (r *Relay) work(ctx context.Context) {
 			ep = d.ep
 		}
 		sig = r.attempt(ctx, d, ep, sig)
+		if d.breakerDone != nil { // never attempted: says nothing of the receiver
+			d.breakerDone(errNotCounted)
+			d.breakerDone = nil
+		}
 		r.sched.done(d)
 		r.writer.add(d)
 	}
@@ -147,18 +151,35 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		d.failClass = dec.Class
 	}
 	r.metrics.attemptsByClass.WithLabelValues(dec.Class).Inc()
+	// The breaker and failure streak count what says something about the
+	// receiver's health: a 2xx (healthy) or a retryable failure (unwell).
+	// A 4xx or a refused address says nothing; a shutdown either.
+	shutdown := ctx.Err() != nil && err != nil
+	r.outcome(d, ep, dec.Outcome == retrypolicy.Success, dec.Outcome == retrypolicy.Retry && !shutdown, end)
 	switch dec.Outcome {
 	case retrypolicy.Success:
 		d.state, d.errText, d.completed = StateSucceeded, "", end
 		r.stats.Delivered.Add(1)
 		return sig
-	case retrypolicy.Fail, retrypolicy.Gone:
+	case retrypolicy.Gone:
+		d.state, d.completed = StateFailed, end
+		d.errText = withSnippet(dec.Reason+"; the endpoint is now disabled", snippet)
+		r.disableEndpoint(ep.ID, "disabled by the relay: the receiver answered 410 Gone at "+end.UTC().Format(time.RFC3339))
+		return sig
+	case retrypolicy.Fail:
 		d.state, d.completed = StateFailed, end
 		d.errText = withSnippet(dec.Reason, snippet)
 		return sig
 	}
 	d.errText = withSnippet(dec.Reason, snippet)
-	delay, ok := retrypolicy.Delay(r.cfg.RetrySchedule, d.attempts)
+	if shutdown {
+		// Shutting down cut the attempt short: it does not count.
+		d.attempts--
+		d.failClass = ""
+		d.state, d.nextAttempt = StatePending, end
+		return sig
+	}
+	delay, ok := retrypolicy.Delay(ep.schedule(r.cfg.RetrySchedule), d.attempts)
 	if !ok {
 		d.state, d.completed = StateDead, end
 		d.errText = "attempts exhausted (" + strconv.Itoa(d.attempts) + "): " + d.errText
@@ -166,14 +187,9 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	}
 	delay = retrypolicy.Jitter(delay, r.cfg.RetryJitter, rand.Float64())
 	if ra, ok := retrypolicy.RetryAfter(respHeader, end); ok && (status == 429 || status == 503) && ra > delay {
-		delay = min(ra, 24*time.Hour)
+		delay = min(ra, retrypolicy.DefaultMaxDelay)
 	}
 	d.state, d.nextAttempt = StateRetrying, end.Add(delay)
-	if ctx.Err() != nil && err != nil {
-		// Shutting down cut the attempt short: it does not count.
-		d.attempts--
-		d.state, d.nextAttempt = StatePending, end
-	}
 	r.log.Debug("delivery attempt failed", slog.String("endpoint_id", d.endpointID), slog.String("webhook_id", msgID),
 		slog.Int("attempt", d.attempts), slog.Int("http_status", status), slog.String("error", d.errText))
 	return sig

@@ -1,0 +1,185 @@
+package relay
+
+import (
+	"context"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A dead receiver opens its endpoint's breaker after the configured number
+// of consecutive failures; while open no attempt is made (and none is
+// burned); another tenant's endpoint keeps full speed; after the cooldown
+// one probe goes through and, the receiver being back, closes it.
+func TestBreakerOpensThenProbeCloses(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	dead, fine := newReceiver(t), newReceiver(t)
+	var recovered atomic.Bool
+	dead.answer = func(int, *http.Request) int {
+		if recovered.Load() {
+			return 200
+		}
+		return 500
+	}
+	e.addEndpoint("fine", "other", fine)
+	e.addEndpoint("dead", "t", dead)
+	e.exec(`UPDATE relay.endpoints SET breaker_failures = 3, breaker_cooldown_ms = 400, max_in_flight = 1 WHERE id = 'dead'`)
+	e.startRelay(func(c *Config) {
+		c.RetrySchedule = []time.Duration{0, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond}
+	})
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 5) i`)
+	e.waitFor("breaker open", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'open'`) == 1
+	})
+	if n := len(dead.requests()); n != 3 {
+		t.Fatalf("breaker opened after %d attempts, want 3", n)
+	}
+	// While it is open, another tenant's events flow.
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'other', 'x', jsonb_build_object('i', i) FROM generate_series(1, 200) i`)
+	start := time.Now()
+	e.waitFor("other tenant delivered", 20*time.Second, func() bool { return len(fine.requests()) == 200 })
+	t.Logf("200 deliveries to a healthy endpoint in %s while the other breaker was open", time.Since(start))
+	recovered.Store(true)
+	e.waitFor("all of t's events delivered", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'dead' AND state = 'succeeded'`) == 5
+	})
+	reqs := dead.requests()
+	// The first request after the third failure is the probe: it waits for
+	// the cooldown.
+	if gap := reqs[3].at.Sub(reqs[2].at); gap < 350*time.Millisecond {
+		t.Errorf("probe came %s after the breaker opened, want >= the 400ms cooldown", gap)
+	}
+	e.waitFor("breaker closed", 10*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'closed' AND failing_since IS NULL`) == 1
+	})
+	// Waiting while open burned no attempts: 5 deliveries, 3 failed
+	// attempts before the breaker opened, the rest succeeded.
+	if n := e.count(`SELECT coalesce(sum(attempts), 0) FROM relay.deliveries WHERE endpoint_id = 'dead'`); n > 5+3 {
+		t.Errorf("%d attempts in total for 5 deliveries and 3 failures: open-circuit waits were counted", n)
+	}
+}
+
+// 410 Gone is final and disables the endpoint, which then stops routing.
+func TestGoneDisablesTheEndpoint(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	gone := newReceiver(t)
+	gone.answer = func(int, *http.Request) int { return http.StatusGone }
+	e.addEndpoint("gone", "t", gone)
+	e.startRelay(nil)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.waitFor("endpoint disabled", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.endpoints WHERE id = 'gone' AND NOT enabled AND disabled_reason LIKE '%410 Gone%'`) == 1
+	})
+	e.waitFor("the failed row", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'failed'`) == 1
+	})
+	var state, errText string
+	var attempts int
+	if err := e.pool.QueryRow(context.Background(), `SELECT state, error, attempts FROM relay.deliveries`).Scan(&state, &errText, &attempts); err != nil {
+		t.Fatal(err)
+	}
+	if state != "failed" || attempts != 1 || !strings.Contains(errText, "410") || !strings.Contains(errText, "disabled") {
+		t.Errorf("row: %s after %d attempts, %q; want failed after 1 with the reason", state, attempts, errText)
+	}
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"after": true}')`)
+	e.waitFor("next event unrouted", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`) == 1
+	})
+	if n := len(gone.requests()); n != 1 {
+		t.Errorf("receiver got %d requests, want 1", n)
+	}
+	// Re-enabling is one UPDATE.
+	gone.answer = nil
+	e.exec(`UPDATE relay.endpoints SET enabled = true, disabled_reason = NULL WHERE id = 'gone'`)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"again": true}')`)
+	e.waitFor("delivered after re-enabling", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	})
+}
+
+// An endpoint that fails continuously for AutoDisableAfter is disabled,
+// and its pending deliveries go to the dead-letter queue with the reason.
+func TestAutoDisableAfterContinuousFailure(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	down := newReceiver(t)
+	down.answer = func(int, *http.Request) int { return 503 }
+	e.addEndpoint("down", "t", down)
+	// The breaker opens too (the failure ratio trips it); its probes keep
+	// the streak observed.
+	e.exec(`UPDATE relay.endpoints SET breaker_cooldown_ms = 50 WHERE id = 'down'`)
+	e.startRelay(func(c *Config) {
+		c.AutoDisableAfter = 300 * time.Millisecond
+		c.RetrySchedule = []time.Duration{0, 50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond,
+			50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond, time.Hour}
+	})
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 10) i`)
+	e.waitFor("endpoint auto-disabled", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.endpoints WHERE id = 'down' AND NOT enabled AND disabled_reason LIKE '%failing continuously%'`) == 1
+	})
+	e.waitFor("every delivery dead-lettered", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'dead' AND error LIKE '%failing continuously%'`) == 10
+	})
+	if n := e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'down' AND failing_since IS NOT NULL`); n != 1 {
+		t.Errorf("endpoint_health has no failure streak for the endpoint")
+	}
+}
+
+// An endpoint limited to 50/s gets 50/s; held-back deliveries do not
+// count as attempts; an unlimited endpoint is not slowed.
+func TestEndpointRateLimit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	slow, fast := newReceiver(t), newReceiver(t)
+	e.addEndpoint("limited", "t", slow)
+	e.addEndpoint("free", "u", fast)
+	e.exec(`UPDATE relay.endpoints SET rate_limit = 50, rate_burst = 5 WHERE id = 'limited'`)
+	e.startRelay(nil)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'u', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
+	e.waitFor("limited endpoint done", 30*time.Second, func() bool { return len(slow.requests()) == 100 })
+	reqs := slow.requests()
+	span := reqs[len(reqs)-1].at.Sub(reqs[0].at)
+	// 5 of burst, then 95 at 50/s: 1.9 s.
+	if span < 1800*time.Millisecond || span > 2600*time.Millisecond {
+		t.Errorf("100 deliveries at 50/s (burst 5) took %s, want about 1.9s", span)
+	}
+	fr := fast.requests()
+	if fspan := fr[len(fr)-1].at.Sub(fr[0].at); fspan > span/2 {
+		t.Errorf("unlimited endpoint took %s, slowed by the other's limit", fspan)
+	}
+	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded' AND attempts = 1`); n != 100 {
+		t.Errorf("%d of 100 limited deliveries succeeded at their first attempt", n)
+	}
+}
+
+// A tenant limit caps the sum over its endpoints, and a live change to it
+// applies at once.
+func TestTenantRateLimitCapsTheSum(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	a, b := newReceiver(t), newReceiver(t)
+	e.exec(`INSERT INTO relay.tenants (id, rate_limit, rate_burst) VALUES ('t', 40, 4)`)
+	e.addEndpoint("a", "t", a)
+	e.addEndpoint("b", "t", b)
+	e.startRelay(nil)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 40) i`)
+	e.waitFor("80 deliveries", 30*time.Second, func() bool { return len(a.requests())+len(b.requests()) == 80 })
+	first, last := a.requests()[0].at, a.requests()[0].at
+	for _, r := range append(a.requests(), b.requests()...) {
+		if r.at.Before(first) {
+			first = r.at
+		}
+		if r.at.After(last) {
+			last = r.at
+		}
+	}
+	// 80 deliveries over both endpoints at 40/s with burst 4: ~1.9 s.
+	if span := last.Sub(first); span < 1700*time.Millisecond {
+		t.Errorf("80 deliveries under a 40/s tenant limit took only %s", span)
+	}
+}
