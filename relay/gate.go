@@ -52,7 +52,7 @@ func newBreaker(ep *Endpoint, onChange func(epID string, from, to gobreaker.Stat
 			return c.ConsecutiveFailures >= uint32(b.failures) ||
 				(c.Requests >= breakerRatioMin && float64(c.TotalFailures) >= breakerRatio*float64(c.Requests))
 		},
-		IsExcluded:    func(err error) bool { return errors.Is(err, errNotCounted) },
+		IsExcluded: func(err error) bool { return errors.Is(err, errNotCounted) },
 		OnStateChange: func(name string, from, to gobreaker.State) {
 			// Runs under the breaker's own lock: record, hand off, no more.
 			if to == gobreaker.StateOpen {
