@@ -125,7 +125,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer lock.Close(context.Background())
+	defer func() { lock.Close(context.Background()) }()
 	r.writer = &writer{
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
@@ -136,8 +136,8 @@ func (r *Relay) Run(ctx context.Context) error {
 
 	// Shutdown order: stop reading, stop handing out work, let workers
 	// finish their attempt, then write the last status rows.
-	streamCtx, stopStream := context.WithCancel(ctx)
-	defer stopStream()
+	streamCtx, stopStream := context.WithCancelCause(ctx)
+	defer stopStream(nil)
 	writerCtx, stopWriter := context.WithCancel(context.Background())
 	defer stopWriter()
 
@@ -162,8 +162,15 @@ func (r *Relay) Run(ctx context.Context) error {
 	dispatchErr := make(chan error, 1)
 	go func() { dispatchErr <- r.dispatch(streamCtx, batches) }()
 
+	lockDone := make(chan struct{})
+	go func() { defer close(lockDone); r.keepLock(streamCtx, &lock, stopStream) }()
+
 	runErr := r.stream.Run(streamCtx, batches, r.wm)
-	stopStream()
+	if cause := context.Cause(streamCtx); errors.Is(cause, ErrLostActive) {
+		runErr = cause
+	}
+	stopStream(nil)
+	<-lockDone
 	if err := <-dispatchErr; err != nil && runErr == nil {
 		runErr = err
 	}
@@ -244,6 +251,12 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 		return nil, err
 	}
 	r.state.Store("active")
+	// A relay that held the lock is gone; if its walsender lingers (the
+	// server has not noticed yet), end it so the slot is free now.
+	if _, err := r.pool.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+WHERE slot_name = $1 AND active_pid IS NOT NULL`, r.cfg.SlotName); err != nil {
+		r.log.Warn("could not end the previous walsender of the slot", slog.Any("error", err))
+	}
 	// We are the only relay on this slot: claims left by a dead process
 	// are void.
 	if _, err := r.pool.Exec(ctx, `UPDATE relay.deliveries SET claimed_until = NULL
@@ -285,19 +298,76 @@ AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay
 	return nil
 }
 
+func (r *Relay) lockKey() int64 {
+	h := fnv.New64a()
+	h.Write([]byte("outbox-relay/" + r.cfg.SlotName))
+	return int64(h.Sum64())
+}
+
+// ErrLostActive means this relay lost its lock and another relay took
+// over the slot; run it again (as a standby).
+var ErrLostActive = errors.New("another relay took over the slot after this one lost its lock connection; restart this process and it stands by")
+
+// keepLock watches the lock connection. If it breaks (a Postgres restart,
+// a network cut), it takes the lock again on a new connection; if another
+// relay got it first, it ends the pipeline with ErrLostActive.
+func (r *Relay) keepLock(ctx context.Context, lock **pgx.Conn, lost func(error)) {
+	t := time.NewTicker(r.cfg.StandbyPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := (*lock).Ping(ctx); err == nil || ctx.Err() != nil {
+			continue
+		}
+		r.log.Warn("lock connection lost; taking the lock again")
+		(*lock).Close(context.Background())
+		for ctx.Err() == nil {
+			conn, err := pgx.Connect(ctx, r.cfg.DatabaseURL)
+			if err == nil {
+				var got bool
+				err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, r.lockKey()).Scan(&got)
+				if err == nil && got {
+					*lock = conn
+					r.log.Info("lock taken again")
+					break
+				}
+				conn.Close(context.Background())
+				if err == nil {
+					lost(ErrLostActive)
+					return
+				}
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(r.cfg.StandbyPoll):
+			}
+		}
+	}
+}
+
 // becomeActive takes the slot's advisory lock on a dedicated connection,
 // waiting as a standby while another relay holds it. The lock lives as
 // long as the returned connection.
 func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
-	h := fnv.New64a()
-	h.Write([]byte("outbox-relay/" + r.cfg.SlotName))
-	key := int64(h.Sum64())
+	key := r.lockKey()
 	logged := false
 	for {
 		conn, err := pgx.Connect(ctx, r.cfg.DatabaseURL)
 		if err == nil {
 			var got bool
 			if err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, key).Scan(&got); err == nil && got {
+				// Let the server notice within seconds if this relay
+				// vanishes without closing the connection, so a standby
+				// can take over (effective over TCP).
+				for _, set := range []string{"SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3"} {
+					if _, kerr := conn.Exec(ctx, set); kerr != nil {
+						r.log.Debug("keepalive setting refused", slog.String("sql", set), slog.Any("error", kerr))
+					}
+				}
 				return conn, nil
 			}
 			conn.Close(context.Background())
