@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Overflow says what the relay does when its in-memory queues are full.
@@ -102,6 +103,10 @@ type Config struct {
 	// SlotWarnBytes logs a warning when the slot retains this much WAL.
 	// Default 1 GiB; negative disables.
 	SlotWarnBytes int64
+
+	// Tracer, when set, gets one span per attempt, continuing the trace of
+	// the outbox row's traceparent. Default: none (no tracing cost).
+	Tracer trace.Tracer
 
 	// ShutdownGrace is how long attempts in flight at shutdown may take
 	// before they are cut short and recorded as pending. Default 10s.

@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/outbox-relay/outbox-relay/internal/netguard"
 	"github.com/outbox-relay/outbox-relay/internal/retrypolicy"
 )
@@ -128,6 +130,11 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		h["Traceparent"] = []string{d.traceparent}
 	}
 	req.Header = h
+	if r.cfg.Tracer != nil {
+		var span trace.Span
+		_, span = r.startAttemptSpan(actx, d, msgID, h)
+		defer func() { endAttemptSpan(span, d, d.httpStatus, d.failClass) }()
+	}
 
 	resp, err := r.client.http.Do(req)
 	var status int

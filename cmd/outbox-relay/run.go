@@ -35,7 +35,7 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 }
 
 func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer) int {
-	fs := newFlagSet("run", "Stream relay.outbox through logical replication and deliver signed webhooks.\nStartup checks wal_level, privileges, the publication and the slot, and says what to fix.", stderr)
+	fs := newFlagSet("run", "Stream relay.outbox through logical replication and deliver signed webhooks.\nStartup checks wal_level, privileges, the publication and the slot, and says what to fix.\nTraces: set OTEL_EXPORTER_OTLP_ENDPOINT (and the other standard OTEL_* variables) to export\none span per attempt over OTLP/HTTP; off when unset.", stderr)
 	var cfg relay.Config
 	var schedule durationList
 	var allow prefixList
@@ -60,6 +60,13 @@ func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer
 	if cfg.RetryJitter == 0 {
 		cfg.RetryJitter = -1 // an explicit 0 means no jitter
 	}
+	tracer, stopTracing, err := tracing(ctx)
+	if err != nil {
+		fmt.Fprintln(stderr, "outbox-relay run: OpenTelemetry:", err)
+		return 2
+	}
+	defer stopTracing()
+	cfg.Tracer = tracer
 	reg := prometheus.NewRegistry()
 	cfg.Registerer = reg
 	r, err := relay.New(cfg)
