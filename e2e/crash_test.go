@@ -61,11 +61,12 @@ func TestKill9LosesNothing(t *testing.T) {
 		}()
 	}
 	// Kill at random moments while producers run and after.
-	var killedAt []time.Time
+	var killedAt []kill
 	for k := range kills {
 		time.Sleep(time.Duration(300+rand.IntN(700)) * time.Millisecond)
+		sent := time.Now()
 		proc.kill9()
-		killedAt = append(killedAt, time.Now())
+		killedAt = append(killedAt, kill{sent, time.Now()})
 		t.Logf("kill -9 #%d after %d events committed", k+1, committed.Load())
 		proc = startRelay(t, relayArgs(url)...)
 	}

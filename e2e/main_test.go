@@ -109,9 +109,15 @@ func (rcv *receiver) stats() (distinct, total, dups, bad int) {
 	return distinct, rcv.requests, dups, rcv.badSigs
 }
 
+// kill is when a SIGKILL was sent and when the process was seen dead.
+type kill struct{ sent, dead time.Time }
+
 // repeatsWithoutKill counts deliveries that arrived twice with no kill
-// between them: a duplicate a crash does not explain.
-func (rcv *receiver) repeatsWithoutKill(kills []time.Time) int {
+// between them: a duplicate a crash does not explain. A request the dead
+// process sent can be handled by the receiver a little after the process
+// is seen dead, hence the slack.
+func (rcv *receiver) repeatsWithoutKill(kills []kill) int {
+	const slack = 500 * time.Millisecond
 	rcv.mu.Lock()
 	defer rcv.mu.Unlock()
 	n := 0
@@ -119,7 +125,7 @@ func (rcv *receiver) repeatsWithoutKill(kills []time.Time) int {
 		for i := 1; i < len(times); i++ {
 			explained := false
 			for _, k := range kills {
-				if times[i-1].Before(k) && k.Before(times[i]) {
+				if times[i-1].Before(k.dead.Add(slack)) && k.sent.Before(times[i]) {
 					explained = true
 					break
 				}
