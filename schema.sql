@@ -138,3 +138,117 @@ CREATE TABLE IF NOT EXISTS relay.endpoint_health (
 -- keeps its event_id, and so its webhook-id.
 ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS replay_count integer NOT NULL DEFAULT 0;
 ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
+
+-- Dead letters and replay (dlq/)
+--
+-- relay.dead_letters lists the deliveries that will not be attempted again
+-- unless someone replays them: dead (attempts exhausted), failed (a final
+-- answer such as 400, or 410 Gone, which also disabled the endpoint) and
+-- rejected (never attempted: disabled or unknown endpoint, bad URL, blocked
+-- address, payload too large). reason is the row's error; for a non-2xx
+-- answer it ends with ": " and the first 256 bytes of the response body
+-- (whitespace trimmed; left out when the body is binary). replayable is
+-- false only for rows written before dead letters kept their payload.
+-- Columns are only ever added at the end (CREATE OR REPLACE VIEW cannot
+-- drop or reorder them).
+CREATE OR REPLACE VIEW relay.dead_letters AS
+SELECT d.event_id,
+       'msg_' || replace(d.event_id::text, '-', '') AS webhook_id,
+       d.endpoint_id,
+       d.tenant_id,
+       d.event_type,
+       d.state,
+       d.error AS reason,
+       d.attempts,
+       d.http_status AS last_http_status,
+       d.created_at,
+       d.first_attempt_at,
+       d.last_attempt_at,
+       d.completed_at,
+       d.replay_count,
+       d.replayed_at,
+       d.payload IS NOT NULL AS replayable,
+       d.payload,
+       d.headers,
+       d.traceparent
+FROM relay.deliveries d
+WHERE d.state IN ('dead', 'failed', 'rejected');
+
+-- Replay puts a dead letter back in the relay's hands: the row becomes
+-- pending and due now, with a fresh attempt budget (attempts = 0), and the
+-- running relay claims and delivers it within its poll interval, with the
+-- same webhook-id (it derives from event_id). replay_count and replayed_at
+-- record the replay; the last failure's error and status are cleared (the
+-- failed attempts stay in relay.attempts). Only rows that are dead letters
+-- at the moment of the UPDATE change: a second replay of the same entry
+-- waits for the first one's row lock, then finds the row pending and does
+-- nothing, so concurrent replays deliver once. A replayed rejected or
+-- failed row whose endpoint is still disabled is rejected again: re-enable
+-- the endpoint first.
+--
+--   SELECT relay.replay_dead_letter('0190a5d2-...'::uuid, 'ep_billing');  -- true if replayed
+CREATE OR REPLACE FUNCTION relay.replay_dead_letter(event_id uuid, endpoint_id text)
+RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+WITH replayed AS (
+    UPDATE relay.deliveries d
+    SET state = 'pending', attempts = 0, next_attempt_at = now(), claimed_until = NULL,
+        completed_at = NULL, http_status = NULL, error = NULL,
+        replay_count = d.replay_count + 1, replayed_at = now(), updated_at = now()
+    WHERE d.event_id = replay_dead_letter.event_id
+      AND d.endpoint_id = replay_dead_letter.endpoint_id
+      AND d.state IN ('dead', 'failed', 'rejected')
+      AND d.payload IS NOT NULL
+    RETURNING 1)
+SELECT EXISTS (SELECT FROM replayed)
+$$;
+
+-- Replays every dead letter that matches all the given filters (NULL = no
+-- filter) and returns how many it replayed. The time window is on
+-- completed_at: since <= completed_at < until.
+--
+-- One call is one transaction that locks every row it replays until it
+-- commits. For a large queue pass max_rows (say 1000) and call it again
+-- until it returns less than max_rows, each call in its own transaction,
+-- with replayed_before set to the time of the first call, so a row that
+-- was replayed and failed again during the run is not replayed twice:
+--
+--   SELECT relay.replay_dead_letters(endpoint_id => 'ep_billing');
+--   SELECT relay.replay_dead_letters(tenant_id => 'acme', since => now() - interval '1 day',
+--                                    max_rows => 1000, replayed_before => '2026-01-02 03:04:05Z');
+--
+-- `outbox-relay dlq replay --all` and dlq.ReplayAll do exactly that.
+CREATE OR REPLACE FUNCTION relay.replay_dead_letters(
+    endpoint_id     text DEFAULT NULL,
+    tenant_id       text DEFAULT NULL,
+    since           timestamptz DEFAULT NULL,
+    until           timestamptz DEFAULT NULL,
+    max_rows        integer DEFAULT NULL,      -- NULL = every matching row
+    replayed_before timestamptz DEFAULT NULL)  -- skip rows replayed at or after this time
+RETURNS integer
+LANGUAGE sql VOLATILE AS $$
+WITH picked AS (
+    SELECT d.event_id, d.endpoint_id
+    FROM relay.deliveries d
+    WHERE d.state IN ('dead', 'failed', 'rejected')
+      AND d.payload IS NOT NULL
+      AND (replay_dead_letters.endpoint_id IS NULL OR d.endpoint_id = replay_dead_letters.endpoint_id)
+      AND (replay_dead_letters.tenant_id IS NULL OR d.tenant_id = replay_dead_letters.tenant_id)
+      AND (replay_dead_letters.since IS NULL OR d.completed_at >= replay_dead_letters.since)
+      AND (replay_dead_letters.until IS NULL OR d.completed_at < replay_dead_letters.until)
+      AND (replay_dead_letters.replayed_before IS NULL OR d.replayed_at IS NULL
+           OR d.replayed_at < replay_dead_letters.replayed_before)
+    ORDER BY d.completed_at, d.event_id, d.endpoint_id
+    LIMIT replay_dead_letters.max_rows
+    FOR UPDATE),
+replayed AS (
+    UPDATE relay.deliveries d
+    SET state = 'pending', attempts = 0, next_attempt_at = now(), claimed_until = NULL,
+        completed_at = NULL, http_status = NULL, error = NULL,
+        replay_count = d.replay_count + 1, replayed_at = now(), updated_at = now()
+    FROM picked
+    WHERE d.event_id = picked.event_id AND d.endpoint_id = picked.endpoint_id
+      AND d.state IN ('dead', 'failed', 'rejected')
+    RETURNING 1)
+SELECT count(*)::integer FROM replayed
+$$;
