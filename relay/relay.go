@@ -250,7 +250,6 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 		lock.Close(context.Background())
 		return nil, err
 	}
-	r.state.Store("active")
 	// A relay that held the lock is gone; if its walsender lingers (the
 	// server has not noticed yet), end it so the slot is free now.
 	if _, err := r.pool.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
@@ -266,9 +265,13 @@ WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != n
 	if r.recorded, err = recordedLSN(ctx, r.pool, r.cfg.SlotName); err != nil {
 		return fail(err)
 	}
+	// Config is read as it is now. Changes committed after the slot's
+	// confirmed position come again through the stream and are re-applied
+	// in order; events in that window are routed with the current config.
 	if err := r.loadConfig(ctx); err != nil {
 		return fail(err)
 	}
+	r.state.Store("active")
 	return lock, nil
 }
 
