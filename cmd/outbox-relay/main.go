@@ -29,6 +29,9 @@ func commands() []command {
 		{"migrate", "apply the relay schema (idempotent)", runMigrate},
 		{"demo", "run a throwaway Postgres, sample receivers and events, end to end", runDemo},
 		{"verify", "check a Standard Webhooks signature", runVerify},
+		{"config", "config check: validate and print the effective settings of run", runConfig},
+		{"dlq", "list, show and replay dead letters", runDLQ},
+		{"status", "print every endpoint's delivery state of one event, with attempt history", runStatus},
 	}
 }
 

@@ -34,32 +34,67 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.Var(allow, "allow-networks", "comma-separated CIDRs the SSRF guard lets through (e.g. 127.0.0.0/8 for local receivers); default none")
 }
 
-func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer) int {
-	fs := newFlagSet("run", "Stream relay.outbox through logical replication and deliver signed webhooks.\nStartup checks wal_level, privileges, the publication and the slot, and says what to fix.\nTraces: set OTEL_EXPORTER_OTLP_ENDPOINT (and the other standard OTEL_* variables) to export\none span per attempt over OTLP/HTTP; off when unset.", stderr)
-	var cfg relay.Config
-	var schedule durationList
-	var allow prefixList
-	var overflow string
-	relayFlags(fs, &cfg, &schedule, &allow, &overflow)
-	var lf logFlags
-	lf.register(fs)
-	httpAddr := fs.String("http-addr", ":9465", "address for /healthz, /readyz and /metrics; empty disables")
-	fs.Int64Var(&cfg.SlotWarnBytes, "slot-warn-bytes", 1<<30, "warn when the slot retains this much WAL; negative disables")
-	fs.DurationVar(&cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
-	if err := parseFlags(fs, args); err != nil {
-		return flagExit(err, stderr)
-	}
-	log, err := lf.logger(stderr)
-	if err != nil {
-		return flagExit(err, stderr)
-	}
-	cfg.Overflow = relay.Overflow(overflow)
-	cfg.RetrySchedule = schedule
-	cfg.AllowNetworks = allow
+// runFlags are the flags of `run`, shared with `config check`.
+type runFlags struct {
+	cfg        relay.Config
+	schedule   durationList
+	allow      prefixList
+	overflow   string
+	log        logFlags
+	httpAddr   string
+	configFile string
+	preset     string
+}
+
+const runSynopsis = `Stream relay.outbox through logical replication and deliver signed webhooks.
+Startup checks wal_level, privileges, the publication and the slot, and says what to fix.
+Settings come from, highest first: flags, OUTBOX_RELAY_* variables, the --config file
+("name: value" lines, names as the flags), the --preset (small, medium, large), defaults.
+Traces: set OTEL_EXPORTER_OTLP_ENDPOINT (and the other standard OTEL_* variables) to export
+one span per attempt over OTLP/HTTP; off when unset.`
+
+func newRunFlags(name, synopsis string, out io.Writer) (*flag.FlagSet, *runFlags) {
+	fs := newFlagSet(name, synopsis, out)
+	rf := &runFlags{}
+	relayFlags(fs, &rf.cfg, &rf.schedule, &rf.allow, &rf.overflow)
+	rf.log.register(fs)
+	fs.StringVar(&rf.httpAddr, "http-addr", ":9465", "address for /healthz, /readyz and /metrics; empty disables")
+	fs.Int64Var(&rf.cfg.SlotWarnBytes, "slot-warn-bytes", 1<<30, "warn when the slot retains this much WAL; negative disables")
+	fs.DurationVar(&rf.cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
+	fs.DurationVar(&rf.cfg.AutoDisableAfter, "auto-disable-after", 5*24*time.Hour, "disable an endpoint that has failed continuously this long; its pending deliveries become dead letters")
+	fs.StringVar(&rf.configFile, "config", "", "optional settings file: \"name: value\" lines, names as the flags")
+	fs.StringVar(&rf.preset, "preset", "", "sizing preset: small, medium or large (see README); default: the flags' defaults")
+	return fs, rf
+}
+
+// relayConfig turns parsed flags into a validated relay.Config.
+func (rf *runFlags) relayConfig(log *slog.Logger) (relay.Config, error) {
+	cfg := rf.cfg
+	cfg.Overflow = relay.Overflow(rf.overflow)
+	cfg.RetrySchedule = rf.schedule
+	cfg.AllowNetworks = rf.allow
 	cfg.Logger = log
 	if cfg.RetryJitter == 0 {
 		cfg.RetryJitter = -1 // an explicit 0 means no jitter
 	}
+	return cfg, cfg.Validate()
+}
+
+func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer) int {
+	fs, rf := newRunFlags("run", runSynopsis, stderr)
+	if err := parseFlags(fs, args); err != nil {
+		return flagExit(err, stderr)
+	}
+	log, err := rf.log.logger(stderr)
+	if err != nil {
+		return flagExit(err, stderr)
+	}
+	cfg, err := rf.relayConfig(log)
+	if err != nil {
+		fmt.Fprintln(stderr, "outbox-relay run:", err)
+		return 2
+	}
+	httpAddr := &rf.httpAddr
 	tracer, stopTracing, err := tracing(ctx)
 	if err != nil {
 		fmt.Fprintln(stderr, "outbox-relay run: OpenTelemetry:", err)

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	code = run(context.Background(), args, strings.NewReader(""), &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+// Precedence: flag > env > config file > preset > default; secrets redacted.
+func TestConfigCheckPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "relay.conf")
+	os.WriteFile(file, []byte(`# relay settings
+database-url: "postgres://app:s3cret@db:5432/app"
+workers: 7
+queue-events = 1234
+slot: from_file
+overflow: block
+`), 0o600)
+	t.Setenv("OUTBOX_RELAY_QUEUE_EVENTS", "999")
+	code, out, errOut := runCLI(t, "config", "check", "--config", file, "--preset", "small", "--slot", "from_flag")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	want := map[string]string{
+		"slot":                   `from_flag\s+# flag`,
+		"queue-events":           `999\s+# env OUTBOX_RELAY_QUEUE_EVENTS`,
+		"workers":                `7\s+# .*relay.conf:3`,
+		"overflow":               `block\s+# .*relay.conf:6`,
+		"endpoint-max-in-flight": `16\s+# preset small`,
+		"poll-interval":          `1s\s+# default`,
+		"database-url":           `postgres://app:REDACTED@db:5432/app`,
+	}
+	for name, pattern := range want {
+		if !regexp.MustCompile(`(?m)^` + name + `\s+` + pattern).MatchString(out) {
+			t.Errorf("%s: no line matching %q in:\n%s", name, pattern, out)
+		}
+	}
+	if strings.Contains(out, "s3cret") {
+		t.Error("password printed")
+	}
+}
+
+func TestConfigCheckRejectsBadSettings(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "bad.conf")
+	os.WriteFile(file, []byte("workers: 4\nworkerz: 5\n"), 0o600)
+	if code, _, errOut := runCLI(t, "config", "check", "--config", file); code == 0 || !strings.Contains(errOut, "bad.conf:2") || !strings.Contains(errOut, "workerz") {
+		t.Errorf("unknown setting: exit %d, %q", code, errOut)
+	}
+	if code, _, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--overflow", "sometimes"); code == 0 || !strings.Contains(errOut, "Overflow") {
+		t.Errorf("bad overflow: exit %d, %q", code, errOut)
+	}
+	if code, _, errOut := runCLI(t, "config", "check", "--preset", "huge"); code == 0 || !strings.Contains(errOut, "small, medium or large") {
+		t.Errorf("bad preset: exit %d, %q", code, errOut)
+	}
+	if code, _, errOut := runCLI(t, "config", "check"); code == 0 || !strings.Contains(errOut, "DatabaseURL") {
+		t.Errorf("missing database url: exit %d, %q", code, errOut)
+	}
+}
+
+func TestRedactKeywordDSN(t *testing.T) {
+	if got := redactURL("host=db user=app password=hunter2 dbname=app"); strings.Contains(got, "hunter2") {
+		t.Errorf("redactURL kept the password: %q", got)
+	}
+}
