@@ -1,0 +1,126 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// peakRSS reads a process's peak resident set size (VmHWM) in bytes.
+func peakRSS(t *testing.T, pid int) int64 {
+	t.Helper()
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatalf("read /proc status: %v", err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if strings.HasPrefix(line, "VmHWM:") {
+			kb, _ := strconv.ParseInt(strings.Fields(line)[1], 10, 64)
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
+}
+
+// With the receiver down while events pile up, relay memory stays bounded
+// under both overflow policies; when the receiver returns everything is
+// delivered and the accounting is exact. (BENCHMARKS.md has the 1,000,000
+// event run; this one is sized for CI.)
+func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
+	const events = 30000
+	for _, policy := range []string{"spill", "block"} {
+		t.Run(policy, func(t *testing.T) {
+			url, pool := database(t)
+			rcv := newReceiver(t)
+			var down atomic.Bool
+			down.Store(true)
+			rcv.fail = func() int {
+				if down.Load() {
+					return 503
+				}
+				return 204
+			}
+			ctx := context.Background()
+			if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, breaker_cooldown_ms) VALUES ('ep', 't', $1, ARRAY[$2], 1000)`, rcv.srv.URL, rcv.secret); err != nil {
+				t.Fatal(err)
+			}
+			addr := freeAddr(t)
+			p := startRelay(t, relayArgs(url, "--overflow", policy, "--queue-events", "2000", "--http-addr", addr,
+				"--retry-schedule", "0s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s")...)
+			payload := `{"pad": "` + strings.Repeat("x", 400) + `"}`
+			for i := 0; i < events; i += 1000 {
+				if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', $1::jsonb || jsonb_build_object('i', i) FROM generate_series($2::int, $2::int + 999) i`, payload, i); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The breaker opens against the dead receiver and its queue
+			// fills. spill: every event is read, the overflow recorded as
+			// pending rows. block: reading stops with the queue full and
+			// the rest waits in the slot.
+			waitFor(t, "the backlog to settle", 3*time.Minute, func() bool {
+				m := scrape(t, addr)
+				if policy == "spill" {
+					return m["outbox_relay_events_received_total"] == events && m["outbox_relay_queue_deliveries"] > 0
+				}
+				return m["outbox_relay_queue_deliveries"] >= 1900 && m["outbox_relay_replication_lag_bytes"] > 0
+			})
+			m := scrape(t, addr)
+			t.Logf("%s: %v events read, %v queued in memory, %v spilled, slot lag %v bytes", policy, m["outbox_relay_events_received_total"],
+				m["outbox_relay_queue_deliveries"], m["outbox_relay_spilled_total"], m["outbox_relay_replication_lag_bytes"])
+			rssDown := peakRSS(t, p.cmd.Process.Pid)
+			down.Store(false)
+			waitFor(t, "every delivery to succeed", 3*time.Minute, func() bool {
+				return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == events
+			})
+			rss := peakRSS(t, p.cmd.Process.Pid)
+			t.Logf("%s: peak RSS %.1f MB with %d events held back, %.1f MB after delivering them", policy, float64(rssDown)/(1<<20), events, float64(rss)/(1<<20))
+			if rss > 150<<20 {
+				t.Errorf("peak RSS %d MB, want < 150 MB", rss>>20)
+			}
+			if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != events {
+				t.Errorf("%d rows, want %d", n, events)
+			}
+			if distinct, _, _, bad := rcv.stats(); bad != 0 || distinct != events {
+				t.Errorf("receiver saw %d distinct events, %d bad signatures", distinct, bad)
+			}
+		})
+	}
+}
+
+// A slow receiver fills the queue: deliveries that do not fit are spilled
+// as pending rows and loaded back, and all arrive exactly as recorded.
+func TestSpilledDeliveriesAreLoadedBack(t *testing.T) {
+	const events = 4000
+	url, pool := database(t)
+	rcv := newReceiver(t)
+	rcv.fail = func() int { time.Sleep(5 * time.Millisecond); return 204 }
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('ep', 't', $1, ARRAY[$2])`, rcv.srv.URL, rcv.secret); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	startRelay(t, relayArgs(url, "--queue-events", "200", "--workers", "16", "--http-addr", addr)...)
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', jsonb_build_object('i', i) FROM generate_series(1, $1::int) i`, events); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "every delivery to succeed", 2*time.Minute, func() bool {
+		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == events
+	})
+	m := scrape(t, addr)
+	if m["outbox_relay_spilled_total"] == 0 || m["outbox_relay_loaded_total"] == 0 {
+		t.Errorf("spilled %v, loaded %v: the queue bound was never reached", m["outbox_relay_spilled_total"], m["outbox_relay_loaded_total"])
+	}
+	t.Logf("spilled %v, loaded %v", m["outbox_relay_spilled_total"], m["outbox_relay_loaded_total"])
+	if distinct, total, _, _ := rcv.stats(); distinct != events || total != events {
+		t.Errorf("receiver: %d requests for %d events, want %d each", total, distinct, events)
+	}
+	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != events {
+		t.Errorf("%d rows, want %d", n, events)
+	}
+}
