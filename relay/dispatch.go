@@ -374,6 +374,20 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 	r.writer.add(rest...)
 }
 
+// evict records deliveries of a long-parked endpoint as pending rows due
+// at until, freeing memory and letting the watermark pass them. The loader
+// brings them back when due.
+func (r *Relay) evict(ds []*delivery, until time.Time) {
+	for _, d := range ds {
+		d.state = StatePending
+		d.nextAttempt = until
+		d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
+	}
+	r.stats.Spilled.Add(int64(len(ds)))
+	r.metrics.spilled.Add(float64(len(ds)))
+	r.writer.add(ds...)
+}
+
 // loadLoop claims due retries and spilled deliveries from
 // relay.deliveries when the queues have room.
 func (r *Relay) loadLoop(ctx context.Context) {

@@ -151,12 +151,16 @@ func (s *scheduler) unparkLoop() {
 // circuit is not open and its endpoint and tenant limits have a token.
 // When not, it returns how long to park q. A delivery that is admitted
 // carries the breaker's done callback.
-func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(error), wait time.Duration) {
+//
+// evict says the wait is long (an open circuit, or a limit far from a
+// token): the queue's deliveries should leave memory as pending rows, so
+// the acknowledgement watermark and other tenants do not wait on them.
+func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(error), wait time.Duration, evict bool) {
 	if b := q.breaker; b != nil {
 		switch b.cb.State() {
 		case gobreaker.StateOpen:
 			if w := time.Unix(0, b.openedAt.Load()).Add(b.cooldown).Sub(now); w > 0 {
-				return nil, w
+				return nil, w, true
 			}
 			// Cooldown over: Allow below moves it to half-open.
 		case gobreaker.StateHalfOpen:
@@ -165,7 +169,8 @@ func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(erro
 	}
 	if s.limits != nil {
 		if ok, w := s.limits.Take(now, q.ep.ID, q.ep.TenantID); !ok {
-			return nil, max(w, time.Millisecond)
+			w = max(w, time.Millisecond)
+			return nil, w, w*time.Duration(q.items.len()) > evictAfter
 		}
 	}
 	if b := q.breaker; b != nil {
@@ -173,9 +178,29 @@ func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(erro
 		if err != nil {
 			// Open (a race with the cooldown) or a probe already out:
 			// look again shortly.
-			return nil, min(b.cooldown, 100*time.Millisecond)
+			return nil, min(b.cooldown, 100*time.Millisecond), false
 		}
-		return d, 0
+		return d, 0, false
 	}
-	return nil, 0
+	return nil, 0, false
+}
+
+// evictAfter: a queue that cannot drain within this long leaves memory.
+const evictAfter = 5 * time.Second
+
+// evictLocked takes a parked queue's deliveries out of memory and hands
+// them to s.evicted to be recorded as pending rows due at until.
+func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
+	if s.evicted == nil || q.items.len() == 0 {
+		return
+	}
+	out := make([]*delivery, 0, q.items.len())
+	for q.items.len() > 0 {
+		d := q.items.pop()
+		s.count--
+		s.bytes -= d.size()
+		out = append(out, d)
+	}
+	s.signalRoomLocked()
+	s.evicted(out, until)
 }

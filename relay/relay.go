@@ -79,6 +79,11 @@ func New(cfg Config) (*Relay, error) {
 	r.sched.now = cfg.Now
 	r.sched.limits = limiter.New()
 	r.sched.breakerChanged = r.breakerChanged
+	if cfg.Overflow == OverflowSpill {
+		// Under block, nothing is written to make room: a long-parked
+		// endpoint keeps its deliveries in memory.
+		r.sched.evicted = r.evict
+	}
 	r.state.Store("starting")
 	r.client = newDeliveryClient(cfg)
 	r.metrics = newMetrics(cfg.Registerer, r)

@@ -89,6 +89,7 @@ type scheduler struct {
 	parked         parkHeap
 	parkKick       chan struct{}
 	breakerChanged func(epID string, from, to gobreaker.State) // nil = no breakers
+	evicted        func(ds []*delivery, until time.Time)          // nil = keep parked deliveries in memory
 }
 
 func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
@@ -320,9 +321,12 @@ func (s *scheduler) pickLocked() *delivery {
 			continue
 		}
 		now := s.now()
-		done, wait := s.admitLocked(q, now)
+		done, wait, evict := s.admitLocked(q, now)
 		if wait > 0 {
 			s.parkLocked(q, now.Add(wait))
+			if evict {
+				s.evictLocked(q, now.Add(wait))
+			}
 			continue
 		}
 		d := q.items.pop()
