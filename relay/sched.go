@@ -89,7 +89,7 @@ type scheduler struct {
 	parked         parkHeap
 	parkKick       chan struct{}
 	breakerChanged func(epID string, from, to gobreaker.State) // nil = no breakers
-	evicted        func(ds []*delivery, until time.Time)          // nil = keep parked deliveries in memory
+	evicted        func(ds []*delivery, until time.Time)       // nil = keep parked deliveries in memory
 }
 
 func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
