@@ -235,14 +235,11 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 		*d = base
 		d.endpointID = ep.ID
 		d.ep = ep
-		switch {
-		case tooBig:
+		if tooBig {
 			reject(d, StateRejected, fmt.Sprintf("payload is %d bytes, over the limit of %d (max payload bytes)", len(base.payload), r.cfg.MaxPayloadBytes))
-		case ep.Invalid != "":
-			reject(d, StateRejected, "endpoint is invalid: "+ep.Invalid)
-		case !ep.Enabled:
-			reject(d, StateRejected, "endpoint "+ep.ID+" is disabled")
-		default:
+		} else if state, reason, refused := ep.refusal(); refused {
+			reject(d, state, reason)
+		} else {
 			queue = append(queue, d)
 		}
 	}
@@ -425,14 +422,11 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			for _, d := range ds {
 				d.state = StatePending
 				ep := r.sched.endpoint(d.endpointID)
-				switch {
-				case ep == nil:
+				if ep == nil {
 					d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
-				case ep.Invalid != "":
-					d.state, d.errText = StateRejected, "endpoint is invalid: "+ep.Invalid
-				case !ep.Enabled:
-					d.state, d.errText = StateRejected, "endpoint "+ep.ID+" is disabled"
-				default:
+				} else if state, reason, refused := ep.refusal(); refused {
+					d.state, d.errText = state, reason
+				} else {
 					d.ep = ep
 					queue = append(queue, d)
 					continue

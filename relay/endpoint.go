@@ -265,6 +265,20 @@ func parseTenant(r row) (*Tenant, error) {
 	return t, nil
 }
 
+// refusal says why no delivery can be attempted at ep, and the state
+// such a delivery ends in; refused is false when ep is usable.
+func (ep *Endpoint) refusal() (state State, reason string, refused bool) {
+	switch {
+	case ep.Invalid != "":
+		return StateRejected, "endpoint is invalid: " + ep.Invalid, true
+	case !ep.Enabled && ep.DisabledReason != "":
+		return StateDead, ep.DisabledReason, true
+	case !ep.Enabled:
+		return StateRejected, "endpoint " + ep.ID + " is disabled", true
+	}
+	return "", "", false
+}
+
 // Subscribes reports whether the endpoint wants events of this type.
 func (ep *Endpoint) Subscribes(eventType string) bool {
 	if len(ep.EventTypes) == 0 {

@@ -430,16 +430,9 @@ func (r *Relay) installEndpoint(ep *Endpoint) {
 	}
 	drained := r.sched.setEndpoint(ep)
 	now := r.now()
+	state, reason, _ := ep.refusal()
 	for _, d := range drained {
-		switch {
-		case ep.Invalid != "":
-			d.state, d.errText = StateRejected, "endpoint is invalid: "+ep.Invalid
-		case ep.DisabledReason != "":
-			d.state, d.errText = StateDead, ep.DisabledReason
-		default:
-			d.state, d.errText = StateRejected, "endpoint "+ep.ID+" is disabled"
-		}
-		d.completed = now
+		d.state, d.errText, d.completed = state, reason, now
 	}
 	if len(drained) > 0 && r.writer != nil {
 		r.writer.add(drained...)

@@ -86,12 +86,8 @@ func (r *Relay) work(ctx context.Context) {
 func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []byte) []byte {
 	now := r.now()
 	d.failClass = ""
-	switch {
-	case ep.Invalid != "":
-		d.state, d.errText, d.completed = StateRejected, "endpoint is invalid: "+ep.Invalid, now
-		return sig
-	case !ep.Enabled:
-		d.state, d.errText, d.completed = StateRejected, "endpoint "+ep.ID+" is disabled", now
+	if state, reason, refused := ep.refusal(); refused {
+		d.state, d.errText, d.completed = state, reason, now
 		return sig
 	}
 	d.attempts++
