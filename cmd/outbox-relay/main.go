@@ -32,6 +32,7 @@ func commands() []command {
 		{"config", "config check: validate and print the effective settings of run", runConfig},
 		{"dlq", "list, show and replay dead letters", runDLQ},
 		{"status", "print every endpoint's delivery state of one event, with attempt history", runStatus},
+		{"bench", "measure drain throughput, latency and cost against a bare HTTP client", runBench},
 	}
 }
 

@@ -1,0 +1,147 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// bareClient is the ceiling: a plain keep-alive client, no signing, no
+// database, the same concurrency as the relay's workers.
+type bareClient struct {
+	http *http.Client
+	url  string
+	size int
+}
+
+func newBareClient(url string, workers, size int) *bareClient {
+	tr := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        workers * 4,
+		MaxIdleConnsPerHost: workers,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	return &bareClient{http: &http.Client{Transport: tr}, url: url, size: size}
+}
+
+var contentTypeJSON = []string{"application/json"}
+
+// post sends one body; buf is scratch space, returned for reuse.
+func (c *bareClient) post(ctx context.Context, tag uint32, seq int, t int64, buf []byte) ([]byte, error) {
+	buf = appendBody(buf[:0], seq, t, c.size)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(buf))
+	if err != nil {
+		return buf, err
+	}
+	req.Header = http.Header{"Content-Type": contentTypeJSON, "Webhook-Id": {webhookID(eventID(tag, seq))}}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return buf, err
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		return buf, fmt.Errorf("receiver answered %d", resp.StatusCode)
+	}
+	return buf, nil
+}
+
+// drain posts n bodies with workers goroutines and returns how long it took.
+func (c *bareClient) drain(ctx context.Context, tag uint32, n, workers int) (time.Duration, error) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	start := time.Now()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var buf []byte
+			for {
+				seq := int(next.Add(1) - 1)
+				if seq >= n || ctx.Err() != nil {
+					return
+				}
+				var err error
+				if buf, err = c.post(ctx, tag, seq, time.Now().UnixNano(), buf); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	close(errs)
+	if err := <-errs; err != nil {
+		return took, fmt.Errorf("bare client: %w", err)
+	}
+	return took, ctx.Err()
+}
+
+// paced runs send(seq) for rate events per second during d, each at its
+// scheduled time, on workers goroutines (so one slow send does not hold
+// the schedule up). It returns how many were sent and the achieved rate.
+func paced(ctx context.Context, rate int, d time.Duration, workers int, send func(seq int) error) (int, float64, error) {
+	n := int(float64(rate) * d.Seconds())
+	work := make(chan int, workers)
+	errs := make(chan error, workers)
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := range work {
+				if err := send(seq); err != nil {
+					errs <- err
+					for range work { //nolint:revive // drain so the scheduler never blocks
+					}
+					return
+				}
+				sent.Add(1)
+			}
+		}()
+	}
+	start := time.Now()
+	interval := time.Second / time.Duration(rate)
+	var err error
+schedule:
+	for seq := range n {
+		if wait := time.Until(start.Add(time.Duration(seq) * interval)); wait > 0 {
+			select {
+			case <-ctx.Done():
+				err = ctx.Err()
+				break schedule
+			case e := <-errs:
+				err = e
+				break schedule
+			case <-time.After(wait):
+			}
+		}
+		select {
+		case work <- seq:
+		case e := <-errs:
+			err = e
+			break schedule
+		case <-ctx.Done():
+			err = ctx.Err()
+			break schedule
+		}
+	}
+	close(work)
+	wg.Wait()
+	took := time.Since(start)
+	close(errs)
+	if err == nil {
+		err = <-errs
+	}
+	return int(sent.Load()), float64(sent.Load()) / took.Seconds(), err
+}

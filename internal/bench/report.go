@@ -1,0 +1,226 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"time"
+)
+
+// Targets from the benchmark issues, for the PASS/MISS column.
+const (
+	TargetDrainRatio  = 0.7                   // relay events/s ≥ 0.7 × bare
+	TargetLatencyP99  = 10 * time.Millisecond // at 1,000 events/s
+	TargetCPUPerEvent = 40.0                  // µs of relay CPU per delivered event (issue 6)
+	targetLatencyRate = 1000
+)
+
+// Result holds one run's figures. Fields are nil for phases not run.
+type Result struct {
+	CPUs             int      `json:"cpus"`
+	GoVersion        string   `json:"go"`
+	PostgresVersion  string   `json:"postgres"`
+	Phases           []string `json:"phases"`
+	Events           int      `json:"events"`
+	BodyBytes        int      `json:"body_bytes"`
+	Workers          int      `json:"workers"`
+	TxnRows          int      `json:"txn_rows"`
+	Rate             int      `json:"rate"`
+	DurationSecs     float64  `json:"duration_s"`
+	VerifySignatures bool     `json:"verify_signatures"`
+
+	InsertPerSec      float64 `json:"insert_rows_per_s,omitempty"`
+	InsertWALPerEvent float64 `json:"insert_wal_bytes_per_event,omitempty"`
+
+	Bare        *Throughput `json:"bare,omitempty"`
+	Drain       *Drain      `json:"drain,omitempty"`
+	Latency     *Latency    `json:"latency,omitempty"`
+	BareLatency *Latency    `json:"bare_latency,omitempty"`
+
+	DrainRSS     int64 `json:"relay_peak_rss_after_drain_bytes,omitempty"`
+	RelayPeakRSS int64 `json:"relay_peak_rss_bytes,omitempty"`
+}
+
+// Counts is what the receiver saw in one phase.
+type Counts struct {
+	Requests   int64 `json:"requests"`
+	Distinct   int64 `json:"distinct"`
+	Duplicates int64 `json:"duplicates"`
+	Missing    int64 `json:"missing"`
+	Unexpected int64 `json:"unexpected"`
+	BadBodies  int64 `json:"bad_bodies"`
+	BadSigs    int64 `json:"bad_signatures"`
+}
+
+func (c *Counts) count(tl *tally) {
+	c.Requests = tl.requests.Load()
+	c.Distinct = tl.distinct.Load()
+	c.Duplicates = tl.dups.Load()
+	c.Missing = int64(tl.n) - c.Distinct
+	c.Unexpected = tl.unexpected.Load()
+	c.BadBodies = tl.badBody.Load()
+	c.BadSigs = tl.badSig.Load()
+}
+
+// Clean reports whether every event arrived exactly once, intact.
+func (c Counts) Clean() bool {
+	return c.Duplicates == 0 && c.Missing == 0 && c.Unexpected == 0 && c.BadBodies == 0 && c.BadSigs == 0
+}
+
+// Throughput is a backlog run.
+type Throughput struct {
+	Counts
+	Seconds float64 `json:"seconds"`
+	PerSec  float64 `json:"events_per_s"`
+}
+
+// Cost is the relay's resources over a phase.
+type Cost struct {
+	CPUSecs       float64 `json:"relay_cpu_s"`
+	CPUPer10k     float64 `json:"relay_cpu_s_per_10k"`
+	CPUPerEvent   float64 `json:"relay_cpu_us_per_event"`
+	WALBytes      int64   `json:"wal_bytes"`
+	WALPerEvent   float64 `json:"wal_bytes_per_event"`
+	EventsCounted int     `json:"events"`
+}
+
+// Drain is the relay's backlog run.
+type Drain struct {
+	Throughput
+	ReceivedSecs     float64 `json:"received_s"`      // until the receiver had every event
+	FirstArrivalSecs float64 `json:"first_arrival_s"` // relay exec to first delivery
+	OtherRows        int     `json:"rows_not_succeeded"`
+	Cost
+	Spilled float64 `json:"spilled"` // relay metric; -1 if unread
+	Loaded  float64 `json:"loaded"`
+}
+
+// Latency is a steady-rate run.
+type Latency struct {
+	Counts
+	Sent       int     `json:"sent"`
+	RatePerSec float64 `json:"achieved_rate"`
+	P50        float64 `json:"p50_ms"`
+	P99        float64 `json:"p99_ms"`
+	P999       float64 `json:"p999_ms"`
+	Max        float64 `json:"max_ms"`
+	Cost       *Cost   `json:"cost,omitempty"`
+}
+
+func latencyOf(tl *tally, sent int, rate float64) *Latency {
+	l := &Latency{Sent: sent, RatePerSec: rate}
+	l.count(tl)
+	lat := tl.latencies()
+	if len(lat) > 0 {
+		l.P50, l.P99, l.P999 = ms(quantile(lat, 0.50)), ms(quantile(lat, 0.99)), ms(quantile(lat, 0.999))
+		l.Max = ms(lat[len(lat)-1])
+	}
+	return l
+}
+
+// quantile is the nearest-rank quantile of sorted values.
+func quantile(sorted []time.Duration, q float64) time.Duration {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// Clean reports whether every phase run saw every event exactly once,
+// intact, and (for the relay) every status row succeeded.
+func (r *Result) Clean() bool {
+	ok := true
+	if r.Bare != nil {
+		ok = ok && r.Bare.Counts.Clean()
+	}
+	if r.Drain != nil {
+		ok = ok && r.Drain.Counts.Clean() && r.Drain.OtherRows == 0
+	}
+	if r.Latency != nil {
+		ok = ok && r.Latency.Counts.Clean()
+	}
+	if r.BareLatency != nil {
+		ok = ok && r.BareLatency.Counts.Clean()
+	}
+	return ok
+}
+
+// Ratio is the relay's drain rate over the bare client's, or 0.
+func (r *Result) Ratio() float64 {
+	if r.Drain == nil || r.Bare == nil || r.Bare.PerSec == 0 {
+		return 0
+	}
+	return r.Drain.PerSec / r.Bare.PerSec
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "PASS"
+	}
+	return "MISS"
+}
+
+// Table writes the figures for people.
+func (r *Result) Table(w io.Writer) {
+	fmt.Fprintf(w, "\noutbox-relay bench: %d CPUs, %s, PostgreSQL %s (durable: fsync on)\n", r.CPUs, r.GoVersion, r.PostgresVersion)
+	fmt.Fprintf(w, "%d events x %d-byte bodies, %d workers, signatures verified by receiver: %t\n", r.Events, r.BodyBytes, r.Workers, r.VerifySignatures)
+	if r.InsertPerSec > 0 {
+		fmt.Fprintf(w, "backlog inserted at %.0f rows/s in %d-row transactions, %.0f WAL bytes/event\n", r.InsertPerSec, r.TxnRows, r.InsertWALPerEvent)
+	}
+	if r.Bare != nil || r.Drain != nil {
+		fmt.Fprintf(w, "\nbacklog drain                     events/s  seconds     dups  missing  other\n")
+		if r.Bare != nil {
+			b := r.Bare
+			fmt.Fprintf(w, "  bare HTTP client (ceiling)  %12.0f %8.2f %8d %8d %6d\n", b.PerSec, b.Seconds, b.Duplicates, b.Missing, b.Unexpected+b.BadBodies)
+		}
+		if d := r.Drain; d != nil {
+			fmt.Fprintf(w, "  relay                       %12.0f %8.2f %8d %8d %6d\n", d.PerSec, d.Seconds, d.Duplicates, d.Missing, d.Unexpected+d.BadBodies+d.BadSigs+int64(d.OtherRows))
+			fmt.Fprintf(w, "    first delivery %.2fs after exec; receiver complete at %.2fs; status rows complete at %.2fs\n",
+				d.FirstArrivalSecs, d.ReceivedSecs, d.Seconds)
+			if d.Spilled >= 0 {
+				fmt.Fprintf(w, "    spilled to relay.deliveries and loaded back: %.0f / %.0f\n", d.Spilled, d.Loaded)
+			}
+		}
+		if ratio := r.Ratio(); ratio > 0 {
+			fmt.Fprintf(w, "  relay / bare                %11.2fx   target >= %.2fx  %s\n", ratio, TargetDrainRatio, verdict(ratio >= TargetDrainRatio))
+		}
+	}
+	if r.Latency != nil || r.BareLatency != nil {
+		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing\n", r.Rate, r.DurationSecs)
+		row := func(name string, l *Latency) {
+			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing)
+		}
+		if r.Latency != nil {
+			row("relay, commit -> delivered", r.Latency)
+		}
+		if r.BareLatency != nil {
+			row("bare POST (no database)", r.BareLatency)
+		}
+		if l := r.Latency; l != nil && r.Rate == targetLatencyRate {
+			fmt.Fprintf(w, "  relay p99 target <= %s at %d/s: %s\n", TargetLatencyP99, targetLatencyRate, verdict(l.P99 <= ms(TargetLatencyP99)))
+		}
+	}
+	if r.Drain != nil || r.Latency != nil {
+		fmt.Fprintf(w, "\nrelay cost                 CPU s/10k events  us/event  WAL bytes/event (relay's writes + inserts)\n")
+		if d := r.Drain; d != nil {
+			fmt.Fprintf(w, "  backlog drain            %16.2f %9.1f %9.0f (relay only)\n", d.CPUPer10k, d.CPUPerEvent, d.WALPerEvent)
+		}
+		if l := r.Latency; l != nil && l.Cost != nil {
+			fmt.Fprintf(w, "  steady %5d/s            %16.2f %9.1f %9.0f (inserts and relay)\n", r.Rate, l.Cost.CPUPer10k, l.Cost.CPUPerEvent, l.Cost.WALPerEvent)
+		}
+		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (after drain %.1f MiB)\n", float64(r.RelayPeakRSS)/(1<<20), float64(r.DrainRSS)/(1<<20))
+	}
+}
+
+// Line is the machine-readable result: "BENCH_RESULT " and one JSON object.
+func (r *Result) Line() string {
+	b, err := json.Marshal(struct {
+		*Result
+		Ratio float64 `json:"drain_ratio"`
+	}{r, r.Ratio()})
+	if err != nil {
+		return "BENCH_RESULT {}"
+	}
+	return "BENCH_RESULT " + string(b)
+}
