@@ -21,8 +21,10 @@ test: ## vet and run all tests with the race detector (needs PostgreSQL server b
 	$(GO) vet ./...
 	$(GO) test $(TEST_FLAGS) ./...
 
-bench: ## run the benchmarks (BENCH_TIME=1s)
+bench: ## go test micro-benchmarks (BENCH_TIME=1s), then `outbox-relay bench` (flags in BENCH_ARGS): drain, latency and cost vs bare HTTP
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCH_TIME) ./...
+	$(GO) build -o bin/outbox-relay ./cmd/outbox-relay
+	./bin/outbox-relay bench $(BENCH_ARGS)
 
 lint: ## gofmt, go vet and staticcheck (pinned)
 	@unformatted="$$(gofmt -l .)"; \

@@ -164,7 +164,10 @@ func verdict(ok bool) string {
 // Table writes the figures for people.
 func (r *Result) Table(w io.Writer) {
 	fmt.Fprintf(w, "\noutbox-relay bench: %d CPUs, %s, PostgreSQL %s (durable: fsync on)\n", r.CPUs, r.GoVersion, r.PostgresVersion)
-	fmt.Fprintf(w, "%d events x %d-byte bodies, %d workers, signatures verified by receiver: %t\n", r.Events, r.BodyBytes, r.Workers, r.VerifySignatures)
+	if r.Bare != nil || r.Drain != nil {
+		fmt.Fprintf(w, "backlog of %d events, ", r.Events)
+	}
+	fmt.Fprintf(w, "%d-byte bodies, %d workers, signatures verified by receiver: %t\n", r.BodyBytes, r.Workers, r.VerifySignatures)
 	if r.InsertPerSec > 0 {
 		fmt.Fprintf(w, "backlog inserted at %.0f rows/s in %d-row transactions, %.0f WAL bytes/event\n", r.InsertPerSec, r.TxnRows, r.InsertWALPerEvent)
 	}
