@@ -129,16 +129,16 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("BodyBytes must be at least 64 (got %d)", c.BodyBytes))
 	}
 	if c.Duration < 0 {
-		errs = append(errs, fmt.Errorf("Duration must not be negative (got %s)", c.Duration))
+		errs = append(errs, fmt.Errorf("negative Duration (got %s)", c.Duration))
 	}
 	for _, p := range c.Phases {
 		if !slices.Contains(AllPhases, p) {
-			errs = append(errs, fmt.Errorf("Phases: unknown phase %q", p))
+			errs = append(errs, fmt.Errorf("unknown phase %q in Phases", p))
 		}
 	}
 	needRelay := len(c.Phases) == 0 || slices.Contains(c.Phases, PhaseDrain) || slices.Contains(c.Phases, PhaseLatency)
 	if needRelay && c.RelayExe == "" {
-		errs = append(errs, errors.New("RelayExe is required for the drain and latency phases"))
+		errs = append(errs, errors.New("the drain and latency phases need RelayExe (the outbox-relay binary)"))
 	}
 	return errors.Join(errs...)
 }
