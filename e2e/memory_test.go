@@ -104,34 +104,47 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 	}
 }
 
-// A slow receiver fills the queue: deliveries that do not fit are spilled
-// as pending rows and loaded back, and all arrive exactly as recorded.
-func TestSpilledDeliveriesAreLoadedBack(t *testing.T) {
-	const events = 4000
+// A receiver that does not keep up fills the queue: once it has stayed
+// full, the slow endpoint's deliveries past its share are spilled as
+// pending rows (and loaded back later), so another tenant's events behind
+// them in the WAL are not held up. All arrive exactly as recorded.
+func TestSpillKeepsOtherTenantsFlowing(t *testing.T) {
+	const slowEvents, fastEvents = 400, 2000
 	url, pool := database(t)
-	rcv := newReceiver(t)
-	rcv.fail = func() int { time.Sleep(5 * time.Millisecond); return 204 }
+	slow, fast := newReceiver(t), newReceiver(t)
+	slow.fail = func() int { time.Sleep(100 * time.Millisecond); return 204 }
 	ctx := context.Background()
-	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('ep', 't', $1, ARRAY[$2])`, rcv.srv.URL, rcv.secret); err != nil {
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, max_in_flight) VALUES
+  ('slow', 'a', $1, ARRAY[$2], 5), ('fast', 'b', $3, ARRAY[$4], NULL)`, slow.srv.URL, slow.secret, fast.srv.URL, fast.secret); err != nil {
 		t.Fatal(err)
 	}
 	addr := freeAddr(t)
 	startRelay(t, relayArgs(url, "--queue-events", "200", "--workers", "16", "--http-addr", addr)...)
-	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', jsonb_build_object('i', i) FROM generate_series(1, $1::int) i`, events); err != nil {
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'a', 'e', jsonb_build_object('i', i) FROM generate_series(1, $1::int) i`, slowEvents); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'b', 'e', jsonb_build_object('i', i) FROM generate_series(1, $1::int) i`, fastEvents); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the fast tenant's events", time.Minute, func() bool { d, _, _, _ := fast.stats(); return d == fastEvents })
+	if d, _, _, _ := slow.stats(); d >= slowEvents {
+		t.Errorf("the slow endpoint finished (%d) before the fast tenant got through: nothing was spilled past it", d)
+	}
 	waitFor(t, "every delivery to succeed", 2*time.Minute, func() bool {
-		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == events
+		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == slowEvents+fastEvents
 	})
 	m := scrape(t, addr)
 	if m["outbox_relay_spilled_total"] == 0 || m["outbox_relay_loaded_total"] == 0 {
 		t.Errorf("spilled %v, loaded %v: the queue bound was never reached", m["outbox_relay_spilled_total"], m["outbox_relay_loaded_total"])
 	}
 	t.Logf("spilled %v, loaded %v", m["outbox_relay_spilled_total"], m["outbox_relay_loaded_total"])
-	if distinct, total, _, _ := rcv.stats(); distinct != events || total != events {
-		t.Errorf("receiver: %d requests for %d events, want %d each", total, distinct, events)
+	for name, r := range map[string]*receiver{"slow": slow, "fast": fast} {
+		want := map[string]int{"slow": slowEvents, "fast": fastEvents}[name]
+		if distinct, total, _, _ := r.stats(); distinct != want || total != want {
+			t.Errorf("%s receiver: %d requests for %d events, want %d each", name, total, distinct, want)
+		}
 	}
-	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != events {
-		t.Errorf("%d rows, want %d", n, events)
+	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != slowEvents+fastEvents {
+		t.Errorf("%d rows, want %d", n, slowEvents+fastEvents)
 	}
 }

@@ -342,33 +342,51 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 	return keep(queue), keep(final), nil
 }
 
+// spillAfter is how long a full queue must stay full before deliveries
+// are spilled: a backlog that workers are draining waits instead (the WAL
+// keeps it), which costs Postgres far less than writing it twice.
+const spillAfter = time.Second
+
 // enqueue hands deliveries to the scheduler under the overflow policy.
 func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
-	if r.cfg.Overflow == OverflowBlock {
-		// Wait for room; meanwhile the stream keeps sending status
-		// updates and the WAL waits in the slot.
-		for !r.sched.waitRoom(len(ds), ctx.Done(), time.Second) {
-			if ctx.Err() != nil {
-				return
-			}
+	var fullSince time.Time
+	for len(ds) > 0 {
+		ds = r.sched.push(ds, true)
+		if len(ds) == 0 || ctx.Err() != nil {
+			return
 		}
-		r.sched.push(ds, false)
-		return
+		// Full. Meanwhile the stream keeps sending status updates and
+		// the WAL waits in the slot.
+		if fullSince.IsZero() {
+			fullSince = time.Now()
+		}
+		if r.cfg.Overflow == OverflowBlock {
+			r.sched.waitRoom(1, ctx.Done(), time.Second)
+			continue
+		}
+		if left := spillAfter - time.Since(fullSince); left > 0 {
+			r.sched.waitRoom(1, ctx.Done(), left)
+			continue
+		}
+		// This batch has waited spillAfter: the queue is not draining
+		// fast enough. Endpoints over their share spill; the others
+		// still get in.
+		rest := r.sched.pushShare(ds)
+		ds = nil
+		if len(rest) == 0 {
+			return
+		}
+		now := r.now()
+		for _, d := range rest {
+			d.state = StatePending
+			d.nextAttempt = now
+			d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
+		}
+		r.stats.Spilled.Add(int64(len(rest)))
+		r.metrics.spilled.Add(float64(len(rest)))
+		r.spilled.Store(true)
+		r.writer.add(rest...)
 	}
-	rest := r.sched.push(ds, true)
-	if len(rest) == 0 {
-		return
-	}
-	now := r.now()
-	for _, d := range rest {
-		d.state = StatePending
-		d.nextAttempt = now
-		d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
-	}
-	r.stats.Spilled.Add(int64(len(rest)))
-	r.metrics.spilled.Add(float64(len(rest)))
-	r.spilled.Store(true)
-	r.writer.add(rest...)
 }
 
 // evict records deliveries of a long-parked endpoint as pending rows due
@@ -382,7 +400,7 @@ func (r *Relay) evict(ds []*delivery, until time.Time) {
 	}
 	r.stats.Spilled.Add(int64(len(ds)))
 	r.metrics.spilled.Add(float64(len(ds)))
-	r.writer.add(ds...)
+	r.writer.addNoWait(ds...) // called under the scheduler's lock
 }
 
 // loadLoop claims due retries and spilled deliveries from

@@ -196,9 +196,7 @@ func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
 	}
 	out := make([]*delivery, 0, q.items.len())
 	for q.items.len() > 0 {
-		d := q.items.pop()
-		s.count--
-		s.bytes -= d.size()
+		d := s.popLocked(q)
 		out = append(out, d)
 	}
 	s.signalRoomLocked()

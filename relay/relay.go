@@ -135,7 +135,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
 		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
+		maxBuffered: 4 * r.cfg.StatusBatch,
 	}
+	r.writer.space = sync.NewCond(&r.writer.mu)
 	r.log.Info("relay active", slog.String("slot", r.cfg.SlotName), slog.Int("workers", r.cfg.Workers),
 		slog.String("overflow", string(r.cfg.Overflow)), slog.String("recorded_lsn", r.recorded.String()))
 
@@ -187,6 +189,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	case <-time.After(r.cfg.ShutdownGrace):
 		r.log.Warn("in-flight attempts cut short by shutdown; they stay pending", slog.Duration("grace", r.cfg.ShutdownGrace))
 		stopWork()
+		r.writer.release()
 		<-workersDone
 	}
 	stopWriter()

@@ -79,6 +79,7 @@ type scheduler struct {
 	credit    int
 
 	count, bytes       int
+	active             int // endpoint queues with deliveries waiting
 	busy               int // deliveries handed to workers and not done
 	maxCount, maxBytes int
 	maxInFlight        int
@@ -149,9 +150,7 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	}
 	var out []*delivery
 	for q.items.len() > 0 {
-		d := q.items.pop()
-		s.count--
-		s.bytes -= d.size()
+		d := s.popLocked(q)
 		out = append(out, d)
 	}
 	s.signalRoomLocked()
@@ -179,9 +178,7 @@ func (s *scheduler) removeEndpoint(id string) []*delivery {
 	}
 	var out []*delivery
 	for q.items.len() > 0 {
-		d := q.items.pop()
-		s.count--
-		s.bytes -= d.size()
+		d := s.popLocked(q)
 		out = append(out, d)
 	}
 	if q.inFlight == 0 {
@@ -248,9 +245,7 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 			q = s.newQueueLocked(d.ep, d.tenantID)
 			s.endpoints[d.endpointID] = q
 		}
-		q.items.push(d)
-		s.count++
-		s.bytes += d.size()
+		s.pushLocked(q, d)
 		s.makeReadyLocked(q)
 		added = true
 	}
@@ -260,6 +255,60 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 		s.work.Signal()
 	}
 	return rest
+}
+
+func (s *scheduler) pushLocked(q *endpointQueue, d *delivery) {
+	if q.items.len() == 0 {
+		s.active++
+	}
+	q.items.push(d)
+	s.count++
+	s.bytes += d.size()
+}
+
+func (s *scheduler) popLocked(q *endpointQueue) *delivery {
+	d := q.items.pop()
+	if q.items.len() == 0 {
+		s.active--
+	}
+	s.count--
+	s.bytes -= d.size()
+	return d
+}
+
+// pushShare queues deliveries when the queues are full and stayed full:
+// a delivery whose endpoint holds less than its share of the bound
+// (bound / endpoints with work waiting) is queued anyway, up to twice the
+// bound in all; the others are returned, to be spilled. So an endpoint
+// that does not drain cannot keep others' events in the WAL, and memory
+// stays bounded.
+func (s *scheduler) pushShare(ds []*delivery) (spill []*delivery) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	added := false
+	for _, d := range ds {
+		q := s.endpoints[d.endpointID]
+		if q == nil {
+			q = s.newQueueLocked(d.ep, d.tenantID)
+			s.endpoints[d.endpointID] = q
+		}
+		active := s.active
+		if q.items.len() == 0 {
+			active++
+		}
+		share := max(1, s.maxCount/max(1, active))
+		if q.items.len() >= share || s.count >= 2*s.maxCount || s.bytes >= 2*s.maxBytes {
+			spill = append(spill, d)
+			continue
+		}
+		s.pushLocked(q, d)
+		s.makeReadyLocked(q)
+		added = true
+	}
+	if added && s.idle > 0 {
+		s.work.Signal()
+	}
+	return spill
 }
 
 // makeReadyLocked puts q on its tenant's ready list if it can be served.
@@ -329,12 +378,10 @@ func (s *scheduler) pickLocked() *delivery {
 			}
 			continue
 		}
-		d := q.items.pop()
+		d := s.popLocked(q)
 		d.breakerDone = done
 		q.inFlight++
 		s.busy++
-		s.count--
-		s.bytes -= d.size()
 		s.credit--
 		s.makeReadyLocked(q)
 		if s.count < s.maxCount/2 {
@@ -367,16 +414,20 @@ func (s *scheduler) signalRoomLocked() {
 }
 
 // waitRoom blocks until n deliveries fit, done is closed, or the timeout
-// passes; it reports whether they fit.
+// passes; it reports whether they fit. It looks every 10ms as well as on
+// the room signal, which only fires once the queues are half empty.
 func (s *scheduler) waitRoom(n int, done <-chan struct{}, timeout time.Duration) bool {
-	t := time.NewTimer(timeout)
-	defer t.Stop()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
 	for !s.hasRoom(min(n, s.maxCount)) {
 		select {
 		case <-s.room:
+		case <-tick.C:
 		case <-done:
 			return false
-		case <-t.C:
+		case <-deadline.C:
 			return false
 		}
 	}

@@ -200,13 +200,33 @@ type writer struct {
 	written   func(rows []*delivery) // called after each durable batch; may be nil
 	writeSecs prometheus.Histogram   // may be nil
 
-	mu   sync.Mutex
-	buf  []*delivery
-	kick chan struct{}
+	mu          sync.Mutex
+	buf         []*delivery
+	space       *sync.Cond // signalled when buf shrinks
+	maxBuffered int        // add waits while this many rows wait
+	released    bool
+	kick        chan struct{}
 }
 
+// add queues rows for the next write. It waits while maxBuffered rows are
+// already waiting, so a writer that falls behind (or a database that is
+// down) slows deliveries and spills instead of growing memory.
 func (w *writer) add(ds ...*delivery) {
 	w.mu.Lock()
+	for len(w.buf) >= w.maxBuffered && !w.released {
+		w.space.Wait()
+	}
+	w.addLocked(ds)
+}
+
+// addNoWait queues rows even past the bound, for callers that hold other
+// locks; what they add is bounded by the queues they empty.
+func (w *writer) addNoWait(ds ...*delivery) {
+	w.mu.Lock()
+	w.addLocked(ds)
+}
+
+func (w *writer) addLocked(ds []*delivery) {
 	w.buf = append(w.buf, ds...)
 	full := len(w.buf) >= w.maxBatch
 	w.mu.Unlock()
@@ -230,7 +250,17 @@ func (w *writer) take() []*delivery {
 	rest := copy(w.buf, w.buf[n:])
 	clear(w.buf[rest:])
 	w.buf = w.buf[:rest]
+	w.space.Broadcast()
 	return out
+}
+
+// release stops add from waiting: at shutdown nothing may block on a
+// writer that can no longer write.
+func (w *writer) release() {
+	w.mu.Lock()
+	w.released = true
+	w.space.Broadcast()
+	w.mu.Unlock()
 }
 
 // run writes until ctx is done, then drains what is left with a short
@@ -249,6 +279,7 @@ func (w *writer) run(ctx context.Context) {
 				}
 			}
 			cancel()
+			w.release()
 			return
 		case <-t.C:
 		case <-w.kick:
