@@ -51,7 +51,8 @@ type Config struct {
 	// StatusBatch is the most status rows written per round trip. Default 2000.
 	StatusBatch int
 	// StatusInterval is the longest a status row waits to be written.
-	// Default 5ms.
+	// It bounds how much a crash can deliver twice, not delivery latency.
+	// Default 20ms.
 	StatusInterval time.Duration
 
 	// RetrySchedule is the delay before each attempt; entry 0 is the
@@ -131,7 +132,7 @@ func (c Config) withDefaults() Config {
 	c.Overflow = cmp.Or(c.Overflow, OverflowSpill)
 	c.MaxPayloadBytes = cmp.Or(c.MaxPayloadBytes, 256<<10)
 	c.StatusBatch = cmp.Or(c.StatusBatch, 2000)
-	c.StatusInterval = cmp.Or(c.StatusInterval, 5*time.Millisecond)
+	c.StatusInterval = cmp.Or(c.StatusInterval, 20*time.Millisecond)
 	if c.RetrySchedule == nil {
 		c.RetrySchedule = DefaultRetrySchedule
 	}

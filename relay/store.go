@@ -455,7 +455,7 @@ WITH due AS (
 UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
 FROM due WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
 RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts, d.payload::text, d.headers::text,
-    d.traceparent, d.commit_lsn::text, d.committed_at, d.first_attempt_at`
+    d.traceparent, (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at`
 
 // claimDue claims up to n due pending or retrying deliveries for lease.
 func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration) ([]*delivery, error) {
@@ -468,7 +468,8 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 	for rows.Next() {
 		d := &delivery{persisted: true}
 		var payload string
-		var headers, tp, lsn *string
+		var headers, tp *string
+		var lsn *int64
 		var committed, first *time.Time
 		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first); err != nil {
 			return nil, fmt.Errorf("claim due deliveries: %w", err)
@@ -481,7 +482,7 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 			d.traceparent = *tp
 		}
 		if lsn != nil {
-			d.commitLSN, _ = pglogrepl.ParseLSN(*lsn)
+			d.commitLSN = cdc.LSN(*lsn)
 		}
 		if committed != nil {
 			d.committedAt = *committed
