@@ -2,6 +2,7 @@ package relay
 
 import (
 	"cmp"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -88,6 +89,9 @@ type Config struct {
 	// AllowNetworks opens holes in the SSRF guard (e.g. 127.0.0.0/8 for
 	// local receivers). Default: none.
 	AllowNetworks []netip.Prefix
+	// RootCAs, when set, replaces the system's CA pool for verifying
+	// receivers' TLS certificates. Verification is always on.
+	RootCAs *x509.CertPool
 	// UserAgent is sent with every request. Default "outbox-relay".
 	UserAgent string
 

@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -44,6 +46,7 @@ type runFlags struct {
 	httpAddr   string
 	configFile string
 	preset     string
+	caBundle   string
 }
 
 const runSynopsis = `Stream relay.outbox through logical replication and deliver signed webhooks.
@@ -63,6 +66,7 @@ func newRunFlags(name, synopsis string, out io.Writer) (*flag.FlagSet, *runFlags
 	fs.DurationVar(&rf.cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
 	fs.DurationVar(&rf.cfg.AutoDisableAfter, "auto-disable-after", 5*24*time.Hour, "disable an endpoint that has failed continuously this long; its pending deliveries become dead letters")
 	fs.StringVar(&rf.configFile, "config", "", "optional settings file: \"name: value\" lines, names as the flags")
+	fs.StringVar(&rf.caBundle, "ca-bundle", "", "PEM file of CA certificates to trust for receivers' TLS instead of the system's")
 	fs.StringVar(&rf.preset, "preset", "", "sizing preset: small, medium or large (see README); default: the flags' defaults")
 	return fs, rf
 }
@@ -76,6 +80,16 @@ func (rf *runFlags) relayConfig(log *slog.Logger) (relay.Config, error) {
 	cfg.Logger = log
 	if cfg.RetryJitter == 0 {
 		cfg.RetryJitter = -1 // an explicit 0 means no jitter
+	}
+	if rf.caBundle != "" {
+		pem, err := os.ReadFile(rf.caBundle)
+		if err != nil {
+			return cfg, fmt.Errorf("--ca-bundle: %w", err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(pem) {
+			return cfg, fmt.Errorf("--ca-bundle: %s holds no PEM certificate", rf.caBundle)
+		}
 	}
 	return cfg, cfg.Validate()
 }

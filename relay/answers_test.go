@@ -1,0 +1,121 @@
+package relay
+
+import (
+	"crypto/x509"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// 429 with Retry-After waits at least that long, even when the schedule
+// says sooner.
+func TestRetryAfterIsHonoured(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	rcv.answer = func(n int, _ *http.Request) int {
+		if n == 0 {
+			return http.StatusTooManyRequests
+		}
+		return 200
+	}
+	retryAfter := rcv.srv.Config.Handler
+	rcv.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Retry-After", "1")
+		retryAfter.ServeHTTP(w, r)
+	})
+	e.addEndpoint("ep", "t", rcv)
+	e.startRelay(nil) // schedule 0, 50ms, ...
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.waitFor("success", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	})
+	reqs := rcv.requests()
+	if len(reqs) != 2 {
+		t.Fatalf("%d attempts, want 2", len(reqs))
+	}
+	if gap := reqs[1].at.Sub(reqs[0].at); gap < time.Second {
+		t.Errorf("retried %s after a 429 with Retry-After: 1", gap)
+	}
+}
+
+// A receiver that hangs past the endpoint's timeout, and one that resets
+// the connection, are retried; the attempt rows name the class.
+func TestTimeoutsAndResetsRetry(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	slow, reset := newReceiver(t), newReceiver(t)
+	slow.answer = func(n int, _ *http.Request) int {
+		if n == 0 {
+			time.Sleep(600 * time.Millisecond)
+		}
+		return 200
+	}
+	var answered atomic.Bool
+	inner := reset.srv.Config.Handler
+	reset.srv.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !answered.Swap(true) {
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.(*net.TCPConn).SetLinger(0)
+			conn.Close()
+			return
+		}
+		inner.ServeHTTP(w, r)
+	})
+	e.addEndpoint("slow", "t", slow)
+	e.addEndpoint("reset", "t", reset)
+	e.exec(`UPDATE relay.endpoints SET timeout_ms = 200 WHERE id = 'slow'`)
+	e.startRelay(nil)
+	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.waitFor("both succeeded", 20*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 2`) == 2
+	})
+	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'slow' AND error_class = 'timeout'`); n != 1 {
+		t.Errorf("%d timeout attempt rows for the slow receiver, want 1", n)
+	}
+	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'reset' AND error_class IN ('connection_reset', 'eof')`); n != 1 {
+		t.Errorf("%d reset attempt rows, want 1", n)
+	}
+}
+
+// TLS is verified: a receiver with a certificate nobody trusts fails (and
+// is retried); with its CA in RootCAs it succeeds.
+func TestTLSVerification(t *testing.T) {
+	t.Parallel()
+	got := make(chan struct{}, 10)
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		got <- struct{}{}
+		w.WriteHeader(204)
+	}))
+	t.Cleanup(srv.Close)
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+	for _, trusted := range []bool{false, true} {
+		e := newEnv(t)
+		rcv := newReceiver(t) // only for its secret
+		e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('tls', 't', $1, ARRAY[$2])`, srv.URL, rcv.secret)
+		_, stop := e.startRelay(func(c *Config) {
+			c.RetrySchedule = []time.Duration{0}
+			if trusted {
+				c.RootCAs = pool
+			}
+		})
+		e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+		want := map[bool]string{false: "dead", true: "succeeded"}[trusted]
+		e.waitFor(want, 20*time.Second, func() bool {
+			return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = $1`, want) == 1
+		})
+		if !trusted {
+			if n := e.count(`SELECT count(*) FROM relay.attempts WHERE error_class = 'tls'`); n != 1 {
+				t.Errorf("untrusted certificate: %d tls attempt rows, want 1", n)
+			}
+		}
+		stop()
+	}
+	if len(got) != 1 {
+		t.Errorf("the TLS receiver handled %d requests, want 1 (the trusted one)", len(got))
+	}
+}
