@@ -254,3 +254,20 @@ func hasAll(s string, parts ...string) bool {
 	}
 	return true
 }
+
+// runBinary runs the outbox-relay binary to completion.
+func runBinary(args ...string) (string, error) {
+	out, err := exec.Command(binary, args...).CombinedOutput()
+	return string(out), err
+}
+
+// connect opens a pool closed when the test ends.
+func connect(t *testing.T, url string) *pgxpool.Pool {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}

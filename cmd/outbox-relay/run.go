@@ -63,6 +63,7 @@ func newRunFlags(name, synopsis string, out io.Writer) (*flag.FlagSet, *runFlags
 	rf.log.register(fs)
 	fs.StringVar(&rf.httpAddr, "http-addr", ":9465", "address for /healthz, /readyz and /metrics; empty disables")
 	fs.Int64Var(&rf.cfg.SlotWarnBytes, "slot-warn-bytes", 1<<30, "warn when the slot retains this much WAL; negative disables")
+	fs.DurationVar(&rf.cfg.SlotCheckInterval, "slot-check-interval", 10*time.Second, "how often slot lag and retained WAL are read")
 	fs.DurationVar(&rf.cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
 	fs.DurationVar(&rf.cfg.AutoDisableAfter, "auto-disable-after", 5*24*time.Hour, "disable an endpoint that has failed continuously this long; its pending deliveries become dead letters")
 	fs.StringVar(&rf.configFile, "config", "", "optional settings file: \"name: value\" lines, names as the flags")
