@@ -80,20 +80,6 @@ func (d *delivery) size() int {
 	return len(d.payload) + len(d.headers) + 256
 }
 
-func uuidString(id [16]byte) string {
-	var b [36]byte
-	hex.Encode(b[0:8], id[0:4])
-	b[8] = '-'
-	hex.Encode(b[9:13], id[4:6])
-	b[13] = '-'
-	hex.Encode(b[14:18], id[6:8])
-	b[18] = '-'
-	hex.Encode(b[19:23], id[8:10])
-	b[23] = '-'
-	hex.Encode(b[24:], id[10:])
-	return string(b[:])
-}
-
 // parseUUID reads the canonical text form (with or without dashes).
 func parseUUID(s []byte) ([16]byte, bool) {
 	var id [16]byte

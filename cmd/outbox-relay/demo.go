@@ -267,6 +267,9 @@ func demo(ctx context.Context, txnsPerProducer int, timeout time.Duration, log *
 	var lines []line
 	rows, err := pool.Query(context.Background(), `SELECT endpoint_id, state, count(*)::int, round(avg(attempts), 2)::float8
 FROM relay.deliveries GROUP BY 1, 2 ORDER BY 1, 2`)
+	if err != nil {
+		return err
+	}
 	var l line
 	_, err = pgx.ForEachRow(rows, []any{&l.ep, &l.state, &l.n, &l.attempts}, func() error { lines = append(lines, l); return nil })
 	if err != nil {
