@@ -27,10 +27,17 @@ const (
 	PhaseDrain       = "drain"        // the relay drains the backlog
 	PhaseLatency     = "latency"      // steady producer, relay delivers
 	PhaseBareLatency = "bare-latency" // steady direct POSTs, no database
+	PhaseFairness    = "fairness"     // tenant B's latency with and without tenant A's slow backlog (relay)
+	PhasePeerDrain   = "peer-drain"   // the polling peer (bench/pollrelay) drains the backlog
+	PhasePeerLatency = "peer-latency" // steady producer, the polling peer delivers
 )
 
-// AllPhases is the default: every phase.
-var AllPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency}
+// AllPhases is the default.
+var AllPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhasePeerDrain, PhasePeerLatency}
+
+// KnownPhases is every phase, in the order Run runs them. The fairness
+// phase is opt-in: it takes a minute and more.
+var KnownPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhaseFairness, PhasePeerDrain, PhasePeerLatency}
 
 // ParsePhases parses a comma-separated phase list.
 func ParsePhases(s string) ([]string, error) {
@@ -43,8 +50,8 @@ func ParsePhases(s string) ([]string, error) {
 		if p == "all" {
 			return AllPhases, nil
 		}
-		if !slices.Contains(AllPhases, p) {
-			return nil, fmt.Errorf("unknown phase %q (want %s or all)", p, strings.Join(AllPhases, ", "))
+		if !slices.Contains(KnownPhases, p) {
+			return nil, fmt.Errorf("unknown phase %q (want %s or all)", p, strings.Join(KnownPhases, ", "))
 		}
 		if !slices.Contains(out, p) {
 			out = append(out, p)
@@ -93,6 +100,11 @@ type Config struct {
 	VerifySignatures bool
 	// Timeout bounds each phase's wait for the last delivery. Default 5m.
 	Timeout time.Duration
+	// FairBacklog is tenant A's backlog in the fairness phase. Default 100,000.
+	FairBacklog int
+	// FairDelay is how long tenant A's receiver takes to answer in the
+	// fairness phase. Default 20ms.
+	FairDelay time.Duration
 
 	// Progress receives one line per step. Default: discard.
 	Progress io.Writer
@@ -110,6 +122,8 @@ func (c Config) withDefaults() Config {
 	c.Duration = cmp.Or(c.Duration, 20*time.Second)
 	c.Producers = cmp.Or(c.Producers, 4)
 	c.Timeout = cmp.Or(c.Timeout, 5*time.Minute)
+	c.FairBacklog = cmp.Or(c.FairBacklog, 100_000)
+	c.FairDelay = cmp.Or(c.FairDelay, 20*time.Millisecond)
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -132,13 +146,13 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("negative Duration (got %s)", c.Duration))
 	}
 	for _, p := range c.Phases {
-		if !slices.Contains(AllPhases, p) {
+		if !slices.Contains(KnownPhases, p) {
 			errs = append(errs, fmt.Errorf("unknown phase %q in Phases", p))
 		}
 	}
-	needRelay := len(c.Phases) == 0 || slices.Contains(c.Phases, PhaseDrain) || slices.Contains(c.Phases, PhaseLatency)
+	needRelay := len(c.Phases) == 0 || slices.ContainsFunc(c.Phases, func(p string) bool { return p != PhaseBare && p != PhaseBareLatency })
 	if needRelay && c.RelayExe == "" {
-		errs = append(errs, errors.New("the drain and latency phases need RelayExe (the outbox-relay binary)"))
+		errs = append(errs, errors.New("every phase but bare and bare-latency needs RelayExe (the outbox-relay binary; the peer's table is made LIKE relay.outbox)"))
 	}
 	return errors.Join(errs...)
 }
@@ -151,18 +165,22 @@ const (
 	tagLatency     uint32 = 0xbe000003
 	tagBareLatency uint32 = 0xbe000004
 	tagProbe       uint32 = 0xbe000005
+	// 0xbe000006 to 0xbe00000f: peer.go and fairness.go.
 )
 
 // run is the state of one Run.
 type run struct {
-	cfg     Config
-	res     *Result
-	pool    *pgxpool.Pool
-	dbURL   string
-	rcv     *receiver
-	secret  signer.Secret
-	relay   *relayProc
-	backlog bool // the backlog has been inserted
+	cfg    Config
+	res    *Result
+	pool   *pgxpool.Pool
+	dbURL  string
+	rcv    *receiver
+	secret signer.Secret
+	// secretText is secret as relay.endpoints stores it.
+	secretText string
+	relay      *relayProc
+	backlog    bool // the backlog has been inserted
+	retired    bool // the relay was stopped for the peer's phases
 }
 
 // Run starts a durable throwaway cluster and a receiver, runs the phases,
@@ -204,7 +222,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := r.setup(ctx); err != nil {
 		return nil, err
 	}
-	for _, phase := range AllPhases { // fixed order, whatever the flag's order
+	for _, phase := range KnownPhases { // fixed order, whatever the flag's order
 		if !slices.Contains(cfg.Phases, phase) {
 			continue
 		}
@@ -218,6 +236,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			err = r.latency(ctx)
 		case PhaseBareLatency:
 			err = r.bareLatency(ctx)
+		case PhaseFairness:
+			err = r.fairness(ctx)
+		case PhasePeerDrain:
+			err = r.peerDrain(ctx)
+		case PhasePeerLatency:
+			err = r.peerLatency(ctx)
 		}
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", phase, err)
@@ -251,6 +275,7 @@ func (r *run) setup(ctx context.Context) error {
 		return err
 	}
 	secret := "whsec_" + base64.StdEncoding.EncodeToString(key)
+	r.secretText = secret
 	var err error
 	if r.secret, err = signer.ParseSecret(secret); err != nil {
 		return err

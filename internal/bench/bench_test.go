@@ -113,7 +113,8 @@ func TestRunTiny(t *testing.T) {
 		name string
 		got  Counts
 		want int64
-	}{{"bare", res.Bare.Counts, 2000}, {"drain", res.Drain.Counts, 2000}, {"latency", res.Latency.Counts, 400}, {"bare latency", res.BareLatency.Counts, 400}} {
+	}{{"bare", res.Bare.Counts, 2000}, {"drain", res.Drain.Counts, 2000}, {"latency", res.Latency.Counts, 400}, {"bare latency", res.BareLatency.Counts, 400},
+		{"peer drain", res.PeerDrain.Counts, 2000}, {"peer latency", res.PeerLatency.Counts, 400}} {
 		if c.got.Distinct != c.want || c.got.Requests != c.want {
 			t.Errorf("%s: %d distinct of %d requests, want %d of %d", c.name, c.got.Distinct, c.got.Requests, c.want, c.want)
 		}
@@ -143,6 +144,9 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (Config{}).Validate(); err == nil {
 		t.Error("no RelayExe: want an error")
+	}
+	if p, err := ParsePhases("fairness,peer-drain"); err != nil || len(p) != 2 {
+		t.Errorf("ParsePhases(fairness,peer-drain) = %v, %v", p, err)
 	}
 	if _, err := ParsePhases("drain,nope"); err == nil {
 		t.Error("unknown phase: want an error")

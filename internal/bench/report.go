@@ -37,6 +37,9 @@ type Result struct {
 	Drain       *Drain      `json:"drain,omitempty"`
 	Latency     *Latency    `json:"latency,omitempty"`
 	BareLatency *Latency    `json:"bare_latency,omitempty"`
+	Fairness    *Fairness   `json:"fairness,omitempty"`
+	PeerDrain   *PeerDrain  `json:"peer_drain,omitempty"`
+	PeerLatency *Latency    `json:"peer_latency,omitempty"`
 
 	DrainRSS     int64 `json:"relay_peak_rss_after_drain_bytes,omitempty"`
 	RelayPeakRSS int64 `json:"relay_peak_rss_bytes,omitempty"`
@@ -143,6 +146,15 @@ func (r *Result) Clean() bool {
 	if r.BareLatency != nil {
 		ok = ok && r.BareLatency.Counts.Clean()
 	}
+	if f := r.Fairness; f != nil {
+		ok = ok && f.Idle.Counts.Clean() && f.Busy.Counts.Clean() && f.A.Clean()
+	}
+	if r.PeerDrain != nil {
+		ok = ok && r.PeerDrain.Counts.Clean() && r.PeerDrain.LeftRows == 0
+	}
+	if r.PeerLatency != nil {
+		ok = ok && r.PeerLatency.Counts.Clean()
+	}
 	return ok
 }
 
@@ -153,6 +165,25 @@ func (r *Result) Ratio() float64 {
 	}
 	return r.Drain.PerSec / r.Bare.PerSec
 }
+
+// PeerRatio is the polling peer's drain rate over the bare client's, or 0.
+func (r *Result) PeerRatio() float64 {
+	if r.PeerDrain == nil || r.Bare == nil || r.Bare.PerSec == 0 {
+		return 0
+	}
+	return r.PeerDrain.PerSec / r.Bare.PerSec
+}
+
+// RelayOverPeer is the relay's drain rate over the polling peer's, or 0.
+func (r *Result) RelayOverPeer() float64 {
+	if r.PeerDrain == nil || r.Drain == nil || r.PeerDrain.PerSec == 0 {
+		return 0
+	}
+	return r.Drain.PerSec / r.PeerDrain.PerSec
+}
+
+// TargetRelayOverPeer: relay backlog throughput ≥ 1.2 × the polling peer (issue 6).
+const TargetRelayOverPeer = 1.2
 
 func verdict(ok bool) string {
 	if ok {
@@ -185,11 +216,22 @@ func (r *Result) Table(w io.Writer) {
 				fmt.Fprintf(w, "    spilled to relay.deliveries and loaded back: %.0f / %.0f\n", d.Spilled, d.Loaded)
 			}
 		}
+		if d := r.PeerDrain; d != nil {
+			fmt.Fprintf(w, "  polling peer (bench/pollrelay) %9.0f %8.2f %8d %8d %6d\n", d.PerSec, d.Seconds, d.Duplicates, d.Missing, d.Unexpected+d.BadBodies+d.BadSigs+int64(d.LeftRows))
+			fmt.Fprintf(w, "    first delivery %.2fs after start; receiver complete at %.2fs; table empty at %.2fs; %d claims, %d failed posts; %.0f WAL bytes/event\n",
+				d.FirstArrivalSecs, d.ReceivedSecs, d.Seconds, d.Claims, d.FailedPosts, d.WALPerEvent)
+		}
 		if ratio := r.Ratio(); ratio > 0 {
 			fmt.Fprintf(w, "  relay / bare                %11.2fx   target >= %.2fx  %s\n", ratio, TargetDrainRatio, verdict(ratio >= TargetDrainRatio))
 		}
+		if ratio := r.PeerRatio(); ratio > 0 {
+			fmt.Fprintf(w, "  peer / bare                 %11.2fx\n", ratio)
+		}
+		if ratio := r.RelayOverPeer(); ratio > 0 {
+			fmt.Fprintf(w, "  relay / peer                %11.2fx   target >= %.2fx  %s\n", ratio, TargetRelayOverPeer, verdict(ratio >= TargetRelayOverPeer))
+		}
 	}
-	if r.Latency != nil || r.BareLatency != nil {
+	if r.Latency != nil || r.BareLatency != nil || r.PeerLatency != nil {
 		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing\n", r.Rate, r.DurationSecs)
 		row := func(name string, l *Latency) {
 			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing)
@@ -200,9 +242,28 @@ func (r *Result) Table(w io.Writer) {
 		if r.BareLatency != nil {
 			row("bare POST (no database)", r.BareLatency)
 		}
+		if r.PeerLatency != nil {
+			row("polling peer, commit -> deliv.", r.PeerLatency)
+		}
+		if r.Latency != nil && r.PeerLatency != nil && r.Latency.P99 > 0 {
+			fmt.Fprintf(w, "  peer p99 / relay p99: %.1fx\n", r.PeerLatency.P99/r.Latency.P99)
+		}
 		if l := r.Latency; l != nil && r.Rate == targetLatencyRate {
 			fmt.Fprintf(w, "  relay p99 target <= %s at %d/s: %s\n", TargetLatencyP99, targetLatencyRate, verdict(l.P99 <= ms(TargetLatencyP99)))
 		}
+	}
+	if f := r.Fairness; f != nil {
+		fmt.Fprintf(w, "\nfairness (relay): tenant B %d/s for %.0fs to a fast endpoint; tenant A %d events to a receiver answering in %.0f ms\n",
+			r.Rate, r.DurationSecs, f.Backlog, f.SlowMillis)
+		fmt.Fprintf(w, "                                     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing\n")
+		row := func(name string, l *Latency) {
+			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing)
+		}
+		row("B, A idle", f.Idle)
+		row("B, A's backlog draining", f.Busy)
+		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
+			f.AAtStart, f.AAtEnd, f.Backlog, f.ADrainSecs, f.A.Duplicates, f.A.Missing)
+		fmt.Fprintf(w, "  B p99 with backlog / idle: %.2fx   target <= %.1fx  %s\n", f.P99Ratio, f.TargetRatio, verdict(f.P99Ratio <= f.TargetRatio))
 	}
 	if r.Drain != nil || r.Latency != nil {
 		fmt.Fprintf(w, "\nrelay cost                 CPU s/10k events  us/event  WAL bytes/event (relay's writes + inserts)\n")
@@ -220,8 +281,10 @@ func (r *Result) Table(w io.Writer) {
 func (r *Result) Line() string {
 	b, err := json.Marshal(struct {
 		*Result
-		Ratio float64 `json:"drain_ratio"`
-	}{r, r.Ratio()})
+		Ratio         float64 `json:"drain_ratio"`
+		PeerRatio     float64 `json:"peer_drain_ratio,omitempty"`
+		RelayOverPeer float64 `json:"relay_over_peer,omitempty"`
+	}{r, r.Ratio(), r.PeerRatio(), r.RelayOverPeer()})
 	if err != nil {
 		return "BENCH_RESULT {}"
 	}
