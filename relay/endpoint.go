@@ -39,6 +39,7 @@ type Endpoint struct {
 
 	signer      *signer.Signer
 	maxAttempts int
+	u           *url.URL // URL, parsed
 }
 
 // schedule returns the retry schedule in force for this endpoint: its own
@@ -171,10 +172,12 @@ func parseEndpoint(r row) (*Endpoint, error) {
 		}
 		ep.Headers = h
 	}
-	if ep.Invalid == "" {
-		if err := checkURL(ep.URL); err != nil {
+	if u, err := checkURL(ep.URL); err != nil {
+		if ep.Invalid == "" {
 			ep.Invalid = err.Error()
 		}
+	} else {
+		ep.u = u
 	}
 	var secrets []signer.Secret
 	if v, ok := r.text("secrets"); ok {
@@ -203,21 +206,21 @@ func parseEndpoint(r row) (*Endpoint, error) {
 	return ep, nil
 }
 
-func checkURL(raw string) error {
+func checkURL(raw string) (*url.URL, error) {
 	u, err := url.Parse(raw)
 	if err != nil {
-		return fmt.Errorf("invalid url %q: %v", raw, err)
+		return nil, fmt.Errorf("invalid url %q: %v", raw, err)
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
-		return fmt.Errorf("invalid url %q: scheme must be http or https", raw)
+		return nil, fmt.Errorf("invalid url %q: scheme must be http or https", raw)
 	}
 	if u.Host == "" || u.Hostname() == "" {
-		return fmt.Errorf("invalid url %q: no host", raw)
+		return nil, fmt.Errorf("invalid url %q: no host", raw)
 	}
 	if u.User != nil {
-		return fmt.Errorf("invalid url: credentials in the URL are not allowed, use headers")
+		return nil, fmt.Errorf("invalid url: credentials in the URL are not allowed, use headers")
 	}
-	return nil
+	return u, nil
 }
 
 // parseHeaders reads a JSON object of string values. Reserved headers are

@@ -379,6 +379,7 @@ func (s *scheduler) pickLocked() *delivery {
 			continue
 		}
 		d := s.popLocked(q)
+		d.ep = q.ep // the config in force for this attempt
 		d.breakerDone = done
 		q.inFlight++
 		s.busy++
