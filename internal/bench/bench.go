@@ -47,8 +47,13 @@ func ParsePhases(s string) ([]string, error) {
 		if p == "" {
 			continue
 		}
-		if p == "all" {
-			return AllPhases, nil
+		if p == "all" { // the default set; other phases may be added to it
+			for _, q := range AllPhases {
+				if !slices.Contains(out, q) {
+					out = append(out, q)
+				}
+			}
+			continue
 		}
 		if !slices.Contains(KnownPhases, p) {
 			return nil, fmt.Errorf("unknown phase %q (want %s or all)", p, strings.Join(KnownPhases, ", "))

@@ -145,6 +145,9 @@ func TestConfigValidate(t *testing.T) {
 	if err := (Config{}).Validate(); err == nil {
 		t.Error("no RelayExe: want an error")
 	}
+	if p, err := ParsePhases("all,fairness"); err != nil || len(p) != len(AllPhases)+1 {
+		t.Errorf("ParsePhases(all,fairness) = %v, %v", p, err)
+	}
 	if p, err := ParsePhases("fairness,peer-drain"); err != nil || len(p) != 2 {
 		t.Errorf("ParsePhases(fairness,peer-drain) = %v, %v", p, err)
 	}

@@ -34,6 +34,8 @@ type Fairness struct {
 	ADrainSecs  float64  `json:"a_drain_s"` // backlog insert done to A's last delivery
 	A           Counts   `json:"a"`
 	P99Ratio    float64  `json:"b_p99_ratio"` // busy / idle
+	Spilled     float64  `json:"spilled"`     // relay metric over the phase; -1 if unread
+	Loaded      float64  `json:"loaded"`
 	TargetRatio float64  `json:"target_ratio"`
 }
 
@@ -101,6 +103,8 @@ func (r *run) fairness(ctx context.Context) error {
 		}
 	}
 
+	spilled0 := r.relay.metric(ctx, "outbox_relay_spilled_total")
+	loaded0 := r.relay.metric(ctx, "outbox_relay_loaded_total")
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
 	steadyB := func(tag uint32) (*Latency, error) {
 		tl := newTally(tag, n, r.cfg.BodyBytes, true, r.verifier())
@@ -177,6 +181,13 @@ func (r *run) fairness(ctx context.Context) error {
 	r.progress("fairness: waiting for the rest of A's backlog (%d of %d delivered)", f.AAtEnd, r.cfg.FairBacklog)
 	if err := r.wait(ctx, ta, r.cfg.Timeout); err != nil {
 		return fmt.Errorf("A's backlog: %w", err)
+	}
+	f.Spilled, f.Loaded = -1, -1
+	if s1 := r.relay.metric(ctx, "outbox_relay_spilled_total"); s1 >= 0 && spilled0 >= 0 {
+		f.Spilled = s1 - spilled0
+	}
+	if l1 := r.relay.metric(ctx, "outbox_relay_loaded_total"); l1 >= 0 && loaded0 >= 0 {
+		f.Loaded = l1 - loaded0
 	}
 	f.ADrainSecs = float64(ta.last.Load()-inserted.UnixNano()) / 1e9
 	f.A.count(ta)

@@ -263,6 +263,9 @@ func (r *Result) Table(w io.Writer) {
 		row("B, A's backlog draining", f.Busy)
 		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
 			f.AAtStart, f.AAtEnd, f.Backlog, f.ADrainSecs, f.A.Duplicates, f.A.Missing)
+		if f.Spilled >= 0 {
+			fmt.Fprintf(w, "  spilled to relay.deliveries and loaded back during the phase: %.0f / %.0f\n", f.Spilled, f.Loaded)
+		}
 		fmt.Fprintf(w, "  B p99 with backlog / idle: %.2fx   target <= %.1fx  %s\n", f.P99Ratio, f.TargetRatio, verdict(f.P99Ratio <= f.TargetRatio))
 	}
 	if r.Drain != nil || r.Latency != nil {
