@@ -195,6 +195,10 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			r.writer.add(final...)
 		}
 		if len(queue) > 0 {
+			now := time.Now()
+			for _, d := range queue {
+				r.recent.add(d.endpointID, now)
+			}
 			r.enqueue(ctx, queue)
 		}
 		r.wm.advance(b.Position)
@@ -342,6 +346,35 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 	return keep(queue), keep(final), nil
 }
 
+// recentSet counts the endpoints that had deliveries routed lately.
+type recentSet struct {
+	seen   map[string]time.Time
+	pruned time.Time
+}
+
+// recentWindow is how long an endpoint counts as busy after its last
+// routed delivery.
+const recentWindow = 5 * time.Second
+
+func (rs *recentSet) add(id string, now time.Time) {
+	if rs.seen == nil {
+		rs.seen = make(map[string]time.Time)
+	}
+	rs.seen[id] = now
+}
+
+func (rs *recentSet) count(now time.Time) int {
+	if now.Sub(rs.pruned) > recentWindow/5 {
+		for id, t := range rs.seen {
+			if now.Sub(t) > recentWindow {
+				delete(rs.seen, id)
+			}
+		}
+		rs.pruned = now
+	}
+	return len(rs.seen)
+}
+
 // spillAfter is how long a full queue must stay full before deliveries
 // are spilled: a backlog that workers are draining waits instead (the WAL
 // keeps it), which costs Postgres far less than writing it twice.
@@ -364,14 +397,17 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 			r.sched.waitRoom(1, ctx.Done(), time.Second)
 			continue
 		}
-		if left := spillAfter - time.Since(fullSince); left > 0 {
+		// With several endpoints busy lately, one that holds more than its
+		// share of the queue must not keep the others' events waiting in
+		// the WAL behind its own: its excess spills now. With one endpoint
+		// (a plain backlog), waiting costs nothing; spill only if the
+		// queue stays full for spillAfter.
+		busy := r.recent.count(time.Now())
+		if left := spillAfter - time.Since(fullSince); busy <= 1 && left > 0 {
 			r.sched.waitRoom(1, ctx.Done(), left)
 			continue
 		}
-		// This batch has waited spillAfter: the queue is not draining
-		// fast enough. Endpoints over their share spill; the others
-		// still get in.
-		rest := r.sched.pushShare(ds)
+		rest := r.sched.pushShare(ds, busy)
 		ds = nil
 		if len(rest) == 0 {
 			return

@@ -152,6 +152,9 @@ func TestEndpointRateLimit(t *testing.T) {
 	if fspan := fr[len(fr)-1].at.Sub(fr[0].at); fspan > span/2 {
 		t.Errorf("unlimited endpoint took %s, slowed by the other's limit", fspan)
 	}
+	e.waitFor("the status rows", 10*time.Second, func() bool {
+		return e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded'`) == 100
+	})
 	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded' AND attempts = 1`); n != 100 {
 		t.Errorf("%d of 100 limited deliveries succeeded at their first attempt", n)
 	}

@@ -41,6 +41,7 @@ type Relay struct {
 
 	recorded cdc.LSN     // highest end LSN with recorded rows at startup
 	spilled  atomic.Bool // rows were spilled: the loader should look soon
+	recent   recentSet   // endpoints routed to lately; dispatch goroutine only
 	loadKick chan struct{}
 
 	stats   Stats

@@ -276,13 +276,13 @@ func (s *scheduler) popLocked(q *endpointQueue) *delivery {
 	return d
 }
 
-// pushShare queues deliveries when the queues are full and stayed full:
-// a delivery whose endpoint holds less than its share of the bound
-// (bound / endpoints with work waiting) is queued anyway, up to twice the
-// bound in all; the others are returned, to be spilled. So an endpoint
-// that does not drain cannot keep others' events in the WAL, and memory
-// stays bounded.
-func (s *scheduler) pushShare(ds []*delivery) (spill []*delivery) {
+// pushShare queues deliveries when the queues are full: a delivery whose
+// endpoint holds less than its share of the bound (the bound divided by
+// the endpoints with work waiting, or busy lately, whichever is more) is
+// queued anyway, up to twice the bound in all; the others are returned,
+// to be spilled. So an endpoint that does not drain cannot keep others'
+// events in the WAL, and memory stays bounded.
+func (s *scheduler) pushShare(ds []*delivery, busy int) (spill []*delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	added := false
@@ -296,7 +296,7 @@ func (s *scheduler) pushShare(ds []*delivery) (spill []*delivery) {
 		if q.items.len() == 0 {
 			active++
 		}
-		share := max(1, s.maxCount/max(1, active))
+		share := max(1, s.maxCount/max(1, active, busy))
 		if q.items.len() >= share || s.count >= 2*s.maxCount || s.bytes >= 2*s.maxBytes {
 			spill = append(spill, d)
 			continue
