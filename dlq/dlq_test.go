@@ -25,12 +25,12 @@ func TestReplayAfterRecovery(t *testing.T) {
 	stop := e.startRelay(0, 50*time.Millisecond) // two attempts
 
 	ids := []string{e.publish("acme", "invoice.paid"), e.publish("acme", "invoice.paid"), e.publish("acme", "invoice.voided")}
-	e.waitFor("3 dead deliveries", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'dead'`) == 3
+	e.WaitFor("3 dead deliveries", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'dead'`) == 3
 	})
 
 	// The view, as an operator reads it with psql.
-	rows, err := e.pool.Query(ctx, `SELECT event_id::text, webhook_id, endpoint_id, tenant_id, state, reason, attempts,
+	rows, err := e.Pool.Query(ctx, `SELECT event_id::text, webhook_id, endpoint_id, tenant_id, state, reason, attempts,
     last_http_status, replay_count, replayable, payload::text FROM relay.dead_letters ORDER BY event_id`)
 	if err != nil {
 		t.Fatal(err)
@@ -63,7 +63,7 @@ func TestReplayAfterRecovery(t *testing.T) {
 	}
 
 	// Get, by webhook-id, with the attempt history.
-	got, err := dlq.Get(ctx, e.pool, dlq.WebhookID(ids[0]), "ep_a")
+	got, err := dlq.Get(ctx, e.Pool, dlq.WebhookID(ids[0]), "ep_a")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -77,14 +77,14 @@ func TestReplayAfterRecovery(t *testing.T) {
 	}
 
 	rcv.recovered.Store(true)
-	ok, err := dlq.Replay(ctx, e.pool, dlq.WebhookID(ids[0]), "ep_a")
+	ok, err := dlq.Replay(ctx, e.Pool, dlq.WebhookID(ids[0]), "ep_a")
 	if err != nil || !ok {
 		t.Fatalf("Replay = %v, %v; want true", ok, err)
 	}
-	e.waitFor("the replayed delivery to succeed", 20*time.Second, func() bool { return e.state(ids[0], "ep_a") == "succeeded" })
+	e.WaitFor("the replayed delivery to succeed", 20*time.Second, func() bool { return e.state(ids[0], "ep_a") == "succeeded" })
 	var attempts, replays int
 	var replayedAt *time.Time
-	if err := e.pool.QueryRow(ctx, `SELECT attempts, replay_count, replayed_at FROM relay.deliveries WHERE event_id = $1::uuid`, ids[0]).
+	if err := e.Pool.QueryRow(ctx, `SELECT attempts, replay_count, replayed_at FROM relay.deliveries WHERE event_id = $1::uuid`, ids[0]).
 		Scan(&attempts, &replays, &replayedAt); err != nil {
 		t.Fatal(err)
 	}
@@ -100,12 +100,12 @@ func TestReplayAfterRecovery(t *testing.T) {
 		}
 	}
 
-	n, err = dlq.ReplayAll(ctx, e.pool, dlq.Filter{})
+	n, err = dlq.ReplayAll(ctx, e.Pool, dlq.Filter{})
 	if err != nil || n != 2 {
 		t.Fatalf("ReplayAll = %d, %v; want 2", n, err)
 	}
-	e.waitFor("every delivery to succeed", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND replay_count = 1`) == 3
+	e.WaitFor("every delivery to succeed", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND replay_count = 1`) == 3
 	})
 	// Stopping waits for every attempt the relay started: what the
 	// receiver has now is all it will ever get.
@@ -118,7 +118,7 @@ func TestReplayAfterRecovery(t *testing.T) {
 	if got := rcv.total(); got != 9 {
 		t.Errorf("receiver got %d requests in all, want 9", got)
 	}
-	if left, err := dlq.List(ctx, e.pool, dlq.Filter{}); err != nil || len(left) != 0 {
+	if left, err := dlq.List(ctx, e.Pool, dlq.Filter{}); err != nil || len(left) != 0 {
 		t.Errorf("List after replay = %d entries, %v; want none", len(left), err)
 	}
 }
@@ -133,7 +133,7 @@ func TestConcurrentReplaysDeliverOnce(t *testing.T) {
 	e.addEndpoint("ep_c", "acme", rcv)
 	stop := e.startRelay(0) // one attempt
 	id := e.publish("acme", "invoice.paid")
-	e.waitFor("the delivery to die", 20*time.Second, func() bool { return e.state(id, "ep_c") == "dead" })
+	e.WaitFor("the delivery to die", 20*time.Second, func() bool { return e.state(id, "ep_c") == "dead" })
 	rcv.recovered.Store(true)
 
 	const callers = 10
@@ -146,12 +146,12 @@ func TestConcurrentReplaysDeliverOnce(t *testing.T) {
 			<-start
 			if i%2 == 0 {
 				var ok bool
-				ok, errs[i] = dlq.Replay(ctx, e.pool, id, "ep_c")
+				ok, errs[i] = dlq.Replay(ctx, e.Pool, id, "ep_c")
 				if ok {
 					results[i] = 1
 				}
 			} else {
-				results[i], errs[i] = dlq.ReplayAll(ctx, e.pool, dlq.Filter{EndpointID: "ep_c"})
+				results[i], errs[i] = dlq.ReplayAll(ctx, e.Pool, dlq.Filter{EndpointID: "ep_c"})
 			}
 		})
 	}
@@ -167,12 +167,12 @@ func TestConcurrentReplaysDeliverOnce(t *testing.T) {
 	if replayed != 1 {
 		t.Fatalf("%d concurrent replays replayed %d times, want 1 (results %v)", callers, replayed, results)
 	}
-	e.waitFor("the replayed delivery to succeed", 20*time.Second, func() bool { return e.state(id, "ep_c") == "succeeded" })
+	e.WaitFor("the replayed delivery to succeed", 20*time.Second, func() bool { return e.state(id, "ep_c") == "succeeded" })
 	stop()
 	if got := rcv.count(dlq.WebhookID(id)); got != 2 {
 		t.Errorf("receiver got the event %d times, want 1 failure + 1 replay", got)
 	}
-	if n := e.count(`SELECT replay_count FROM relay.deliveries WHERE event_id = $1::uuid`, id); n != 1 {
+	if n := e.Count(`SELECT replay_count FROM relay.deliveries WHERE event_id = $1::uuid`, id); n != 1 {
 		t.Errorf("replay_count = %d, want 1", n)
 	}
 }
@@ -180,7 +180,7 @@ func TestConcurrentReplaysDeliverOnce(t *testing.T) {
 // seed writes delivery rows directly: the filters are about rows, not
 // about how the relay came to write them.
 func seed(e *env) {
-	e.exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
+	e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
     completed_at, payload) VALUES
   ('00000000-0000-0000-0000-000000000001', 'ep_a', 'acme',   'x', 'dead',      8, 503,  'attempts exhausted (8): 503', '2026-01-01T10:00:00Z', '{"i":1}'),
   ('00000000-0000-0000-0000-000000000002', 'ep_a', 'acme',   'x', 'failed',    1, 400,  'HTTP 400: bad',               '2026-01-02T10:00:00Z', '{"i":2}'),
@@ -188,7 +188,7 @@ func seed(e *env) {
   ('00000000-0000-0000-0000-000000000004', 'ep_c', 'globex', 'x', 'dead',      8, 500,  'attempts exhausted (8): 500', '2026-01-04T10:00:00Z', '{"i":4}'),
   ('00000000-0000-0000-0000-000000000005', 'ep_a', 'acme',   'x', 'succeeded', 1, 200,  NULL,                          '2026-01-02T12:00:00Z', NULL),
   ('00000000-0000-0000-0000-000000000006', 'ep_a', 'acme',   'x', 'dead',      8, 500,  'attempts exhausted (8): 500', '2026-01-05T10:00:00Z', NULL)`)
-	e.exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, next_attempt_at, payload)
+	e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, next_attempt_at, payload)
 VALUES ('00000000-0000-0000-0000-000000000007', 'ep_a', 'acme', 'x', 'retrying', 2, now() + interval '1 hour', '{"i":7}')`)
 }
 
@@ -228,7 +228,7 @@ func TestFilters(t *testing.T) {
 		{"event", dlq.Filter{EventID: "msg_00000000000000000000000000000003"}, "3"},
 		{"limit", dlq.Filter{Limit: 2}, "64"},
 	} {
-		got, err := dlq.List(ctx, e.pool, tc.f)
+		got, err := dlq.List(ctx, e.Pool, tc.f)
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
@@ -236,7 +236,7 @@ func TestFilters(t *testing.T) {
 			t.Errorf("%s: List = %q, want %q", tc.name, eventNums(got), tc.want)
 		}
 	}
-	got, err := dlq.List(ctx, e.pool, dlq.Filter{EventID: "00000000-0000-0000-0000-000000000001"})
+	got, err := dlq.List(ctx, e.Pool, dlq.Filter{EventID: "00000000-0000-0000-0000-000000000001"})
 	if err != nil || len(got) != 1 {
 		t.Fatal(got, err)
 	}
@@ -251,39 +251,39 @@ func TestFilters(t *testing.T) {
 		{"00000000-0000-0000-0000-000000000001", "ep_zzz", "no delivery for event 00000000-0000-0000-0000-000000000001 at endpoint ep_zzz"},
 		{"00000000-0000-0000-0000-000000000005", "ep_a", "is succeeded, not a dead letter"},
 	} {
-		_, err := dlq.Get(ctx, e.pool, tc.event, tc.endpoint)
+		_, err := dlq.Get(ctx, e.Pool, tc.event, tc.endpoint)
 		if !errors.Is(err, dlq.ErrNotFound) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Get(%s, %s) = %v; want ErrNotFound saying %q", tc.event, tc.endpoint, err, tc.want)
 		}
 	}
-	if _, err := dlq.Replay(ctx, e.pool, "00000000-0000-0000-0000-0000000000ff", "ep_a"); !errors.Is(err, dlq.ErrNotFound) {
+	if _, err := dlq.Replay(ctx, e.Pool, "00000000-0000-0000-0000-0000000000ff", "ep_a"); !errors.Is(err, dlq.ErrNotFound) {
 		t.Errorf("Replay of an unknown delivery: %v, want ErrNotFound", err)
 	}
-	if _, err := dlq.Get(ctx, e.pool, "nope", "ep_a"); !errors.Is(err, dlq.ErrInvalidEventID) {
+	if _, err := dlq.Get(ctx, e.Pool, "nope", "ep_a"); !errors.Is(err, dlq.ErrInvalidEventID) {
 		t.Errorf("Get with a bad id: %v, want ErrInvalidEventID", err)
 	}
-	if ok, err := dlq.Replay(ctx, e.pool, "00000000-0000-0000-0000-000000000006", "ep_a"); ok || !errors.Is(err, dlq.ErrNoPayload) {
+	if ok, err := dlq.Replay(ctx, e.Pool, "00000000-0000-0000-0000-000000000006", "ep_a"); ok || !errors.Is(err, dlq.ErrNoPayload) {
 		t.Errorf("Replay without payload = %v, %v; want ErrNoPayload", ok, err)
 	}
 	for _, id := range []string{"00000000-0000-0000-0000-000000000005", "00000000-0000-0000-0000-000000000007"} {
-		if ok, err := dlq.Replay(ctx, e.pool, id, "ep_a"); ok || err != nil {
+		if ok, err := dlq.Replay(ctx, e.Pool, id, "ep_a"); ok || err != nil {
 			t.Errorf("Replay of a row that is not a dead letter (%s) = %v, %v; want false, nil", id, ok, err)
 		}
 	}
 
 	// ReplayAll with filters changes exactly the rows List selects.
-	n, err := dlq.ReplayAll(ctx, e.pool, dlq.Filter{EndpointID: "ep_a", Since: ts("2026-01-02T00:00:00Z")})
+	n, err := dlq.ReplayAll(ctx, e.Pool, dlq.Filter{EndpointID: "ep_a", Since: ts("2026-01-02T00:00:00Z")})
 	if err != nil || n != 1 {
 		t.Fatalf("ReplayAll(ep_a, since 01-02) = %d, %v; want 1", n, err)
 	}
 	if s := e.state("00000000-0000-0000-0000-000000000002", "ep_a"); s != "pending" {
 		t.Errorf("event 2 is %s after replay, want pending", s)
 	}
-	n, err = dlq.ReplayAll(ctx, e.pool, dlq.Filter{TenantID: "globex"})
+	n, err = dlq.ReplayAll(ctx, e.Pool, dlq.Filter{TenantID: "globex"})
 	if err != nil || n != 1 {
 		t.Fatalf("ReplayAll(globex) = %d, %v; want 1", n, err)
 	}
-	if got, _ := dlq.List(ctx, e.pool, dlq.Filter{}); eventNums(got) != "631" {
+	if got, _ := dlq.List(ctx, e.Pool, dlq.Filter{}); eventNums(got) != "631" {
 		t.Errorf("left after filtered replays: %q, want \"631\"", eventNums(got))
 	}
 	// The replayed row is reset with a fresh budget and recorded.
@@ -292,7 +292,7 @@ func TestFilters(t *testing.T) {
 	var status *int
 	var completed, claimed *time.Time
 	var due bool
-	if err := e.pool.QueryRow(ctx, `SELECT state, attempts, http_status, error, completed_at, claimed_until,
+	if err := e.Pool.QueryRow(ctx, `SELECT state, attempts, http_status, error, completed_at, claimed_until,
     next_attempt_at <= now(), replay_count FROM relay.deliveries WHERE event_id = '00000000-0000-0000-0000-000000000004'`).
 		Scan(&state, &attempts, &status, &errText, &completed, &claimed, &due, &replays); err != nil {
 		t.Fatal(err)
@@ -310,39 +310,39 @@ func TestReplayAllBatches(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	e := newEnv(t)
-	e.exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, error, completed_at, payload)
+	e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, error, completed_at, payload)
 SELECT gen_random_uuid(), 'ep_a', 'acme', 'x', 'dead', 3, 'attempts exhausted (3)', now() - i * interval '1 second', '{}'
 FROM generate_series(1, 2500) i`)
-	n, err := dlq.ReplayAll(ctx, e.pool, dlq.Filter{Limit: 1200})
+	n, err := dlq.ReplayAll(ctx, e.Pool, dlq.Filter{Limit: 1200})
 	if err != nil || n != 1200 {
 		t.Fatalf("ReplayAll(limit 1200) = %d, %v", n, err)
 	}
-	n, err = dlq.ReplayAll(ctx, e.pool, dlq.Filter{})
+	n, err = dlq.ReplayAll(ctx, e.Pool, dlq.Filter{})
 	if err != nil || n != 1300 {
 		t.Fatalf("ReplayAll = %d, %v; want the 1300 left", n, err)
 	}
-	if left := e.count(`SELECT count(*) FROM relay.dead_letters`); left != 0 {
+	if left := e.Count(`SELECT count(*) FROM relay.dead_letters`); left != 0 {
 		t.Errorf("%d dead letters left", left)
 	}
 
 	// The guard ReplayAll relies on: rows replayed at or after
 	// replayed_before are skipped even when they are dead again.
-	e.exec(`UPDATE relay.deliveries SET state = 'dead', completed_at = now()`)
-	if n := e.count(`SELECT relay.replay_dead_letters(max_rows => 10, replayed_before => now() - interval '1 hour')`); n != 0 {
+	e.Exec(`UPDATE relay.deliveries SET state = 'dead', completed_at = now()`)
+	if n := e.Count(`SELECT relay.replay_dead_letters(max_rows => 10, replayed_before => now() - interval '1 hour')`); n != 0 {
 		t.Errorf("replayed %d rows that were replayed after replayed_before", n)
 	}
 	// From psql, one call replays every match in one transaction.
-	if n := e.count(`SELECT relay.replay_dead_letters(endpoint_id => 'ep_a')`); n != 2500 {
+	if n := e.Count(`SELECT relay.replay_dead_letters(endpoint_id => 'ep_a')`); n != 2500 {
 		t.Errorf("replay_dead_letters(endpoint_id => 'ep_a') = %d, want 2500", n)
 	}
-	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE replay_count = 2 AND state = 'pending'`); n != 2500 {
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE replay_count = 2 AND state = 'pending'`); n != 2500 {
 		t.Errorf("%d rows replayed twice and pending, want 2500", n)
 	}
 	// Applying the schema again changes nothing (and keeps the functions).
-	if err := outboxrelay.Migrate(ctx, e.pool); err != nil {
+	if err := outboxrelay.Migrate(ctx, e.Pool); err != nil {
 		t.Fatal(err)
 	}
-	if n := e.count(`SELECT count(*) FROM relay.dead_letters`); n != 0 {
+	if n := e.Count(`SELECT count(*) FROM relay.dead_letters`); n != 0 {
 		t.Errorf("dead letters after re-migrate: %d", n)
 	}
 }

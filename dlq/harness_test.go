@@ -2,8 +2,6 @@ package dlq_test
 
 import (
 	"context"
-	"crypto/rand"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -13,11 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
-	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -76,74 +73,27 @@ func (rcv *receiver) total() int {
 	return rcv.all
 }
 
-// env is one database with the schema, and a pool for the test.
-type env struct {
-	t    *testing.T
-	url  string
-	slot string
-	pool *pgxpool.Pool
-}
+// env is one database with the schema (see relaytest).
+type env struct{ *relaytest.Env }
 
-func newEnv(t *testing.T) *env {
-	t.Helper()
-	url := pgtemp.NewDatabase(t, cluster)
-	pool, err := pgxpool.New(context.Background(), url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	if err := outboxrelay.Migrate(context.Background(), pool); err != nil {
-		t.Fatal(err)
-	}
-	suffix := make([]byte, 6)
-	rand.Read(suffix)
-	return &env{t: t, url: url, pool: pool, slot: fmt.Sprintf("dlq_%x", suffix)}
-}
-
-func (e *env) exec(sql string, args ...any) {
-	e.t.Helper()
-	if _, err := e.pool.Exec(context.Background(), sql, args...); err != nil {
-		e.t.Fatalf("%s: %v", sql, err)
-	}
-}
-
-func (e *env) count(sql string, args ...any) int {
-	e.t.Helper()
-	var n int
-	if err := e.pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
-		e.t.Fatalf("%s: %v", sql, err)
-	}
-	return n
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func (e *env) waitFor(what string, timeout time.Duration, cond func() bool) {
-	e.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			e.t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+func newEnv(t *testing.T) *env { return &env{relaytest.New(t, cluster, "dlq")} }
 
 // addEndpoint adds an endpoint whose circuit breaker, once open after the
 // receiver's failures, lets a probe through after 100ms rather than 30s.
 func (e *env) addEndpoint(id, tenant string, rcv *receiver) {
-	e.t.Helper()
-	e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, breaker_cooldown_ms) VALUES ($1, $2, $3, ARRAY[$4], 100)`,
+	e.T.Helper()
+	e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, breaker_cooldown_ms) VALUES ($1, $2, $3, ARRAY[$4], 100)`,
 		id, tenant, rcv.srv.URL+"/hook", rcv.secret)
 }
 
 // publish inserts an event and returns its id.
 func (e *env) publish(tenant, typ string) string {
-	e.t.Helper()
+	e.T.Helper()
 	var id string
-	if err := e.pool.QueryRow(context.Background(),
+	if err := e.Pool.QueryRow(context.Background(),
 		`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ($1, $2, '{"n": 1}') RETURNING id::text`,
 		tenant, typ).Scan(&id); err != nil {
-		e.t.Fatal(err)
+		e.T.Fatal(err)
 	}
 	return id
 }
@@ -152,11 +102,11 @@ func (e *env) publish(tenant, typ string) string {
 // schedule is the attempt budget) until stop or the end of the test. stop
 // returns when the relay has finished every attempt it started.
 func (e *env) startRelay(schedule ...time.Duration) (stop func()) {
-	e.t.Helper()
+	e.T.Helper()
 	r, err := relay.New(relay.Config{
-		DatabaseURL:   e.url,
-		SlotName:      e.slot,
-		Publication:   e.slot,
+		DatabaseURL:   e.URL,
+		SlotName:      e.Slot,
+		Publication:   e.Slot,
 		AllowNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		PollInterval:  50 * time.Millisecond,
 		RetrySchedule: schedule,
@@ -164,7 +114,7 @@ func (e *env) startRelay(schedule ...time.Duration) (stop func()) {
 		Workers:       4,
 	})
 	if err != nil {
-		e.t.Fatal(err)
+		e.T.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -176,22 +126,22 @@ func (e *env) startRelay(schedule ...time.Duration) (stop func()) {
 			select {
 			case err := <-done:
 				if err != nil {
-					e.t.Errorf("relay.Run: %v", err)
+					e.T.Errorf("relay.Run: %v", err)
 				}
 			case <-time.After(30 * time.Second):
-				e.t.Error("relay did not stop within 30s")
+				e.T.Error("relay did not stop within 30s")
 			}
 		})
 	}
-	e.t.Cleanup(stop)
-	e.waitFor("relay to become active", 20*time.Second, func() bool { return r.State() == "active" })
+	e.T.Cleanup(stop)
+	e.WaitFor("relay to become active", 20*time.Second, func() bool { return r.State() == "active" })
 	return stop
 }
 
 func (e *env) state(eventID, endpointID string) string {
-	e.t.Helper()
+	e.T.Helper()
 	var s string
-	if err := e.pool.QueryRow(context.Background(), `SELECT state FROM relay.deliveries WHERE event_id = $1::uuid AND endpoint_id = $2`,
+	if err := e.Pool.QueryRow(context.Background(), `SELECT state FROM relay.deliveries WHERE event_id = $1::uuid AND endpoint_id = $2`,
 		eventID, endpointID).Scan(&s); err != nil {
 		return "none"
 	}

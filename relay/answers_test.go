@@ -29,9 +29,9 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 	})
 	e.addEndpoint("ep", "t", rcv)
 	e.startRelay(nil) // schedule 0, 50ms, ...
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
-	e.waitFor("success", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("success", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
 	})
 	reqs := rcv.requests()
 	if len(reqs) != 2 {
@@ -67,16 +67,16 @@ func TestTimeoutsAndResetsRetry(t *testing.T) {
 	})
 	e.addEndpoint("slow", "t", slow)
 	e.addEndpoint("reset", "t", reset)
-	e.exec(`UPDATE relay.endpoints SET timeout_ms = 200 WHERE id = 'slow'`)
+	e.Exec(`UPDATE relay.endpoints SET timeout_ms = 200 WHERE id = 'slow'`)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
-	e.waitFor("both succeeded", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 2`) == 2
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("both succeeded", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 2`) == 2
 	})
-	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'slow' AND error_class = 'timeout'`); n != 1 {
+	if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'slow' AND error_class = 'timeout'`); n != 1 {
 		t.Errorf("%d timeout attempt rows for the slow receiver, want 1", n)
 	}
-	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'reset' AND error_class IN ('connection_reset', 'eof')`); n != 1 {
+	if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'reset' AND error_class IN ('connection_reset', 'eof')`); n != 1 {
 		t.Errorf("%d reset attempt rows, want 1", n)
 	}
 }
@@ -96,20 +96,20 @@ func TestTLSVerification(t *testing.T) {
 	for _, trusted := range []bool{false, true} {
 		e := newEnv(t)
 		rcv := newReceiver(t) // only for its secret
-		e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('tls', 't', $1, ARRAY[$2])`, srv.URL, rcv.secret)
+		e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('tls', 't', $1, ARRAY[$2])`, srv.URL, rcv.secret)
 		_, stop := e.startRelay(func(c *Config) {
 			c.RetrySchedule = []time.Duration{0}
 			if trusted {
 				c.RootCAs = pool
 			}
 		})
-		e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
 		want := map[bool]string{false: "dead", true: "succeeded"}[trusted]
-		e.waitFor(want, 20*time.Second, func() bool {
-			return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = $1`, want) == 1
+		e.WaitFor(want, 20*time.Second, func() bool {
+			return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = $1`, want) == 1
 		})
 		if !trusted {
-			if n := e.count(`SELECT count(*) FROM relay.attempts WHERE error_class = 'tls'`); n != 1 {
+			if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE error_class = 'tls'`); n != 1 {
 				t.Errorf("untrusted certificate: %d tls attempt rows, want 1", n)
 			}
 		}

@@ -26,25 +26,25 @@ func TestBreakerOpensThenProbeCloses(t *testing.T) {
 	}
 	e.addEndpoint("fine", "other", fine)
 	e.addEndpoint("dead", "t", dead)
-	e.exec(`UPDATE relay.endpoints SET breaker_failures = 3, breaker_cooldown_ms = 400, max_in_flight = 1 WHERE id = 'dead'`)
+	e.Exec(`UPDATE relay.endpoints SET breaker_failures = 3, breaker_cooldown_ms = 400, max_in_flight = 1 WHERE id = 'dead'`)
 	e.startRelay(func(c *Config) {
 		c.RetrySchedule = []time.Duration{0, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond, 20 * time.Millisecond}
 	})
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 5) i`)
-	e.waitFor("breaker open", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'open'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 5) i`)
+	e.WaitFor("breaker open", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'open'`) == 1
 	})
 	if n := len(dead.requests()); n != 3 {
 		t.Fatalf("breaker opened after %d attempts, want 3", n)
 	}
 	// While it is open, another tenant's events flow.
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'other', 'x', jsonb_build_object('i', i) FROM generate_series(1, 200) i`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'other', 'x', jsonb_build_object('i', i) FROM generate_series(1, 200) i`)
 	start := time.Now()
-	e.waitFor("other tenant delivered", 20*time.Second, func() bool { return len(fine.requests()) == 200 })
+	e.WaitFor("other tenant delivered", 20*time.Second, func() bool { return len(fine.requests()) == 200 })
 	t.Logf("200 deliveries to a healthy endpoint in %s while the other breaker was open", time.Since(start))
 	recovered.Store(true)
-	e.waitFor("all of t's events delivered", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'dead' AND state = 'succeeded'`) == 5
+	e.WaitFor("all of t's events delivered", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'dead' AND state = 'succeeded'`) == 5
 	})
 	reqs := dead.requests()
 	// The first request after the third failure is the probe: it waits for
@@ -52,12 +52,12 @@ func TestBreakerOpensThenProbeCloses(t *testing.T) {
 	if gap := reqs[3].at.Sub(reqs[2].at); gap < 350*time.Millisecond {
 		t.Errorf("probe came %s after the breaker opened, want >= the 400ms cooldown", gap)
 	}
-	e.waitFor("breaker closed", 10*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'closed' AND failing_since IS NULL`) == 1
+	e.WaitFor("breaker closed", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'dead' AND breaker_state = 'closed' AND failing_since IS NULL`) == 1
 	})
 	// Waiting while open burned no attempts: 5 deliveries, 3 failed
 	// attempts before the breaker opened, the rest succeeded.
-	if n := e.count(`SELECT coalesce(sum(attempts), 0) FROM relay.deliveries WHERE endpoint_id = 'dead'`); n > 5+3 {
+	if n := e.Count(`SELECT coalesce(sum(attempts), 0) FROM relay.deliveries WHERE endpoint_id = 'dead'`); n > 5+3 {
 		t.Errorf("%d attempts in total for 5 deliveries and 3 failures: open-circuit waits were counted", n)
 	}
 }
@@ -70,34 +70,34 @@ func TestGoneDisablesTheEndpoint(t *testing.T) {
 	gone.answer = func(int, *http.Request) int { return http.StatusGone }
 	e.addEndpoint("gone", "t", gone)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
-	e.waitFor("endpoint disabled", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.endpoints WHERE id = 'gone' AND NOT enabled AND disabled_reason LIKE '%410 Gone%'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("endpoint disabled", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoints WHERE id = 'gone' AND NOT enabled AND disabled_reason LIKE '%410 Gone%'`) == 1
 	})
-	e.waitFor("the failed row", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'failed'`) == 1
+	e.WaitFor("the failed row", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'failed'`) == 1
 	})
 	var state, errText string
 	var attempts int
-	if err := e.pool.QueryRow(context.Background(), `SELECT state, error, attempts FROM relay.deliveries`).Scan(&state, &errText, &attempts); err != nil {
+	if err := e.Pool.QueryRow(context.Background(), `SELECT state, error, attempts FROM relay.deliveries`).Scan(&state, &errText, &attempts); err != nil {
 		t.Fatal(err)
 	}
 	if state != "failed" || attempts != 1 || !strings.Contains(errText, "410") || !strings.Contains(errText, "disabled") {
 		t.Errorf("row: %s after %d attempts, %q; want failed after 1 with the reason", state, attempts, errText)
 	}
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"after": true}')`)
-	e.waitFor("next event unrouted", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"after": true}')`)
+	e.WaitFor("next event unrouted", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`) == 1
 	})
 	if n := len(gone.requests()); n != 1 {
 		t.Errorf("receiver got %d requests, want 1", n)
 	}
 	// Re-enabling is one UPDATE.
 	gone.answer = nil
-	e.exec(`UPDATE relay.endpoints SET enabled = true, disabled_reason = NULL WHERE id = 'gone'`)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"again": true}')`)
-	e.waitFor("delivered after re-enabling", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	e.Exec(`UPDATE relay.endpoints SET enabled = true, disabled_reason = NULL WHERE id = 'gone'`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"again": true}')`)
+	e.WaitFor("delivered after re-enabling", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
 	})
 }
 
@@ -111,20 +111,20 @@ func TestAutoDisableAfterContinuousFailure(t *testing.T) {
 	e.addEndpoint("down", "t", down)
 	// The breaker opens too (the failure ratio trips it); its probes keep
 	// the streak observed.
-	e.exec(`UPDATE relay.endpoints SET breaker_cooldown_ms = 50 WHERE id = 'down'`)
+	e.Exec(`UPDATE relay.endpoints SET breaker_cooldown_ms = 50 WHERE id = 'down'`)
 	e.startRelay(func(c *Config) {
 		c.AutoDisableAfter = 300 * time.Millisecond
 		c.RetrySchedule = []time.Duration{0, 50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond,
 			50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond, 50 * time.Millisecond, time.Hour}
 	})
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 10) i`)
-	e.waitFor("endpoint auto-disabled", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.endpoints WHERE id = 'down' AND NOT enabled AND disabled_reason LIKE '%failing continuously%'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 10) i`)
+	e.WaitFor("endpoint auto-disabled", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoints WHERE id = 'down' AND NOT enabled AND disabled_reason LIKE '%failing continuously%'`) == 1
 	})
-	e.waitFor("every delivery dead-lettered", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'dead' AND error LIKE '%failing continuously%'`) == 10
+	e.WaitFor("every delivery dead-lettered", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'dead' AND error LIKE '%failing continuously%'`) == 10
 	})
-	if n := e.count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'down' AND failing_since IS NOT NULL`); n != 1 {
+	if n := e.Count(`SELECT count(*) FROM relay.endpoint_health WHERE endpoint_id = 'down' AND failing_since IS NOT NULL`); n != 1 {
 		t.Errorf("endpoint_health has no failure streak for the endpoint")
 	}
 }
@@ -137,11 +137,11 @@ func TestEndpointRateLimit(t *testing.T) {
 	slow, fast := newReceiver(t), newReceiver(t)
 	e.addEndpoint("limited", "t", slow)
 	e.addEndpoint("free", "u", fast)
-	e.exec(`UPDATE relay.endpoints SET rate_limit = 50, rate_burst = 5 WHERE id = 'limited'`)
+	e.Exec(`UPDATE relay.endpoints SET rate_limit = 50, rate_burst = 5 WHERE id = 'limited'`)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'u', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
-	e.waitFor("limited endpoint done", 30*time.Second, func() bool { return len(slow.requests()) == 100 })
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'u', 'x', jsonb_build_object('i', i) FROM generate_series(1, 100) i`)
+	e.WaitFor("limited endpoint done", 30*time.Second, func() bool { return len(slow.requests()) == 100 })
 	reqs := slow.requests()
 	span := reqs[len(reqs)-1].at.Sub(reqs[0].at)
 	// 5 of burst, then 95 at 50/s: 1.9 s.
@@ -152,10 +152,10 @@ func TestEndpointRateLimit(t *testing.T) {
 	if fspan := fr[len(fr)-1].at.Sub(fr[0].at); fspan > span/2 {
 		t.Errorf("unlimited endpoint took %s, slowed by the other's limit", fspan)
 	}
-	e.waitFor("the status rows", 10*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded'`) == 100
+	e.WaitFor("the status rows", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded'`) == 100
 	})
-	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded' AND attempts = 1`); n != 100 {
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'limited' AND state = 'succeeded' AND attempts = 1`); n != 100 {
 		t.Errorf("%d of 100 limited deliveries succeeded at their first attempt", n)
 	}
 }
@@ -166,12 +166,12 @@ func TestTenantRateLimitCapsTheSum(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t)
 	a, b := newReceiver(t), newReceiver(t)
-	e.exec(`INSERT INTO relay.tenants (id, rate_limit, rate_burst) VALUES ('t', 40, 4)`)
+	e.Exec(`INSERT INTO relay.tenants (id, rate_limit, rate_burst) VALUES ('t', 40, 4)`)
 	e.addEndpoint("a", "t", a)
 	e.addEndpoint("b", "t", b)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 40) i`)
-	e.waitFor("80 deliveries", 30*time.Second, func() bool { return len(a.requests())+len(b.requests()) == 80 })
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, 40) i`)
+	e.WaitFor("80 deliveries", 30*time.Second, func() bool { return len(a.requests())+len(b.requests()) == 80 })
 	first, last := a.requests()[0].at, a.requests()[0].at
 	for _, r := range append(a.requests(), b.requests()...) {
 		if r.at.Before(first) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -13,11 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/goleak"
 
-	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -93,76 +91,28 @@ func (rcv *receiver) requests() []received {
 	return append([]received(nil), rcv.got...)
 }
 
-// env is one isolated database with the schema, plus a pool for the test.
-type env struct {
-	t    *testing.T
-	url  string
-	slot string // slots are cluster-wide: each test has its own
-	pool *pgxpool.Pool
-}
+// env is one isolated database with the schema (see relaytest).
+type env struct{ *relaytest.Env }
 
-func newEnv(t *testing.T) *env {
-	t.Helper()
-	url := pgtemp.NewDatabase(t, cluster)
-	ctx := context.Background()
-	pool, err := pgxpool.New(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	if err := outboxrelay.Migrate(ctx, pool); err != nil {
-		t.Fatal(err)
-	}
-	suffix := make([]byte, 6)
-	rand.Read(suffix)
-	return &env{t: t, url: url, pool: pool, slot: fmt.Sprintf("t_%x", suffix)}
-}
-
-func (e *env) exec(sql string, args ...any) {
-	e.t.Helper()
-	if _, err := e.pool.Exec(context.Background(), sql, args...); err != nil {
-		e.t.Fatalf("%s: %v", sql, err)
-	}
-}
-
-func (e *env) count(sql string, args ...any) int {
-	e.t.Helper()
-	var n int
-	if err := e.pool.QueryRow(context.Background(), sql, args...).Scan(&n); err != nil {
-		e.t.Fatalf("%s: %v", sql, err)
-	}
-	return n
-}
-
-// waitFor polls cond until it holds or the deadline passes.
-func (e *env) waitFor(what string, timeout time.Duration, cond func() bool) {
-	e.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			e.t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
+func newEnv(t *testing.T) *env { return &env{relaytest.New(t, cluster, "t")} }
 
 func (e *env) addEndpoint(id, tenant string, rcv *receiver, types ...string) {
-	e.t.Helper()
+	e.T.Helper()
 	var et any
 	if len(types) > 0 {
 		et = types
 	}
-	e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types) VALUES ($1, $2, $3, ARRAY[$4], $5)`,
+	e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, event_types) VALUES ($1, $2, $3, ARRAY[$4], $5)`,
 		id, tenant, rcv.srv.URL+"/hook", rcv.secret, et)
 }
 
 // startRelay runs a relay against the env until the test ends.
 func (e *env) startRelay(mod func(*Config)) (*Relay, func()) {
-	e.t.Helper()
+	e.T.Helper()
 	cfg := Config{
-		DatabaseURL:   e.url,
-		SlotName:      e.slot,
-		Publication:   e.slot,
+		DatabaseURL:   e.URL,
+		SlotName:      e.Slot,
+		Publication:   e.Slot,
 		AllowNetworks: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")},
 		PollInterval:  50 * time.Millisecond,
 		RetrySchedule: []time.Duration{0, 50 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond},
@@ -170,14 +120,14 @@ func (e *env) startRelay(mod func(*Config)) (*Relay, func()) {
 		Workers:       8,
 	}
 	if testing.Verbose() {
-		cfg.Logger = testLogger(e.t)
+		cfg.Logger = testLogger(e.T)
 	}
 	if mod != nil {
 		mod(&cfg)
 	}
 	r, err := New(cfg)
 	if err != nil {
-		e.t.Fatal(err)
+		e.T.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -189,14 +139,14 @@ func (e *env) startRelay(mod func(*Config)) (*Relay, func()) {
 			select {
 			case err := <-done:
 				if err != nil {
-					e.t.Errorf("relay.Run: %v", err)
+					e.T.Errorf("relay.Run: %v", err)
 				}
 			case <-time.After(30 * time.Second):
-				e.t.Error("relay did not stop within 30s")
+				e.T.Error("relay did not stop within 30s")
 			}
 		})
 	}
-	e.t.Cleanup(stop)
-	e.waitFor("relay to become active", 20*time.Second, func() bool { return r.State() == "active" })
+	e.T.Cleanup(stop)
+	e.WaitFor("relay to become active", 20*time.Second, func() bool { return r.State() == "active" })
 	return r, stop
 }

@@ -23,11 +23,11 @@ func TestDeliversCommittedEventsToSubscribers(t *testing.T) {
 	e.startRelay(nil)
 
 	ctx := context.Background()
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, headers, traceparent) VALUES
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, headers, traceparent) VALUES
   ('acme', 'invoice.paid', '{"id": 1, "amount": "12.50", "note": "héllo \"q\""}', '{"X-Custom": "yes"}', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'),
   ('acme', 'customer.updated', '{"id": 2}', NULL, NULL)`)
 	// A rolled-back transaction.
-	tx, err := e.pool.Begin(ctx)
+	tx, err := e.Pool.Begin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,10 +35,10 @@ func TestDeliversCommittedEventsToSubscribers(t *testing.T) {
 		t.Fatal(err)
 	}
 	tx.Rollback(ctx)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.voided', '{"id": 3}')`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.voided', '{"id": 3}')`)
 
-	e.waitFor("5 succeeded deliveries", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 5
+	e.WaitFor("5 succeeded deliveries", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 5
 	})
 	// billing: invoice.paid, invoice.voided. audit: all three. other: none.
 	if got := len(billing.requests()); got != 2 {
@@ -51,7 +51,7 @@ func TestDeliversCommittedEventsToSubscribers(t *testing.T) {
 		t.Errorf("other tenant's endpoint got %d requests, want 0", got)
 	}
 	// Bytes and headers intact, signatures valid.
-	rows, _ := e.pool.Query(ctx, `SELECT id::text, payload::text, event_type FROM relay.outbox`)
+	rows, _ := e.Pool.Query(ctx, `SELECT id::text, payload::text, event_type FROM relay.outbox`)
 	payloads := map[string]string{}
 	var id, payload, typ string
 	pgx.ForEachRow(rows, []any{&id, &payload, &typ}, func() error {
@@ -85,11 +85,11 @@ func TestDeliversCommittedEventsToSubscribers(t *testing.T) {
 		}
 	}
 	// Status rows: attempts, http status, timings, no payload kept.
-	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 1 AND http_status = 200
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 1 AND http_status = 200
 AND completed_at IS NOT NULL AND duration_ms >= 0 AND payload IS NULL AND commit_lsn IS NOT NULL`); n != 5 {
 		t.Errorf("%d well-formed succeeded rows, want 5", n)
 	}
-	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`); n != 0 {
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`); n != 0 {
 		t.Errorf("%d unrouted rows, want 0", n)
 	}
 }
@@ -101,14 +101,14 @@ func TestBadInputGetsAClearFinalState(t *testing.T) {
 	e := newEnv(t)
 	good := newReceiver(t)
 	e.addEndpoint("ep_good", "acme", good)
-	e.exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, enabled) VALUES
+	e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets, enabled) VALUES
   ('ep_disabled', 'acme', $1, ARRAY[$2], false),
   ('ep_badurl', 'bad1', 'ht!tp://nope', ARRAY[$2], true),
   ('ep_badsecret', 'bad2', $1, ARRAY['whsec_%%%not-base64'], true),
   ('ep_nosecret', 'bad3', $1, '{}', true)`, good.srv.URL, good.secret)
 	e.startRelay(func(c *Config) { c.MaxPayloadBytes = 1024 })
 
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, endpoint_id) VALUES
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, endpoint_id) VALUES
   ('acme', 'a', '{"case": "unknown endpoint"}', 'ep_missing'),
   ('acme', 'a', '{"case": "disabled endpoint"}', 'ep_disabled'),
   ('bad1', 'a', '{"case": "bad url"}', NULL),
@@ -118,8 +118,8 @@ func TestBadInputGetsAClearFinalState(t *testing.T) {
   ('acme', 'a', $1, 'ep_good'),
   ('acme', 'a', '{"case": "fine"}', 'ep_good')`, `{"case": "too big", "pad": "`+strings.Repeat("x", 2000)+`"}`)
 
-	e.waitFor("8 final rows", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state NOT IN ('pending', 'retrying')`) == 8
+	e.WaitFor("8 final rows", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state NOT IN ('pending', 'retrying')`) == 8
 	})
 	cases := []struct{ caseName, state, errContains string }{
 		{"unknown endpoint", "rejected", "unknown endpoint ep_missing"},
@@ -133,7 +133,7 @@ func TestBadInputGetsAClearFinalState(t *testing.T) {
 	}
 	for _, c := range cases {
 		var state, errText string
-		err := e.pool.QueryRow(context.Background(), `SELECT d.state, coalesce(d.error, '') FROM relay.deliveries d
+		err := e.Pool.QueryRow(context.Background(), `SELECT d.state, coalesce(d.error, '') FROM relay.deliveries d
 JOIN relay.outbox o ON o.id = d.event_id WHERE o.payload->>'case' = $1`, c.caseName).Scan(&state, &errText)
 		if err != nil {
 			t.Errorf("%s: %v", c.caseName, err)
@@ -159,26 +159,26 @@ func TestEndpointChangesApplyInCommitOrder(t *testing.T) {
 	rcv := newReceiver(t)
 	e.startRelay(nil)
 
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 1}')`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 1}')`)
 	e.addEndpoint("ep1", "t1", rcv)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 2}')`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 2}')`)
 	// Disabling drains what is still queued (see TestDisablingDrainsTheQueue);
 	// let event 2 arrive first.
-	e.waitFor("event 2 delivered", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	e.WaitFor("event 2 delivered", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
 	})
-	e.exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep1'`)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 3}')`)
-	e.exec(`UPDATE relay.endpoints SET enabled = true, event_types = '{y}' WHERE id = 'ep1'`)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 4}'), ('t1', 'y', '{"n": 5}')`)
+	e.Exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep1'`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 3}')`)
+	e.Exec(`UPDATE relay.endpoints SET enabled = true, event_types = '{y}' WHERE id = 'ep1'`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'x', '{"n": 4}'), ('t1', 'y', '{"n": 5}')`)
 
-	e.waitFor("5 final rows", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state NOT IN ('pending','retrying')`) == 5
+	e.WaitFor("5 final rows", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state NOT IN ('pending','retrying')`) == 5
 	})
 	want := map[string]string{"1": "unrouted", "2": "succeeded", "3": "unrouted", "4": "unrouted", "5": "succeeded"}
 	for n, state := range want {
 		var got string
-		if err := e.pool.QueryRow(context.Background(), `SELECT d.state FROM relay.deliveries d JOIN relay.outbox o ON o.id = d.event_id
+		if err := e.Pool.QueryRow(context.Background(), `SELECT d.state FROM relay.deliveries d JOIN relay.outbox o ON o.id = d.event_id
 WHERE o.payload->>'n' = $1`, n).Scan(&got); err != nil || got != state {
 			t.Errorf("event %s: state %q (%v), want %q", n, got, err, state)
 		}
@@ -202,9 +202,9 @@ func TestRetriesThenSucceeds(t *testing.T) {
 	}
 	e.addEndpoint("ep", "t", rcv)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
-	e.waitFor("success", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("success", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
 	})
 	reqs := rcv.requests()
 	if len(reqs) != 3 {
@@ -225,11 +225,11 @@ func TestRetriesThenSucceeds(t *testing.T) {
 	if gap := reqs[2].at.Sub(reqs[1].at); gap < 100*time.Millisecond {
 		t.Errorf("second retry after %s, want >= 100ms", gap)
 	}
-	if n := e.count(`SELECT attempts FROM relay.deliveries`); n != 3 {
+	if n := e.Count(`SELECT attempts FROM relay.deliveries`); n != 3 {
 		t.Errorf("row says %d attempts, want 3", n)
 	}
 	// The two failures left attempt rows; the success is the delivery row.
-	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE http_status = 503 AND error_class = 'http_5xx' AND attempt IN (1, 2)`); n != 2 {
+	if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE http_status = 503 AND error_class = 'http_5xx' AND attempt IN (1, 2)`); n != 2 {
 		t.Errorf("%d attempt rows for the two 503s, want 2", n)
 	}
 }
@@ -245,21 +245,21 @@ func TestExhaustedAndFinalFailures(t *testing.T) {
 	e.addEndpoint("down", "t", down)
 	e.addEndpoint("picky", "t", picky)
 	e.startRelay(nil)
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
-	e.waitFor("two final rows", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('dead', 'failed')`) == 2
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("two final rows", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('dead', 'failed')`) == 2
 	})
-	if n := e.count(`SELECT attempts FROM relay.deliveries WHERE endpoint_id = 'down' AND state = 'dead' AND http_status = 500`); n != 4 {
+	if n := e.Count(`SELECT attempts FROM relay.deliveries WHERE endpoint_id = 'down' AND state = 'dead' AND http_status = 500`); n != 4 {
 		t.Errorf("dead row has %d attempts, want 4 (schedule length)", n)
 	}
-	if n := e.count(`SELECT attempts FROM relay.deliveries WHERE endpoint_id = 'picky' AND state = 'failed' AND http_status = 400`); n != 1 {
+	if n := e.Count(`SELECT attempts FROM relay.deliveries WHERE endpoint_id = 'picky' AND state = 'failed' AND http_status = 400`); n != 1 {
 		t.Errorf("failed row has %d attempts, want 1", n)
 	}
-	if n := e.count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'down'`); n != 4 {
+	if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE endpoint_id = 'down'`); n != 4 {
 		t.Errorf("%d attempt rows for the dead delivery, want 4", n)
 	}
 	// Dead letters keep their payload so they can be replayed.
-	if n := e.count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('dead', 'failed') AND payload IS NOT NULL`); n != 2 {
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('dead', 'failed') AND payload IS NOT NULL`); n != 2 {
 		t.Errorf("%d dead/failed rows kept their payload, want 2", n)
 	}
 	if len(down.requests()) != 4 || len(picky.requests()) != 1 {
@@ -276,20 +276,20 @@ func TestRestartDoesNotRedeliverRecordedEvents(t *testing.T) {
 	_, stop := e.startRelay(nil)
 	// A second slot created now sees the same events again: it stands in
 	// for a slot whose confirmed position was not acknowledged before a crash.
-	replay := e.slot + "_replay"
-	e.exec(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, replay)
+	replay := e.Slot + "_replay"
+	e.Exec(`SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, replay)
 	for i := range 50 {
-		e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', $1)`, fmt.Sprintf(`{"n": %d}`, i))
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', $1)`, fmt.Sprintf(`{"n": %d}`, i))
 	}
-	e.waitFor("50 succeeded", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 50
+	e.WaitFor("50 succeeded", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 50
 	})
 	stop()
-	e.exec(`INSERT INTO relay.relay_state (slot_name, recorded_lsn) SELECT $1, recorded_lsn FROM relay.relay_state WHERE slot_name = $2`, replay, e.slot)
+	e.Exec(`INSERT INTO relay.relay_state (slot_name, recorded_lsn) SELECT $1, recorded_lsn FROM relay.relay_state WHERE slot_name = $2`, replay, e.Slot)
 	r2, _ := e.startRelay(func(c *Config) { c.SlotName = replay })
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"n": "after"}')`)
-	e.waitFor("51 succeeded", 20*time.Second, func() bool {
-		return e.count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 51
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{"n": "after"}')`)
+	e.WaitFor("51 succeeded", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 51
 	})
 	if got := len(rcv.requests()); got != 51 {
 		t.Errorf("receiver saw %d requests, want 51 (no re-delivery)", got)

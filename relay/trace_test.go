@@ -22,9 +22,9 @@ func TestTraceparentContinuesTheTrace(t *testing.T) {
 	e.addEndpoint("ep", "t", rcv)
 	e.startRelay(func(c *Config) { c.Tracer = tp.Tracer("outbox-relay") })
 	const traceID, parentID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-	e.exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, traceparent) VALUES ('t', 'invoice.paid', '{}', $1)`,
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, traceparent) VALUES ('t', 'invoice.paid', '{}', $1)`,
 		"00-"+traceID+"-"+parentID+"-01")
-	e.waitFor("a span", 20*time.Second, func() bool { return len(exp.GetSpans()) == 1 })
+	e.WaitFor("a span", 20*time.Second, func() bool { return len(exp.GetSpans()) == 1 })
 	span := exp.GetSpans()[0]
 	if span.SpanContext.TraceID().String() != traceID {
 		t.Errorf("span trace id %s, want the outbox row's %s", span.SpanContext.TraceID(), traceID)
