@@ -34,3 +34,9 @@ lint: ## gofmt, go vet and staticcheck (pinned)
 
 build: ## build bin/outbox-relay
 	$(GO) build -o bin/outbox-relay ./cmd/outbox-relay
+
+CHAOS_DURATION ?= 10m
+CHAOS_TIMEOUT  ?= 30m
+.PHONY: chaos
+chaos: ## chaos suite: kills, Postgres restarts, receiver and config faults while events flow, then prove nothing is lost (CHAOS_DURATION=10m; CHAOS_SEED=n replays)
+	CHAOS_DURATION=$(CHAOS_DURATION) CHAOS_SEED=$(CHAOS_SEED) $(GO) test -count=1 -timeout $(CHAOS_TIMEOUT) -run '^TestChaos$$' -v ./e2e/
