@@ -328,12 +328,22 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 		case <-time.After(backoff):
 		}
 	}
+	// The recorded routing stands, even if the config changed since: an
+	// event recorded as unrouted is not routed now, and an event with a
+	// recorded delivery gets no unrouted row.
+	routed := make(map[[16]byte]bool)
+	for k := range existing {
+		if k.endpoint != "" {
+			routed[k.event] = true
+		}
+	}
 	keep := func(list []*delivery) []*delivery {
 		out := list[:0]
 		for _, d := range list {
 			if d.endLSN <= r.recorded {
 				d.maybeDup = true
-				if existing[pairKey{d.eventID, d.endpointID}] {
+				if existing[pairKey{d.eventID, d.endpointID}] || existing[pairKey{d.eventID, ""}] ||
+					(d.endpointID == "" && routed[d.eventID]) {
 					d.mark.done(1)
 					r.stats.Duplicates.Add(1)
 					continue
