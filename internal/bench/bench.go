@@ -547,20 +547,7 @@ func (r *run) latency(ctx context.Context) error {
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, relay delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
 	const insert = `INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ($1, 'bench', 'bench.event', $2)`
-	bufs := make(chan []byte, r.cfg.Producers)
-	for range r.cfg.Producers {
-		bufs <- nil
-	}
-	sent, rate, err := paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
-		buf := <-bufs
-		defer func() { bufs <- buf }()
-		// The clock is read just before the statement that commits (an
-		// autocommit INSERT is a one-row transaction), so the figure
-		// includes the INSERT and COMMIT themselves.
-		buf = appendBody(buf[:0], seq, time.Now().UnixNano(), r.cfg.BodyBytes)
-		_, err := r.pool.Exec(ctx, insert, eventID(tagLatency, seq), buf)
-		return err
-	})
+	sent, rate, err := r.produceSteady(ctx, insert, tagLatency)
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
@@ -613,4 +600,23 @@ func (r *run) bareLatency(ctx context.Context) error {
 	}
 	r.res.BareLatency = latencyOf(tl, sent, rate)
 	return nil
+}
+
+// produceSteady commits single-row transactions (insert, with $1 the
+// event id and $2 the body) at the configured rate and duration on
+// Producers connections. The clock is read just before the statement that
+// commits (an autocommit INSERT is a one-row transaction), so a latency
+// measured from it includes the INSERT and the COMMIT themselves.
+func (r *run) produceSteady(ctx context.Context, insert string, tag uint32) (int, float64, error) {
+	bufs := make(chan []byte, r.cfg.Producers)
+	for range r.cfg.Producers {
+		bufs <- nil
+	}
+	return paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
+		buf := <-bufs
+		defer func() { bufs <- buf }()
+		buf = appendBody(buf[:0], seq, time.Now().UnixNano(), r.cfg.BodyBytes)
+		_, err := r.pool.Exec(ctx, insert, eventID(tag, seq), buf)
+		return err
+	})
 }

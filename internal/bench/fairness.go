@@ -109,17 +109,7 @@ func (r *run) fairness(ctx context.Context) error {
 	steadyB := func(tag uint32) (*Latency, error) {
 		tl := newTally(tag, n, r.cfg.BodyBytes, true, r.verifier())
 		r.rcv.expect(tl)
-		bufs := make(chan []byte, r.cfg.Producers)
-		for range r.cfg.Producers {
-			bufs <- nil
-		}
-		sent, rate, err := paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
-			buf := <-bufs
-			defer func() { bufs <- buf }()
-			buf = appendBody(buf[:0], seq, time.Now().UnixNano(), r.cfg.BodyBytes)
-			_, err := r.pool.Exec(ctx, insertB, eventID(tag, seq), buf)
-			return err
-		})
+		sent, rate, err := r.produceSteady(ctx, insertB, tag)
 		if err != nil {
 			return nil, fmt.Errorf("producer: %w", err)
 		}

@@ -198,17 +198,7 @@ func (r *run) peerLatency(ctx context.Context) error {
 		return err
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, polling peer delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
-	bufs := make(chan []byte, r.cfg.Producers)
-	for range r.cfg.Producers {
-		bufs <- nil
-	}
-	sent, rate, err := paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
-		buf := <-bufs
-		defer func() { bufs <- buf }()
-		buf = appendBody(buf[:0], seq, time.Now().UnixNano(), r.cfg.BodyBytes)
-		_, err := r.pool.Exec(ctx, insert, eventID(tagPeerLatency, seq), buf)
-		return err
-	})
+	sent, rate, err := r.produceSteady(ctx, insert, tagPeerLatency)
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
