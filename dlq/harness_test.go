@@ -11,8 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
 	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -20,14 +18,7 @@ import (
 
 var cluster *pgtemp.Cluster
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(pgtemp.WithCluster(m, &cluster),
-		// The shared HTTP transport keeps idle connections.
-		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
-	)
-}
+func TestMain(m *testing.M) { relaytest.Main(m, &cluster) }
 
 // receiver is a real HTTP server on loopback that answers 500 with a body
 // until recovered, then 200, and counts requests per webhook-id.

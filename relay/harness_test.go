@@ -12,8 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/goleak"
-
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
 	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/signer"
@@ -21,14 +19,7 @@ import (
 
 var cluster *pgtemp.Cluster
 
-func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(pgtemp.WithCluster(m, &cluster),
-		// The shared HTTP transport of httptest clients keeps idle conns.
-		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
-		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
-		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
-	)
-}
+func TestMain(m *testing.M) { relaytest.Main(m, &cluster) }
 
 // received is one request a test receiver saw.
 type received struct {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/goleak"
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
@@ -70,4 +71,15 @@ func (e *Env) WaitFor(what string, timeout time.Duration, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Main is for TestMain: a cluster in *c for the package's tests, and
+// goleak's check that no goroutine outlives them (idle keep-alive
+// connections of HTTP clients excepted).
+func Main(m *testing.M, c **pgtemp.Cluster) {
+	goleak.VerifyTestMain(pgtemp.WithCluster(m, c),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+		goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
+	)
 }
