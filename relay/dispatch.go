@@ -157,7 +157,6 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 						continue
 					}
 					cols.bind(rel)
-					r.stats.EventsReceived.Add(1)
 					r.metrics.eventsReceived.Inc()
 					queue, final = r.route(txn, ch.New, &cols, queue, final)
 				case "endpoints":
@@ -231,7 +230,6 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 		d.state = state
 		d.errText = reason
 		d.completed = r.now()
-		r.stats.Rejected.Add(1)
 		final = append(final, d)
 	}
 	add := func(ep *Endpoint) {
@@ -345,7 +343,7 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 				if existing[pairKey{d.eventID, d.endpointID}] || existing[pairKey{d.eventID, ""}] ||
 					(d.endpointID == "" && routed[d.eventID]) {
 					d.mark.done(1)
-					r.stats.Duplicates.Add(1)
+					r.metrics.restartSkipped.Inc()
 					continue
 				}
 			}
@@ -422,31 +420,29 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 		if len(rest) == 0 {
 			return
 		}
-		now := r.now()
-		for _, d := range rest {
-			d.state = StatePending
-			d.nextAttempt = now
-			d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
-		}
-		r.stats.Spilled.Add(int64(len(rest)))
-		r.metrics.spilled.Add(float64(len(rest)))
-		r.spilled.Store(true)
-		r.writer.add(rest...)
+		r.writer.add(r.toPending(rest, r.now())...)
 	}
+}
+
+// toPending turns deliveries that leave memory into pending rows due at
+// due (with their own copy of the payload, so the WAL batch can go). The
+// loader brings them back when due and there is room.
+func (r *Relay) toPending(ds []*delivery, due time.Time) []*delivery {
+	for _, d := range ds {
+		d.state = StatePending
+		d.nextAttempt = due
+		d.payload = append([]byte(nil), d.payload...)
+	}
+	r.metrics.spilled.Add(float64(len(ds)))
+	r.spilled.Store(true)
+	return ds
 }
 
 // evict records deliveries of a long-parked endpoint as pending rows due
 // at until, freeing memory and letting the watermark pass them. The loader
 // brings them back when due.
 func (r *Relay) evict(ds []*delivery, until time.Time) {
-	for _, d := range ds {
-		d.state = StatePending
-		d.nextAttempt = until
-		d.payload = append([]byte(nil), d.payload...) // let the WAL batch go
-	}
-	r.stats.Spilled.Add(int64(len(ds)))
-	r.metrics.spilled.Add(float64(len(ds)))
-	r.writer.addNoWait(ds...) // called under the scheduler's lock
+	r.writer.addNoWait(r.toPending(ds, until)...) // called under the scheduler's lock
 }
 
 // loadLoop claims due retries and spilled deliveries from
@@ -480,7 +476,6 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				r.spilled.Store(false)
 				break
 			}
-			r.stats.Loaded.Add(int64(len(ds)))
 			r.metrics.loaded.Add(float64(len(ds)))
 			var queue []*delivery
 			for _, d := range ds {

@@ -25,6 +25,7 @@ type metrics struct {
 	statusWriteSecs prometheus.Histogram
 
 	breakerTransitions *prometheus.CounterVec
+	restartSkipped     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
@@ -52,6 +53,8 @@ func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
 	}
 	m.breakerTransitions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_breaker_transitions_total",
 		Help: "Circuit breaker state changes, by the state entered (open, half-open, closed). Per-endpoint state is in relay.endpoint_health."}, []string{"to"})
+	m.restartSkipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_restart_skipped_total",
+		Help: "Deliveries streamed again after a restart and skipped because their row was already recorded."})
 	deliveries := prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_deliveries_total",
 		Help: "Delivery rows written, by state (succeeded, retrying, failed, dead, rejected, unrouted, pending)."}, []string{"state"})
 	m.deliveries = make(map[State]prometheus.Counter)
@@ -76,7 +79,7 @@ func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
 			}),
 	}
 	for _, c := range append(gauges, m.eventsReceived, deliveries, m.attemptsByClass, m.attemptDuration, m.commitToDeliver,
-		m.spilled, m.loaded, m.breakerTransitions, m.slotLagBytes, m.slotRetainedWAL, m.ackAge, m.statusWriteSecs) {
+		m.spilled, m.loaded, m.breakerTransitions, m.restartSkipped, m.slotLagBytes, m.slotRetainedWAL, m.ackAge, m.statusWriteSecs) {
 		reg.MustRegister(c)
 	}
 	return m

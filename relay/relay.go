@@ -42,23 +42,10 @@ type Relay struct {
 	recorded cdc.LSN     // highest end LSN with recorded rows at startup
 	spilled  atomic.Bool // rows were spilled: the loader should look soon
 	recent   recentSet   // endpoints routed to lately; dispatch goroutine only
-	loadKick chan struct{}
 
-	stats   Stats
 	metrics *metrics
 	health  *health
 	state   atomic.Value // string: "starting", "standby", "active", "stopped"
-}
-
-// Stats are cumulative counters, for tests, the demo and metrics.
-type Stats struct {
-	EventsReceived atomic.Int64 // outbox rows read from the WAL
-	Delivered      atomic.Int64 // deliveries that ended succeeded
-	Attempts       atomic.Int64
-	Rejected       atomic.Int64 // rejected or unrouted
-	Spilled        atomic.Int64
-	Loaded         atomic.Int64 // claimed back from relay.deliveries
-	Duplicates     atomic.Int64 // re-streamed deliveries skipped because a row existed
 }
 
 // New validates cfg and builds a Relay. It does not connect.
@@ -68,14 +55,13 @@ func New(cfg Config) (*Relay, error) {
 	}
 	cfg = cfg.withDefaults()
 	r := &Relay{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		now:      cfg.Now,
-		wm:       &watermark{},
-		sched:    newScheduler(cfg.QueueEvents, cfg.QueueBytes, cfg.EndpointMaxInFlight),
-		config:   newConfigState(),
-		loadKick: make(chan struct{}, 1),
-		health:   newHealth(),
+		cfg:    cfg,
+		log:    cfg.Logger,
+		now:    cfg.Now,
+		wm:     &watermark{},
+		sched:  newScheduler(cfg.QueueEvents, cfg.QueueBytes, cfg.EndpointMaxInFlight),
+		config: newConfigState(),
+		health: newHealth(),
 	}
 	r.sched.now = cfg.Now
 	r.sched.limits = limiter.New()
@@ -90,9 +76,6 @@ func New(cfg Config) (*Relay, error) {
 	r.metrics = newMetrics(cfg.Registerer, r)
 	return r, nil
 }
-
-// Stats returns the relay's counters.
-func (r *Relay) Stats() *Stats { return &r.stats }
 
 // State is "starting", "standby", "active" or "stopped".
 func (r *Relay) State() string { return r.state.Load().(string) }

@@ -89,7 +89,6 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		return sig
 	}
 	d.attempts++
-	r.stats.Attempts.Add(1)
 	if d.firstAttempt.IsZero() {
 		d.firstAttempt = now
 	}
@@ -164,7 +163,6 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	switch dec.Outcome {
 	case retrypolicy.Success:
 		d.state, d.errText, d.completed = StateSucceeded, "", end
-		r.stats.Delivered.Add(1)
 		return sig
 	case retrypolicy.Gone:
 		d.state, d.completed = StateFailed, end
