@@ -143,7 +143,6 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 		var recheck []*delivery
 		for ti := range b.Txns {
 			txn := &b.Txns[ti]
-			start := len(queue) + len(final)
 			startQ, startF := len(queue), len(final)
 			for ci := range txn.Changes {
 				ch := &txn.Changes[ci]
@@ -168,7 +167,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					r.installTenant(r.config.upsertTenant(tupleRow(rel, ch.New, nil)))
 				}
 			}
-			n := len(queue) + len(final) - start
+			n := len(queue) - startQ + len(final) - startF
 			if n == 0 {
 				continue
 			}

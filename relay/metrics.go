@@ -15,6 +15,7 @@ type metrics struct {
 	eventsReceived  prometheus.Counter
 	deliveries      map[State]prometheus.Counter
 	attemptsByClass *prometheus.CounterVec
+	attemptsOK      prometheus.Counter // attemptsByClass{class="http_2xx"}, resolved once
 	attemptDuration prometheus.Histogram
 	commitToDeliver prometheus.Histogram
 	spilled         prometheus.Counter
@@ -51,6 +52,7 @@ func newMetrics(reg prometheus.Registerer, r *Relay) *metrics {
 		statusWriteSecs: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_status_write_duration_seconds",
 			Help: "Duration of one batched status write.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 	}
+	m.attemptsOK = m.attemptsByClass.WithLabelValues("http_2xx")
 	m.breakerTransitions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_breaker_transitions_total",
 		Help: "Circuit breaker state changes, by the state entered (open, half-open, closed). Per-endpoint state is in relay.endpoint_health."}, []string{"to"})
 	m.restartSkipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_restart_skipped_total",

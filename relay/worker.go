@@ -154,7 +154,11 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	if dec.Outcome != retrypolicy.Success {
 		d.failClass = dec.Class
 	}
-	r.metrics.attemptsByClass.WithLabelValues(dec.Class).Inc()
+	if dec.Outcome == retrypolicy.Success {
+		r.metrics.attemptsOK.Inc() // the common case skips the label lookup
+	} else {
+		r.metrics.attemptsByClass.WithLabelValues(dec.Class).Inc()
+	}
 	// The breaker and failure streak count what says something about the
 	// receiver's health: a 2xx (healthy) or a retryable failure (unwell).
 	// A 4xx or a refused address says nothing; a shutdown either.
