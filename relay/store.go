@@ -48,77 +48,6 @@ var copyColumns = []string{
 	"duration_ms", "payload", "headers", "traceparent",
 }
 
-// copySource feeds deliveries to COPY without building an intermediate
-// [][]any for the whole batch.
-type copySource struct {
-	rows []*delivery
-	i    int
-	vals [18]any
-}
-
-func (c *copySource) Next() bool { c.i++; return c.i <= len(c.rows) }
-func (c *copySource) Err() error { return nil }
-func (c *copySource) Values() ([]any, error) {
-	d := c.rows[c.i-1]
-	v := &c.vals
-	v[0] = d.eventID
-	v[1] = d.endpointID
-	v[2] = d.tenantID
-	v[3] = d.eventType
-	v[4] = string(d.state)
-	v[5] = int32(d.attempts)
-	v[6] = nullInt(d.httpStatus)
-	v[7] = nullString(d.errText)
-	v[8] = nullTime(d.nextAttempt)
-	v[9] = int64(d.commitLSN)
-	v[10] = nullTime(d.committedAt)
-	v[11] = nullTime(d.firstAttempt)
-	v[12] = nullTime(d.lastAttempt)
-	v[13] = nullTime(d.completed)
-	v[14] = nullDuration(d.duration, d.lastAttempt)
-	if !d.state.keepsPayload() {
-		v[15], v[16], v[17] = nil, nil, nil
-	} else {
-		v[15], v[16], v[17] = d.payload, nullBytes(d.headers), nullString(d.traceparent)
-	}
-	return v[:], nil
-}
-
-func nullInt(n int) any {
-	if n == 0 {
-		return nil
-	}
-	return int32(n)
-}
-
-func nullString(s string) any {
-	if s == "" {
-		return nil
-	}
-	return s
-}
-
-func nullBytes(b []byte) any {
-	if b == nil {
-		return nil
-	}
-	return b
-}
-
-func nullTime(t time.Time) any {
-	if t.IsZero() {
-		return nil
-	}
-	return t
-}
-
-func nullDuration(d time.Duration, at time.Time) any {
-	if at.IsZero() {
-		return nil
-	}
-	return float64(d) / float64(time.Millisecond)
-}
-
 const upsertSQL = `
 INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
     next_attempt_at, commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms,
@@ -206,6 +135,8 @@ type writer struct {
 	maxBuffered int        // add waits while this many rows wait
 	released    bool
 	kick        chan struct{}
+
+	enc copyEncoder // owned by the goroutine in run
 }
 
 // add queues rows for the next write. It waits while maxBuffered rows are
@@ -365,7 +296,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck // after Commit it is a no-op
 	if len(fresh) > 0 {
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "deliveries"}, copyColumns, &copySource{rows: fresh}); err != nil {
+		if err := w.enc.copyRows(ctx, tx, copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
 			return fmt.Errorf("copy status rows: %w", err)
 		}
 	}
@@ -375,11 +306,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 		}
 	}
 	if failed := failedAttempts(rows); len(failed) > 0 {
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "attempts"}, attemptColumns, pgx.CopyFromSlice(len(failed), func(i int) ([]any, error) {
-			d := failed[i]
-			return []any{d.eventID, d.endpointID, int32(d.attempts), d.lastAttempt, float64(d.duration) / float64(time.Millisecond),
-				nullInt(d.httpStatus), d.failClass, nullString(d.errText)}, nil
-		})); err != nil {
+		if err := w.enc.copyRows(ctx, tx, copyAttemptsSQL, failed, encodeAttempt); err != nil {
 			return fmt.Errorf("copy attempt rows: %w", err)
 		}
 	}

@@ -1,0 +1,137 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
+)
+
+// The hand-written binary COPY must store exactly what the rows say, for
+// every column, NULLs included, and stream batches larger than one chunk.
+func TestStatusRowsRoundTrip(t *testing.T) {
+	t.Parallel()
+	e := relaytest.New(t, cluster, "copy")
+	ctx := context.Background()
+	pool, err := openPool(ctx, e.URL, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
+	w.space = sync.NewCond(&w.mu)
+
+	at := time.Date(2026, 11, 30, 12, 34, 56, 789012000, time.UTC)
+	big := `{"pad": "` + strings.Repeat("é", 100<<10) + `"}` // spans several 64 KiB chunks
+	full := &delivery{
+		eventID: [16]byte{0x4b, 0xf9, 0x2f, 0x35, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, endpointID: "ep_full", tenantID: "acme",
+		eventType: "invoice.paid", payload: []byte(big), headers: []byte(`{"X-A": "b"}`), traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+		commitLSN: 0x1_0000_ABCD, committedAt: at, state: StateRetrying, attempts: 3, httpStatus: 503, errText: "HTTP 503: busy",
+		nextAttempt: at.Add(5 * time.Minute), firstAttempt: at.Add(time.Second), lastAttempt: at.Add(2 * time.Second),
+		duration: 1500 * time.Microsecond, failClass: "http_5xx",
+	}
+	bare := &delivery{eventID: [16]byte{1}, endpointID: "", tenantID: "t", eventType: "x", state: StateUnrouted, completed: at}
+	done := &delivery{eventID: [16]byte{2}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{"gone": true}`),
+		state: StateSucceeded, attempts: 1, httpStatus: 204, lastAttempt: at, firstAttempt: at, completed: at, duration: 0}
+	rows := []*delivery{full, bare, done}
+	for i := range 3000 { // many small rows after the big one: several chunks
+		rows = append(rows, &delivery{eventID: [16]byte{3, byte(i >> 8), byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
+			payload: []byte(fmt.Sprintf(`{"i": %d}`, i)), state: StatePending, nextAttempt: at})
+	}
+	if err := w.writeRetry(ctx, rows); err != nil {
+		t.Fatal(err)
+	}
+
+	type got struct {
+		endpoint, tenant, typ, state, err, tp, payload, headers, lsn string
+		attempts                                                      int
+		status                                                        *int
+		next, committed, first, last, completed                       *time.Time
+		dur                                                           *float64
+	}
+	read := func(id [16]byte) got {
+		t.Helper()
+		var g got
+		var errText, tp, payload, headers *string
+		if err := pool.QueryRow(ctx, `SELECT endpoint_id, tenant_id, event_type, state, attempts, http_status, error, next_attempt_at,
+commit_lsn::text, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload::text, headers::text, traceparent
+FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.typ, &g.state, &g.attempts, &g.status, &errText,
+			&g.next, &g.lsn, &g.committed, &g.first, &g.last, &g.completed, &g.dur, &payload, &headers, &tp); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []struct {
+			dst *string
+			src *string
+		}{{&g.err, errText}, {&g.tp, tp}, {&g.payload, payload}, {&g.headers, headers}} {
+			if p.src != nil {
+				*p.dst = *p.src
+			} else {
+				*p.dst = "NULL"
+			}
+		}
+		return g
+	}
+	same := func(what string, a *time.Time, b time.Time) {
+		t.Helper()
+		if a == nil || !a.Equal(b) {
+			t.Errorf("%s = %v, want %v", what, a, b)
+		}
+	}
+
+	g := read(full.eventID)
+	if g.endpoint != "ep_full" || g.tenant != "acme" || g.typ != "invoice.paid" || g.state != "retrying" || g.attempts != 3 ||
+		g.status == nil || *g.status != 503 || g.err != "HTTP 503: busy" || g.tp != full.traceparent || g.lsn != "1/ABCD" {
+		t.Errorf("full row: %+v", g)
+	}
+	if g.payload != big {
+		t.Errorf("payload: %d bytes back, want %d", len(g.payload), len(big))
+	}
+	if g.headers != `{"X-A": "b"}` {
+		t.Errorf("headers = %s", g.headers)
+	}
+	same("next_attempt_at", g.next, full.nextAttempt)
+	same("committed_at", g.committed, at)
+	same("first_attempt_at", g.first, full.firstAttempt)
+	same("last_attempt_at", g.last, full.lastAttempt)
+	if g.completed != nil {
+		t.Errorf("completed_at = %v, want NULL", g.completed)
+	}
+	if g.dur == nil || *g.dur != 1.5 {
+		t.Errorf("duration_ms = %v, want 1.5", g.dur)
+	}
+
+	g = read(bare.eventID)
+	if g.endpoint != "" || g.state != "unrouted" || g.attempts != 0 || g.status != nil || g.err != "NULL" || g.payload != "NULL" ||
+		g.next != nil || g.first != nil || g.last != nil || g.dur != nil || g.lsn != "0/0" {
+		t.Errorf("unrouted row: %+v", g)
+	}
+	same("completed_at", g.completed, at)
+
+	// A succeeded row drops its payload; a zero duration of a real attempt is 0, not NULL.
+	g = read(done.eventID)
+	if g.state != "succeeded" || g.payload != "NULL" || g.dur == nil || *g.dur != 0 || *g.status != 204 {
+		t.Errorf("succeeded row: %+v", g)
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'pending' AND payload ? 'i'`); n != 3000 {
+		t.Errorf("%d pending rows with their payload, want 3000", n)
+	}
+	var class, aerr string
+	var attempt, status int
+	var attempted time.Time
+	var dur float64
+	if err := pool.QueryRow(ctx, `SELECT attempt, attempted_at, duration_ms, http_status, error_class, error FROM relay.attempts WHERE event_id = $1`,
+		full.eventID).Scan(&attempt, &attempted, &dur, &status, &class, &aerr); err != nil {
+		t.Fatal(err)
+	}
+	if attempt != 3 || !attempted.Equal(full.lastAttempt) || dur != 1.5 || status != 503 || class != "http_5xx" || aerr != "HTTP 503: busy" {
+		t.Errorf("attempt row: %d %v %v %d %q %q", attempt, attempted, dur, status, class, aerr)
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.attempts`); n != 1 {
+		t.Errorf("%d attempt rows, want 1", n)
+	}
+}
