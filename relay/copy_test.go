@@ -49,10 +49,10 @@ func TestStatusRowsRoundTrip(t *testing.T) {
 
 	type got struct {
 		endpoint, tenant, typ, state, err, tp, payload, headers, lsn string
-		attempts                                                      int
-		status                                                        *int
-		next, committed, first, last, completed                       *time.Time
-		dur                                                           *float64
+		attempts                                                     int
+		status                                                       *int
+		next, committed, first, last, completed                      *time.Time
+		dur                                                          *float64
 	}
 	read := func(id [16]byte) got {
 		t.Helper()
