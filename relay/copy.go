@@ -178,7 +178,11 @@ func encodeDelivery(e *copyEncoder, d *delivery) {
 	e.int4OrNull(d.httpStatus)
 	e.textOrNull(d.errText)
 	e.timestamptz(d.nextAttempt)
-	e.int8(int64(d.commitLSN))
+	if d.commitLSN == 0 { // unknown, as the upsert path writes it
+		e.null()
+	} else {
+		e.int8(int64(d.commitLSN))
+	}
 	e.timestamptz(d.committedAt)
 	e.timestamptz(d.firstAttempt)
 	e.timestamptz(d.lastAttempt)

@@ -12,10 +12,20 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 )
 
-// The hand-written binary COPY must store exactly what the rows say, for
-// every column, NULLs included, and stream batches larger than one chunk.
+// Both write paths (the hand-written binary COPY for large batches, the
+// pipelined upsert for small ones) must store exactly what the rows say,
+// for every column, NULLs included; COPY must stream batches larger than
+// one chunk.
 func TestStatusRowsRoundTrip(t *testing.T) {
 	t.Parallel()
+	t.Run("copy", func(t *testing.T) { t.Parallel(); testStatusRows(t, 3000) })
+	t.Run("small", func(t *testing.T) { t.Parallel(); testStatusRows(t, 0) })
+}
+
+func testStatusRows(t *testing.T, padding int) {
+	if 3+padding <= smallWrite == (padding > 0) {
+		t.Fatalf("padding %d does not pick the intended path", padding)
+	}
 	e := relaytest.New(t, cluster, "copy")
 	ctx := context.Background()
 	pool, err := openPool(ctx, e.URL, 2)
@@ -39,7 +49,7 @@ func TestStatusRowsRoundTrip(t *testing.T) {
 	done := &delivery{eventID: [16]byte{2}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{"gone": true}`),
 		state: StateSucceeded, attempts: 1, httpStatus: 204, lastAttempt: at, firstAttempt: at, completed: at, duration: 0}
 	rows := []*delivery{full, bare, done}
-	for i := range 3000 { // many small rows after the big one: several chunks
+	for i := range padding { // many small rows after the big one: several chunks
 		rows = append(rows, &delivery{eventID: [16]byte{3, byte(i >> 8), byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
 			payload: []byte(fmt.Sprintf(`{"i": %d}`, i)), state: StatePending, nextAttempt: at})
 	}
@@ -57,17 +67,17 @@ func TestStatusRowsRoundTrip(t *testing.T) {
 	read := func(id [16]byte) got {
 		t.Helper()
 		var g got
-		var errText, tp, payload, headers *string
+		var errText, tp, payload, headers, lsn *string
 		if err := pool.QueryRow(ctx, `SELECT endpoint_id, tenant_id, event_type, state, attempts, http_status, error, next_attempt_at,
 commit_lsn::text, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload::text, headers::text, traceparent
 FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.typ, &g.state, &g.attempts, &g.status, &errText,
-			&g.next, &g.lsn, &g.committed, &g.first, &g.last, &g.completed, &g.dur, &payload, &headers, &tp); err != nil {
+			&g.next, &lsn, &g.committed, &g.first, &g.last, &g.completed, &g.dur, &payload, &headers, &tp); err != nil {
 			t.Fatal(err)
 		}
 		for _, p := range []struct {
 			dst *string
 			src *string
-		}{{&g.err, errText}, {&g.tp, tp}, {&g.payload, payload}, {&g.headers, headers}} {
+		}{{&g.err, errText}, {&g.lsn, lsn}, {&g.tp, tp}, {&g.payload, payload}, {&g.headers, headers}} {
 			if p.src != nil {
 				*p.dst = *p.src
 			} else {
@@ -107,7 +117,7 @@ FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.
 
 	g = read(bare.eventID)
 	if g.endpoint != "" || g.state != "unrouted" || g.attempts != 0 || g.status != nil || g.err != "NULL" || g.payload != "NULL" ||
-		g.next != nil || g.first != nil || g.last != nil || g.dur != nil || g.lsn != "0/0" {
+		g.next != nil || g.first != nil || g.last != nil || g.dur != nil || g.lsn != "NULL" {
 		t.Errorf("unrouted row: %+v", g)
 	}
 	same("completed_at", g.completed, at)
@@ -117,8 +127,8 @@ FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.
 	if g.state != "succeeded" || g.payload != "NULL" || g.dur == nil || *g.dur != 0 || *g.status != 204 {
 		t.Errorf("succeeded row: %+v", g)
 	}
-	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'pending' AND payload ? 'i'`); n != 3000 {
-		t.Errorf("%d pending rows with their payload, want 3000", n)
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'pending' AND payload ? 'i'`); n != padding {
+		t.Errorf("%d pending rows with their payload, want %d", n, padding)
 	}
 	var class, aerr string
 	var attempt, status int

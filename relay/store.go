@@ -290,6 +290,9 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 			fresh = append(fresh, d)
 		}
 	}
+	if len(rows) <= smallWrite {
+		return w.writeSmall(ctx, rows, maxLSN)
+	}
 	tx, err := w.pool.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("begin status write: %w", err)
@@ -311,9 +314,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 		}
 	}
 	if maxLSN != 0 {
-		if _, err := tx.Exec(ctx, `INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ($1, $2::text::pg_lsn)
-ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.recorded_lsn, EXCLUDED.recorded_lsn), updated_at = now()`,
-			w.slot, maxLSN.String()); err != nil {
+		if _, err := tx.Exec(ctx, recordLSNSQL, w.slot, int64(maxLSN)); err != nil {
 			return fmt.Errorf("record lsn: %w", err)
 		}
 	}
@@ -321,6 +322,60 @@ ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.record
 		return fmt.Errorf("commit status write: %w", err)
 	}
 	return nil
+}
+
+// smallWrite is the largest batch written as one pipelined round trip
+// (an upsert, the attempt rows and relay_state in an implicit
+// transaction). Larger batches use COPY, which is cheaper per row but
+// takes four round trips (BEGIN, COPY, relay_state, COMMIT): at a live
+// rate of a few thousand events a second the batches are small and the
+// round trips are what the writer costs.
+const smallWrite = 64
+
+const recordLSNSQL = `INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ($1, pg_lsn '0/0' + $2::int8)
+ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.recorded_lsn, EXCLUDED.recorded_lsn), updated_at = now()`
+
+const insertAttemptsSQL = `INSERT INTO relay.attempts (event_id, endpoint_id, attempt, attempted_at, duration_ms, http_status, error_class, error)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::float8[], $6::int4[], $7::text[], $8::text[])`
+
+// writeSmall writes a small batch in one round trip. The upsert keeps a
+// final state that is already recorded, as the COPY path's fallback does.
+func (w *writer) writeSmall(ctx context.Context, rows []*delivery, maxLSN cdc.LSN) error {
+	b := &pgx.Batch{}
+	b.Queue(upsertSQL, upsertArgs(rows)...)
+	if failed := failedAttempts(rows); len(failed) > 0 {
+		b.Queue(insertAttemptsSQL, attemptArgs(failed)...)
+	}
+	if maxLSN != 0 {
+		b.Queue(recordLSNSQL, w.slot, int64(maxLSN))
+	}
+	if err := w.pool.SendBatch(ctx, b).Close(); err != nil {
+		return fmt.Errorf("write status rows: %w", err)
+	}
+	return nil
+}
+
+func attemptArgs(rows []*delivery) []any {
+	n := len(rows)
+	ids, eps, classes := make([][16]byte, n), make([]string, n), make([]string, n)
+	attempts := make([]int32, n)
+	at := make([]time.Time, n)
+	durs := make([]float64, n)
+	statuses := make([]*int32, n)
+	errs := make([]*string, n)
+	for i, d := range rows {
+		ids[i], eps[i], classes[i], attempts[i], at[i] = d.eventID, d.endpointID, d.failClass, int32(d.attempts), d.lastAttempt
+		durs[i] = float64(d.duration) / float64(time.Millisecond)
+		if d.httpStatus != 0 {
+			s := int32(d.httpStatus)
+			statuses[i] = &s
+		}
+		if d.errText != "" {
+			e := d.errText
+			errs[i] = &e
+		}
+	}
+	return []any{ids, eps, attempts, at, durs, statuses, classes, errs}
 }
 
 var attemptColumns = []string{"event_id", "endpoint_id", "attempt", "attempted_at", "duration_ms", "http_status", "error_class", "error"}
