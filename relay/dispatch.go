@@ -424,13 +424,23 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 }
 
 // toPending turns deliveries that leave memory into pending rows due at
-// due (with their own copy of the payload, so the WAL batch can go). The
-// loader brings them back when due and there is room.
+// due. A delivery fresh from the WAL leaves its payload, headers and
+// traceparent behind: its outbox row holds them, the loader reads them
+// back from there, and the cleanup keeps an outbox row while a pending row
+// refers to it. So a spill writes a small row, and what waits in the
+// writer's buffer holds no payload. A delivery that already has a row
+// (loaded, or re-streamed after a restart), or whose outbox row may be
+// near its retention, keeps its own copy.
 func (r *Relay) toPending(ds []*delivery, due time.Time) []*delivery {
+	old := r.now().Add(-r.cfg.OutboxRetention / 2)
 	for _, d := range ds {
 		d.state = StatePending
 		d.nextAttempt = due
-		d.payload = append([]byte(nil), d.payload...)
+		if !d.persisted && !d.maybeDup && d.committedAt.After(old) {
+			d.payload, d.headers, d.traceparent = nil, nil, ""
+		} else {
+			d.payload = append([]byte(nil), d.payload...)
+		}
 	}
 	r.metrics.spilled.Add(float64(len(ds)))
 	r.spilled.Store(true)
@@ -480,7 +490,9 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			for _, d := range ds {
 				d.state = StatePending
 				ep := r.sched.endpoint(d.endpointID)
-				if ep == nil {
+				if d.payload == nil {
+					d.state, d.errText = StateDead, "the outbox row holding this pending delivery's payload was deleted before it could be delivered"
+				} else if ep == nil {
 					d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
 				} else if state, reason, refused := ep.refusal(); refused {
 					d.state, d.errText = state, reason
@@ -516,21 +528,32 @@ func (r *Relay) cleanupLoop(ctx context.Context) {
 }
 
 func (r *Relay) cleanup(ctx context.Context) {
+	r.cleanupOlder(ctx, r.cfg.OutboxRetention, r.cfg.DeliveryRetention, r.cfg.DeadLetterRetention)
+}
+
+// cleanupOlder removes outbox rows older than outbox, succeeded and
+// unrouted deliveries and attempt rows older than deliveries, and dead
+// letters older than deadLetters.
+func (r *Relay) cleanupOlder(ctx context.Context, outbox, deliveries, deadLetters time.Duration) {
 	const batch = 5000
 	steps := []struct {
 		what, sql string
 		keep      time.Duration
 	}{
+		// A pending row spilled without its payload reads it from its
+		// outbox row: that row stays until the delivery is done.
 		{"outbox", `DELETE FROM relay.outbox WHERE id IN (
-SELECT id FROM relay.outbox WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT 5000)`, r.cfg.OutboxRetention},
+SELECT o.id FROM relay.outbox o WHERE o.created_at < now() - $1::interval
+AND NOT EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.event_id = o.id AND d.payload IS NULL AND d.state IN ('pending', 'retrying'))
+ORDER BY o.created_at LIMIT 5000)`, outbox},
 		{"deliveries", `DELETE FROM relay.deliveries WHERE (event_id, endpoint_id) IN (
 SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval
-AND state IN ('succeeded', 'unrouted') LIMIT 5000)`, r.cfg.DeliveryRetention},
+AND state IN ('succeeded', 'unrouted') LIMIT 5000)`, deliveries},
 		{"dead letters", `DELETE FROM relay.deliveries WHERE (event_id, endpoint_id) IN (
 SELECT event_id, endpoint_id FROM relay.deliveries WHERE completed_at < now() - $1::interval
-AND state IN ('dead', 'failed', 'rejected') LIMIT 5000)`, r.cfg.DeadLetterRetention},
+AND state IN ('dead', 'failed', 'rejected') LIMIT 5000)`, deadLetters},
 		{"attempts", `DELETE FROM relay.attempts WHERE ctid IN (
-SELECT ctid FROM relay.attempts WHERE attempted_at < now() - $1::interval LIMIT 5000)`, r.cfg.DeliveryRetention},
+SELECT ctid FROM relay.attempts WHERE attempted_at < now() - $1::interval LIMIT 5000)`, deliveries},
 	}
 	for _, s := range steps {
 		for ctx.Err() == nil {

@@ -192,8 +192,14 @@ func (r *Relay) disableEndpoint(id, reason string) {
 			defer tx.Rollback(context.Background()) //nolint:errcheck // no-op after Commit
 			_, err = tx.Exec(ctx, `UPDATE relay.endpoints SET enabled = false, disabled_reason = $2, updated_at = now() WHERE id = $1`, id, reason)
 			if err == nil {
-				_, err = tx.Exec(ctx, `UPDATE relay.deliveries SET state = 'dead', error = $2, completed_at = now(), next_attempt_at = NULL,
-claimed_until = NULL, updated_at = now() WHERE endpoint_id = $1 AND state IN ('pending', 'retrying')`, id, reason)
+				// Dead letters keep their payload for a replay: a row
+				// spilled without it takes it from its outbox row now.
+				_, err = tx.Exec(ctx, `UPDATE relay.deliveries d SET state = 'dead', error = $2, completed_at = now(), next_attempt_at = NULL,
+claimed_until = NULL, updated_at = now(),
+payload = COALESCE(d.payload, (SELECT o.payload FROM relay.outbox o WHERE o.id = d.event_id)),
+headers = CASE WHEN d.payload IS NULL THEN (SELECT o.headers FROM relay.outbox o WHERE o.id = d.event_id) ELSE d.headers END,
+traceparent = CASE WHEN d.payload IS NULL THEN (SELECT o.traceparent FROM relay.outbox o WHERE o.id = d.event_id) ELSE d.traceparent END
+WHERE d.endpoint_id = $1 AND d.state IN ('pending', 'retrying')`, id, reason)
 			}
 			if err == nil {
 				err = tx.Commit(ctx)

@@ -428,16 +428,21 @@ func existingRows(ctx context.Context, pool *pgxpool.Pool, events [][16]byte) (m
 
 const claimSQL = `
 WITH due AS (
-    SELECT event_id, endpoint_id FROM relay.deliveries
+    SELECT event_id, endpoint_id, payload IS NULL AS by_ref FROM relay.deliveries
     WHERE state IN ('pending', 'retrying') AND next_attempt_at <= now()
       AND (claimed_until IS NULL OR claimed_until < now())
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
-FROM due WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
-RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts, d.payload::text, d.headers::text,
-    d.traceparent, (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at`
+FROM due LEFT JOIN relay.outbox o ON due.by_ref AND o.id = due.event_id
+WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
+RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
+    -- A row spilled without its payload reads it from its outbox row.
+    COALESCE(d.payload, o.payload)::text,
+    CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
+    CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
+    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at`
 
 // claimDue claims up to n due pending or retrying deliveries for lease.
 func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration) ([]*delivery, error) {
@@ -449,14 +454,15 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 	var out []*delivery
 	for rows.Next() {
 		d := &delivery{persisted: true}
-		var payload string
-		var headers, tp *string
+		var payload, headers, tp *string
 		var lsn *int64
 		var committed, first *time.Time
 		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first); err != nil {
 			return nil, fmt.Errorf("claim due deliveries: %w", err)
 		}
-		d.payload = []byte(payload)
+		if payload != nil { // nil: spilled by reference, and the outbox row is gone
+			d.payload = []byte(*payload)
+		}
 		if headers != nil {
 			d.headers = []byte(*headers)
 		}
