@@ -64,10 +64,12 @@ CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON relay.outbox (created_at);
 --   dead       attempts exhausted; see relay.dead_letters when it exists (final)
 --   rejected   never attempted: unknown or disabled endpoint, bad URL or secret, payload too large (final)
 --   unrouted   no enabled endpoint subscribes; endpoint_id is '' (final)
--- payload, headers and traceparent are kept while the row is not final, so
--- the relay can finish the delivery without the WAL or the outbox row, and
--- on failed, dead and rejected rows, so a dead letter can be replayed.
--- They are dropped (NULL) on succeeded and unrouted rows.
+-- payload, headers and traceparent are kept on retrying rows, so the relay
+-- can finish the delivery without the WAL or the outbox row, and on failed,
+-- dead and rejected rows, so a dead letter can be replayed. A pending row
+-- that a full queue spilled straight from the WAL has them NULL: its outbox
+-- row holds them, and the relay's cleanup keeps that row until the delivery
+-- is done. They are dropped (NULL) on succeeded and unrouted rows.
 CREATE TABLE IF NOT EXISTS relay.deliveries (
     event_id         uuid NOT NULL,
     endpoint_id      text NOT NULL,
