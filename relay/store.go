@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -45,7 +46,7 @@ func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) 
 var copyColumns = []string{
 	"event_id", "endpoint_id", "tenant_id", "event_type", "state", "attempts", "http_status", "error",
 	"next_attempt_at", "commit_lsn", "committed_at", "first_attempt_at", "last_attempt_at", "completed_at",
-	"duration_ms", "payload", "headers", "traceparent",
+	"duration_ms", "payload", "headers", "traceparent", "event_seq",
 }
 
 // copySource feeds deliveries to COPY without building an intermediate
@@ -53,7 +54,7 @@ var copyColumns = []string{
 type copySource struct {
 	rows []*delivery
 	i    int
-	vals [18]any
+	vals [19]any
 }
 
 func (c *copySource) Next() bool { c.i++; return c.i <= len(c.rows) }
@@ -81,6 +82,7 @@ func (c *copySource) Values() ([]any, error) {
 	} else {
 		v[15], v[16], v[17] = d.payload, nullBytes(d.headers), nullString(d.traceparent)
 	}
+	v[18] = d.eventSeq
 	return v[:], nil
 }
 
@@ -122,15 +124,15 @@ func nullDuration(d time.Duration, at time.Time) any {
 const upsertSQL = `
 INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
     next_attempt_at, commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms,
-    payload, headers, traceparent)
+    payload, headers, traceparent, event_seq)
 SELECT u.event_id, u.endpoint_id, u.tenant_id, u.event_type, u.state, u.attempts, u.http_status, u.error,
     u.next_attempt_at, u.commit_lsn::pg_lsn, u.committed_at, u.first_attempt_at, u.last_attempt_at, u.completed_at,
-    u.duration_ms, u.payload::jsonb, u.headers::jsonb, u.traceparent
+    u.duration_ms, u.payload::jsonb, u.headers::jsonb, u.traceparent, u.event_seq
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[], $8::text[],
     $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
-    $15::float8[], $16::text[], $17::text[], $18::text[])
+    $15::float8[], $16::text[], $17::text[], $18::text[], $19::int4[])
     AS u(event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error, next_attempt_at,
-         commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload, headers, traceparent)
+         commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload, headers, traceparent, event_seq)
 ON CONFLICT (event_id, endpoint_id) DO UPDATE SET
     state = EXCLUDED.state, attempts = EXCLUDED.attempts, http_status = EXCLUDED.http_status,
     error = EXCLUDED.error, next_attempt_at = EXCLUDED.next_attempt_at, claimed_until = NULL,
@@ -144,7 +146,7 @@ func upsertArgs(rows []*delivery) []any {
 	n := len(rows)
 	ids := make([][16]byte, n)
 	eps, tenants, types, states := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	attempts := make([]int32, n)
+	attempts, seqs := make([]int32, n), make([]int32, n)
 	statuses := make([]*int32, n)
 	errs, lsns, payloads, headers, tps := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
 	next, committed, first, last, completed := make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n)
@@ -163,7 +165,7 @@ func upsertArgs(rows []*delivery) []any {
 	}
 	for i, d := range rows {
 		ids[i], eps[i], tenants[i], types[i], states[i] = d.eventID, d.endpointID, d.tenantID, d.eventType, string(d.state)
-		attempts[i] = int32(d.attempts)
+		attempts[i], seqs[i] = int32(d.attempts), d.eventSeq
 		if d.httpStatus != 0 {
 			s := int32(d.httpStatus)
 			statuses[i] = &s
@@ -185,7 +187,7 @@ func upsertArgs(rows []*delivery) []any {
 			tps[i] = ptrString(d.traceparent)
 		}
 	}
-	return []any{ids, eps, tenants, types, states, attempts, statuses, errs, next, lsns, committed, first, last, completed, durs, payloads, headers, tps}
+	return []any{ids, eps, tenants, types, states, attempts, statuses, errs, next, lsns, committed, first, last, completed, durs, payloads, headers, tps, seqs}
 }
 
 // writer batches status rows: many workers add, one goroutine writes a
@@ -206,6 +208,14 @@ type writer struct {
 	maxBuffered int        // add waits while this many rows wait
 	released    bool
 	kick        chan struct{}
+
+	// Rows are written in the order they were added (one goroutine, whole
+	// batches taken from the front of buf), so "the first n rows ever
+	// added are durable" is one number. Ordered endpoints wait on it (see
+	// sync) before they read their rows back.
+	added   uint64        // rows ever added; under mu
+	durable atomic.Uint64 // rows ever written, a prefix of those added
+	wrote   chan struct{} // signalled after each durable batch
 }
 
 // add queues rows for the next write. It waits while maxBuffered rows are
@@ -228,6 +238,7 @@ func (w *writer) addNoWait(ds ...*delivery) {
 
 func (w *writer) addLocked(ds []*delivery) {
 	w.buf = append(w.buf, ds...)
+	w.added += uint64(len(ds))
 	full := len(w.buf) >= w.maxBatch
 	w.mu.Unlock()
 	if full {
@@ -252,6 +263,27 @@ func (w *writer) take() []*delivery {
 	w.buf = w.buf[:rest]
 	w.space.Broadcast()
 	return out
+}
+
+// sync waits until every row added before it was called is durable, and
+// hurries the writer along meanwhile. It returns early only when ctx ends.
+func (w *writer) sync(ctx context.Context) error {
+	w.mu.Lock()
+	target := w.added
+	w.mu.Unlock()
+	for w.durable.Load() < target {
+		select {
+		case w.kick <- struct{}{}:
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.wrote:
+		case <-time.After(w.interval):
+		}
+	}
+	return nil
 }
 
 // release stops add from waiting: at shutdown nothing may block on a
@@ -300,9 +332,10 @@ func (w *writer) run(ctx context.Context) {
 // ctx ends. Rows stay in memory meanwhile, and the watermark waits.
 func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	backoff := 50 * time.Millisecond
+	dedupe := false
 	for {
 		start := time.Now()
-		err := w.write(ctx, rows)
+		err := w.write(ctx, rows, dedupe)
 		took := time.Since(start)
 		if w.writeSecs != nil {
 			w.writeSecs.Observe(took.Seconds())
@@ -321,6 +354,11 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 			if w.written != nil {
 				w.written(rows)
 			}
+			w.durable.Add(uint64(len(rows)))
+			select {
+			case w.wrote <- struct{}{}:
+			default:
+			}
 			return nil
 		}
 		var pgErr *pgconn.PgError
@@ -330,6 +368,15 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 			for _, d := range rows {
 				d.maybeDup = true
 			}
+			continue
+		}
+		if errors.As(err, &pgErr) && pgErr.Code == "21000" && !dedupe {
+			// One upsert cannot touch a row twice. Two outcomes of one
+			// delivery in a batch is a race the relay means to rule out
+			// (see lane.go); should one slip through, the later outcome
+			// stands rather than the writer stalling on the batch forever.
+			w.log.Warn("a status batch held two rows for one delivery; writing the later one", slog.Int("rows", len(rows)))
+			dedupe = true
 			continue
 		}
 		if ctx.Err() != nil {
@@ -345,7 +392,7 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	}
 }
 
-func (w *writer) write(ctx context.Context, rows []*delivery) error {
+func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error {
 	fresh := make([]*delivery, 0, len(rows))
 	var other []*delivery
 	var maxLSN cdc.LSN
@@ -368,6 +415,9 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "deliveries"}, copyColumns, &copySource{rows: fresh}); err != nil {
 			return fmt.Errorf("copy status rows: %w", err)
 		}
+	}
+	if dedupe {
+		other = lastPerDelivery(other)
 	}
 	if len(other) > 0 {
 		if _, err := tx.Exec(ctx, upsertSQL, upsertArgs(other)...); err != nil {
@@ -394,6 +444,21 @@ ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.record
 		return fmt.Errorf("commit status write: %w", err)
 	}
 	return nil
+}
+
+// lastPerDelivery keeps the last of rows for each (event, endpoint), in order.
+func lastPerDelivery(rows []*delivery) []*delivery {
+	last := make(map[pairKey]int, len(rows))
+	for i, d := range rows {
+		last[pairKey{d.eventID, d.endpointID}] = i
+	}
+	out := make([]*delivery, 0, len(last))
+	for i, d := range rows {
+		if last[pairKey{d.eventID, d.endpointID}] == i {
+			out = append(out, d)
+		}
+	}
+	return out
 }
 
 var attemptColumns = []string{"event_id", "endpoint_id", "attempt", "attempted_at", "duration_ms", "http_status", "error_class", "error"}
@@ -449,20 +514,31 @@ WITH due AS (
     SELECT event_id, endpoint_id FROM relay.deliveries
     WHERE state IN ('pending', 'retrying') AND next_attempt_at <= now()
       AND (claimed_until IS NULL OR claimed_until < now())
+      AND NOT (endpoint_id = ANY($3::text[]))
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
 UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
 FROM due WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
 RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts, d.payload::text, d.headers::text,
-    d.traceparent, (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at`
+    d.traceparent, (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
 
-// claimDue claims up to n due pending or retrying deliveries for lease.
-func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration) ([]*delivery, error) {
-	rows, err := pool.Query(ctx, claimSQL, n, lease.String())
+// claimDue claims up to n due pending or retrying deliveries for lease,
+// leaving out the ordered endpoints in lanes: their rows are loaded in
+// commit order by their lanes (see claimLanes).
+func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration, lanes []string) ([]*delivery, error) {
+	if lanes == nil {
+		lanes = []string{}
+	}
+	rows, err := pool.Query(ctx, claimSQL, n, lease.String(), lanes)
 	if err != nil {
 		return nil, fmt.Errorf("claim due deliveries: %w", err)
 	}
+	return scanClaimed(rows)
+}
+
+// scanClaimed reads the rows of claimSQL or claimLanesSQL.
+func scanClaimed(rows pgx.Rows) ([]*delivery, error) {
 	defer rows.Close()
 	var out []*delivery
 	for rows.Next() {
@@ -470,9 +546,19 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 		var payload string
 		var headers, tp *string
 		var lsn *int64
-		var committed, first *time.Time
-		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first); err != nil {
+		var seq *int32
+		var committed, first, next *time.Time
+		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first, &next, &seq); err != nil {
 			return nil, fmt.Errorf("claim due deliveries: %w", err)
+		}
+		if lsn != nil {
+			d.commitLSN = cdc.LSN(*lsn)
+		}
+		if seq != nil {
+			d.eventSeq = *seq
+		}
+		if next != nil {
+			d.nextAttempt = *next
 		}
 		d.payload = []byte(payload)
 		if headers != nil {
@@ -480,9 +566,6 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 		}
 		if tp != nil {
 			d.traceparent = *tp
-		}
-		if lsn != nil {
-			d.commitLSN = cdc.LSN(*lsn)
 		}
 		if committed != nil {
 			d.committedAt = *committed

@@ -75,8 +75,11 @@ func (r *Relay) work(ctx context.Context) {
 			d.breakerDone(errNotCounted)
 			d.breakerDone = nil
 		}
-		r.sched.done(d)
+		finishLater := r.sched.done(d)
 		r.writer.add(d)
+		if finishLater {
+			r.sched.finish(d)
+		}
 	}
 }
 
