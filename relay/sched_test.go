@@ -3,6 +3,7 @@ package relay
 import (
 	"fmt"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 )
@@ -124,4 +125,69 @@ func TestSchedulerWakesEnoughWorkers(t *testing.T) {
 		}
 	}
 	s.close()
+}
+
+// An ordered endpoint's lane hands out one delivery at a time, in the
+// order loaded, whatever max_in_flight says; a retryable failure drops
+// what is behind the head and the lane waits for the head's time.
+func TestSchedulerLaneOneAtATime(t *testing.T) {
+	s := newScheduler(1000, 1<<40, 64)
+	now := time.Unix(1000, 0)
+	s.now = func() time.Time { return now }
+	ep := &Endpoint{ID: "ord", TenantID: "t", Enabled: true, Ordered: true, MaxInFlight: 64}
+	s.setEndpoint(ep)
+	if ids, _, _ := s.lanesToLoad(now); len(ids) != 0 {
+		t.Fatalf("lanes load before openLanes: %v", ids)
+	}
+	s.openLanes()
+	ids, sizes, _ := s.lanesToLoad(now)
+	if !slices.Equal(ids, []string{"ord"}) || sizes[0] != laneBatch {
+		t.Fatalf("lanesToLoad = %v %v", ids, sizes)
+	}
+	if again, _, _ := s.lanesToLoad(now); len(again) != 0 {
+		t.Fatalf("a loading lane is offered again: %v", again)
+	}
+	var rows []*delivery
+	for i := range 5 {
+		rows = append(rows, &delivery{endpointID: "ord", tenantID: "t", eventSeq: int32(i), persisted: true, nextAttempt: now})
+	}
+	s.laneLoaded(ids, sizes, rows, now)
+	d := s.pickLocked()
+	if d == nil || d.eventSeq != 0 {
+		t.Fatalf("first pick = %+v", d)
+	}
+	if other := s.pickLocked(); other != nil {
+		t.Fatalf("a second delivery (%d) was handed out while the head is in flight", other.eventSeq)
+	}
+	if !s.done(d) {
+		t.Fatal("done of an ordered delivery does not defer to finish")
+	}
+	if other := s.pickLocked(); other != nil {
+		t.Fatal("next handed out before finish")
+	}
+	d.state = StateSucceeded
+	s.finish(d)
+	d = s.pickLocked()
+	if d == nil || d.eventSeq != 1 {
+		t.Fatalf("after the head succeeded, pick = %+v", d)
+	}
+	// The new head fails and retries in a minute: the rest leaves memory.
+	s.done(d)
+	d.state, d.nextAttempt = StateRetrying, now.Add(time.Minute)
+	s.finish(d)
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("%d deliveries stay in memory behind a retrying head", n)
+	}
+	if ids, _, next := s.lanesToLoad(now); len(ids) != 0 || !next.Equal(now.Add(time.Minute)) {
+		t.Fatalf("lanesToLoad while the head waits = %v, next %s", ids, next)
+	}
+	if ids, _, _ := s.lanesToLoad(now.Add(time.Minute)); !slices.Equal(ids, []string{"ord"}) {
+		t.Fatalf("lane not offered when its head is due: %v", ids)
+	}
+	// A fresh delivery pushed to the lane is not queued (it must be a row).
+	s.laneLoadFailed([]string{"ord"})
+	s.push([]*delivery{{endpointID: "ord", tenantID: "t", ep: ep, persisted: true}}, false)
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("a loaded row pushed to an ordered endpoint was queued")
+	}
 }
