@@ -269,14 +269,22 @@ func (s *scheduler) endpointForLoad(id string) (ep *Endpoint, ordered bool) {
 	return nil, false
 }
 
+// laneLoads are the loads lanesToLoad hands out: for each lane, its
+// endpoint and how many rows to read.
+type laneLoads struct {
+	ids   []string
+	sizes []int
+	lanes []*lane // a load is for this lane, not for one started since
+}
+
 // lanesToLoad marks the idle lanes that may load now as loading and
 // returns them with how many rows each should load (invariant 4), and the
 // earliest time a waiting lane may load (zero if none waits).
-func (s *scheduler) lanesToLoad(now time.Time) (ids []string, sizes []int, next time.Time) {
+func (s *scheduler) lanesToLoad(now time.Time) (loads laneLoads, next time.Time) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if !s.lanesOpen || s.closed {
-		return nil, nil, time.Time{}
+		return loads, time.Time{}
 	}
 	room := max(0, s.maxCount-s.count)
 	if s.bytes >= s.maxBytes {
@@ -294,28 +302,27 @@ func (s *scheduler) lanesToLoad(now time.Time) (ids []string, sizes []int, next 
 			continue
 		}
 		l.loading = true
-		ids = append(ids, id)
-		sizes = append(sizes, l.size)
+		loads.ids = append(loads.ids, id)
+		loads.sizes = append(loads.sizes, l.size)
+		loads.lanes = append(loads.lanes, l)
 	}
 	// A full queue still lets each lane load its head: memory grows with
 	// the number of ordered endpoints, never with their backlog.
-	if n := len(ids); n > 0 {
+	if n := len(loads.ids); n > 0 {
 		share := max(1, room/n)
-		for i := range sizes {
-			sizes[i] = min(sizes[i], share)
+		for i := range loads.sizes {
+			loads.sizes[i] = min(loads.sizes[i], share)
 		}
 	}
-	return ids, sizes, next
+	return loads, next
 }
 
-// laneLoadFailed ends the loads of ids that could not read the table.
-func (s *scheduler) laneLoadFailed(ids []string) {
+// laneLoadFailed ends loads that could not read the table.
+func (s *scheduler) laneLoadFailed(loads laneLoads) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, id := range ids {
-		if q := s.endpoints[id]; q != nil && q.lane != nil {
-			q.lane.loading = false
-		}
+	for _, l := range loads.lanes {
+		l.loading = false
 	}
 }
 
@@ -325,12 +332,12 @@ func (s *scheduler) laneLoadFailed(ids []string) {
 // longer be used end with the reason (written before the lane can load
 // again). more reports a lane that had more rows than it took and can
 // load again at once.
-func (s *scheduler) laneLoaded(ids []string, sizes []int, ds []*delivery, now time.Time) (more bool) {
+func (s *scheduler) laneLoaded(loads laneLoads, ds []*delivery, now time.Time) (more bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var final []*delivery
 	added := false
-	for i, id := range ids {
+	for i, id := range loads.ids {
 		j := 0
 		for j < len(ds) && ds[j].endpointID == id {
 			j++
@@ -347,11 +354,16 @@ func (s *scheduler) laneLoaded(ids []string, sizes []int, ds []*delivery, now ti
 			continue
 		case q.lane == nil: // no longer ordered: ordinary claimed deliveries
 			for _, d := range got {
-				d.ep = q.ep
+				d.ep, d.nextAttempt = q.ep, time.Time{}
 				s.pushLocked(q, d)
 			}
 			s.makeReadyLocked(q)
 			added = added || len(got) > 0
+			continue
+		case q.lane != loads.lanes[i]:
+			// Ordered off and on again meanwhile: the new lane may have
+			// written older rows since this read. The rows stay in the
+			// table for it.
 			continue
 		}
 		l := q.lane
@@ -361,7 +373,7 @@ func (s *scheduler) laneLoaded(ids []string, sizes []int, ds []*delivery, now ti
 				d.state, d.errText, d.completed = state, reason, now
 				final = append(final, d)
 			}
-			more = more || len(got) == sizes[i]
+			more = more || len(got) == loads.sizes[i]
 			continue
 		}
 		if len(got) == 0 {
@@ -375,7 +387,7 @@ func (s *scheduler) laneLoaded(ids []string, sizes []int, ds []*delivery, now ti
 			if k > 0 && d.nextAttempt.After(now) {
 				break // strict order: it waits at the head of a later load
 			}
-			d.ep, d.fromLane = q.ep, true
+			d.ep, d.fromLane, d.nextAttempt = q.ep, true, time.Time{}
 			s.pushLocked(q, d)
 		}
 		s.makeReadyLocked(q)
@@ -417,7 +429,7 @@ func claimLanes(ctx context.Context, pool *pgxpool.Pool, ids []string, sizes []i
 	if err != nil {
 		return nil, fmt.Errorf("load ordered endpoints' rows: %w", err)
 	}
-	ds, err := scanClaimed(rows)
+	ds, err := scanClaimed(rows, true)
 	if err != nil {
 		return nil, fmt.Errorf("load ordered endpoints' rows: %w", err)
 	}
@@ -458,16 +470,16 @@ func (r *Relay) laneLoop(ctx context.Context) {
 		}
 		for ctx.Err() == nil {
 			now := r.now()
-			ids, sizes, next := r.sched.lanesToLoad(now)
+			loads, next := r.sched.lanesToLoad(now)
 			if !next.IsZero() {
 				wake.Reset(max(time.Millisecond, next.Sub(now)))
 			}
-			if len(ids) == 0 {
+			if len(loads.ids) == 0 {
 				break
 			}
-			more, err := r.loadLanes(ctx, ids, sizes)
+			more, err := r.loadLanes(ctx, loads)
 			if err != nil {
-				r.sched.laneLoadFailed(ids)
+				r.sched.laneLoadFailed(loads)
 				if ctx.Err() == nil {
 					r.log.Warn("loading ordered endpoints' deliveries failed", slog.Any("error", err))
 				}
@@ -480,16 +492,16 @@ func (r *Relay) laneLoop(ctx context.Context) {
 	}
 }
 
-func (r *Relay) loadLanes(ctx context.Context, ids []string, sizes []int) (bool, error) {
+func (r *Relay) loadLanes(ctx context.Context, loads laneLoads) (bool, error) {
 	// Invariant 4: every row and outcome of these endpoints handed to the
 	// writer so far is in the table before it is read.
 	if err := r.writer.sync(ctx); err != nil {
 		return false, err
 	}
-	ds, err := claimLanes(ctx, r.pool, ids, sizes, r.cfg.ClaimLease)
+	ds, err := claimLanes(ctx, r.pool, loads.ids, loads.sizes, r.cfg.ClaimLease)
 	if err != nil {
 		return false, err
 	}
 	r.metrics.loaded.Add(float64(len(ds)))
-	return r.sched.laneLoaded(ids, sizes, ds, r.now()), nil
+	return r.sched.laneLoaded(loads, ds, r.now()), nil
 }

@@ -182,6 +182,9 @@ WHERE d.endpoint_id = 'ord' AND (o.payload->>'n')::int = $1`, failAt); got != n+
 	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'ord'`); got != events {
 		t.Errorf("%d rows for the ordered endpoint, want %d", got, events)
 	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE next_attempt_at IS NOT NULL`); got != 0 {
+		t.Errorf("%d succeeded rows still say when to attempt them next", got)
+	}
 	e.checkOrderKey("ord", upTo(0, events))
 }
 

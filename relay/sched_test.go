@@ -136,22 +136,22 @@ func TestSchedulerLaneOneAtATime(t *testing.T) {
 	s.now = func() time.Time { return now }
 	ep := &Endpoint{ID: "ord", TenantID: "t", Enabled: true, Ordered: true, MaxInFlight: 64}
 	s.setEndpoint(ep)
-	if ids, _, _ := s.lanesToLoad(now); len(ids) != 0 {
-		t.Fatalf("lanes load before openLanes: %v", ids)
+	if loads, _ := s.lanesToLoad(now); len(loads.ids) != 0 {
+		t.Fatalf("lanes load before openLanes: %v", loads.ids)
 	}
 	s.openLanes()
-	ids, sizes, _ := s.lanesToLoad(now)
-	if !slices.Equal(ids, []string{"ord"}) || sizes[0] != laneBatch {
-		t.Fatalf("lanesToLoad = %v %v", ids, sizes)
+	loads, _ := s.lanesToLoad(now)
+	if !slices.Equal(loads.ids, []string{"ord"}) || loads.sizes[0] != laneBatch {
+		t.Fatalf("lanesToLoad = %v %v", loads.ids, loads.sizes)
 	}
-	if again, _, _ := s.lanesToLoad(now); len(again) != 0 {
-		t.Fatalf("a loading lane is offered again: %v", again)
+	if again, _ := s.lanesToLoad(now); len(again.ids) != 0 {
+		t.Fatalf("a loading lane is offered again: %v", again.ids)
 	}
 	var rows []*delivery
 	for i := range 5 {
 		rows = append(rows, &delivery{endpointID: "ord", tenantID: "t", eventSeq: int32(i), persisted: true, nextAttempt: now})
 	}
-	s.laneLoaded(ids, sizes, rows, now)
+	s.laneLoaded(loads, rows, now)
 	d := s.pickLocked()
 	if d == nil || d.eventSeq != 0 {
 		t.Fatalf("first pick = %+v", d)
@@ -178,16 +178,27 @@ func TestSchedulerLaneOneAtATime(t *testing.T) {
 	if n, _ := s.len(); n != 0 {
 		t.Fatalf("%d deliveries stay in memory behind a retrying head", n)
 	}
-	if ids, _, next := s.lanesToLoad(now); len(ids) != 0 || !next.Equal(now.Add(time.Minute)) {
-		t.Fatalf("lanesToLoad while the head waits = %v, next %s", ids, next)
+	if loads, next := s.lanesToLoad(now); len(loads.ids) != 0 || !next.Equal(now.Add(time.Minute)) {
+		t.Fatalf("lanesToLoad while the head waits = %v, next %s", loads.ids, next)
 	}
-	if ids, _, _ := s.lanesToLoad(now.Add(time.Minute)); !slices.Equal(ids, []string{"ord"}) {
-		t.Fatalf("lane not offered when its head is due: %v", ids)
+	due, _ := s.lanesToLoad(now.Add(time.Minute))
+	if !slices.Equal(due.ids, []string{"ord"}) {
+		t.Fatalf("lane not offered when its head is due: %v", due.ids)
 	}
-	// A fresh delivery pushed to the lane is not queued (it must be a row).
-	s.laneLoadFailed([]string{"ord"})
+	// A load for a lane that was turned off and on meanwhile is dropped:
+	// the new lane may have older rows.
+	s.setEndpoint(&Endpoint{ID: "ord", TenantID: "t", Enabled: true})
+	s.setEndpoint(ep)
+	s.laneLoaded(due, []*delivery{{endpointID: "ord", tenantID: "t", persisted: true, nextAttempt: now}}, now.Add(time.Minute))
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("a stale load was queued for a new lane")
+	}
+	// A loaded row pushed to the lane by another way is not queued.
 	s.push([]*delivery{{endpointID: "ord", tenantID: "t", ep: ep, persisted: true}}, false)
 	if n, _ := s.len(); n != 0 {
 		t.Fatalf("a loaded row pushed to an ordered endpoint was queued")
+	}
+	if loads, _ := s.lanesToLoad(now.Add(time.Minute)); !slices.Equal(loads.ids, []string{"ord"}) {
+		t.Fatalf("the new lane is not offered: %v", loads.ids)
 	}
 }

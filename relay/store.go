@@ -534,11 +534,13 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 	if err != nil {
 		return nil, fmt.Errorf("claim due deliveries: %w", err)
 	}
-	return scanClaimed(rows)
+	return scanClaimed(rows, false)
 }
 
-// scanClaimed reads the rows of claimSQL or claimLanesSQL.
-func scanClaimed(rows pgx.Rows) ([]*delivery, error) {
+// scanClaimed reads the rows of claimSQL or claimLanesSQL; withNext keeps
+// next_attempt_at in nextAttempt (the lanes look at it; the loaded
+// delivery must not carry it into its outcome row).
+func scanClaimed(rows pgx.Rows, withNext bool) ([]*delivery, error) {
 	defer rows.Close()
 	var out []*delivery
 	for rows.Next() {
@@ -557,7 +559,7 @@ func scanClaimed(rows pgx.Rows) ([]*delivery, error) {
 		if seq != nil {
 			d.eventSeq = *seq
 		}
-		if next != nil {
+		if next != nil && withNext {
 			d.nextAttempt = *next
 		}
 		d.payload = []byte(payload)
