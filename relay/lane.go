@@ -402,36 +402,49 @@ func (s *scheduler) laneLoaded(loads laneLoads, ds []*delivery, now time.Time) (
 	return more
 }
 
-const claimLanesSQL = `
-WITH picked AS (
-    SELECT x.event_id, x.endpoint_id
-    FROM unnest($1::text[], $2::int4[]) AS l(id, n)
-    CROSS JOIN LATERAL (
-        SELECT d.event_id, d.endpoint_id FROM relay.deliveries d
-        WHERE d.endpoint_id = l.id AND d.state IN ('pending', 'retrying')
-        ORDER BY d.commit_lsn, d.event_seq
-        LIMIT l.n) x)
+// laneRowsSQL reads each lane's oldest unfinished rows straight off
+// deliveries_ordered_idx. (Joining them back to the table in an UPDATE
+// would not do: the planner cannot see through LIMIT l.n and scans the
+// whole table.) laneLeaseSQL then claims them by primary key.
+const laneRowsSQL = `
+SELECT x.event_id, x.endpoint_id, x.tenant_id, x.event_type, x.attempts, x.payload::text, x.headers::text,
+    x.traceparent, (x.commit_lsn - '0/0')::int8, x.committed_at, x.first_attempt_at, x.next_attempt_at, x.event_seq
+FROM unnest($1::text[], $2::int4[]) AS l(id, n)
+CROSS JOIN LATERAL (
+    SELECT * FROM relay.deliveries d
+    WHERE d.endpoint_id = l.id AND d.state IN ('pending', 'retrying')
+    ORDER BY d.commit_lsn, d.event_seq
+    LIMIT l.n) x`
+
+const laneLeaseSQL = `
 UPDATE relay.deliveries d SET claimed_until = now() + $3::interval
-FROM picked WHERE d.event_id = picked.event_id AND d.endpoint_id = picked.endpoint_id
-  AND d.state IN ('pending', 'retrying')
-RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts, d.payload::text, d.headers::text,
-    d.traceparent, (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
+FROM unnest($1::uuid[], $2::text[]) AS k(event_id, endpoint_id)
+WHERE d.event_id = k.event_id AND d.endpoint_id = k.endpoint_id AND d.state IN ('pending', 'retrying')`
 
 // claimLanes reads the oldest unfinished rows of each ordered endpoint in
-// ids (sizes[i] of them at most), whatever their claims, and returns them
-// sorted by endpoint, then commit order.
+// ids (sizes[i] of them at most), whatever their claims, claims them, and
+// returns them sorted by endpoint (in the order of ids), then commit order.
 func claimLanes(ctx context.Context, pool *pgxpool.Pool, ids []string, sizes []int, lease time.Duration) ([]*delivery, error) {
 	ns := make([]int32, len(sizes))
 	for i, n := range sizes {
 		ns[i] = int32(n)
 	}
-	rows, err := pool.Query(ctx, claimLanesSQL, ids, ns, lease.String())
+	rows, err := pool.Query(ctx, laneRowsSQL, ids, ns)
 	if err != nil {
 		return nil, fmt.Errorf("load ordered endpoints' rows: %w", err)
 	}
 	ds, err := scanClaimed(rows, true)
 	if err != nil {
 		return nil, fmt.Errorf("load ordered endpoints' rows: %w", err)
+	}
+	if len(ds) > 0 {
+		events, eps := make([][16]byte, len(ds)), make([]string, len(ds))
+		for i, d := range ds {
+			events[i], eps[i] = d.eventID, d.endpointID
+		}
+		if _, err := pool.Exec(ctx, laneLeaseSQL, events, eps, lease.String()); err != nil {
+			return nil, fmt.Errorf("claim ordered endpoints' rows: %w", err)
+		}
 	}
 	// laneLoaded walks ids in order, each lane's rows in commit order.
 	order := make(map[string]int, len(ids))
