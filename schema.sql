@@ -266,3 +266,15 @@ replayed AS (
     RETURNING 1)
 SELECT count(*)::integer FROM replayed
 $$;
+
+-- Ordered (FIFO) endpoints. With ordered = true, the endpoint's deliveries
+-- are attempted one at a time in commit order (commit_lsn, then event_seq,
+-- the outbox row's position within its transaction): the next one starts
+-- only once the one before has a final state. The relay keeps such an
+-- endpoint's unfinished deliveries as pending rows and loads them back in
+-- that order (deliveries_ordered_idx), so a head that retries for hours
+-- holds neither memory nor the WAL. See "Ordered endpoints" in the README.
+ALTER TABLE relay.endpoints ADD COLUMN IF NOT EXISTS ordered boolean NOT NULL DEFAULT false;
+ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS event_seq integer;  -- position of the outbox row within its transaction (0-based)
+CREATE INDEX IF NOT EXISTS deliveries_ordered_idx ON relay.deliveries (endpoint_id, commit_lsn, event_seq)
+    WHERE state IN ('pending', 'retrying');

@@ -201,6 +201,7 @@ func encodeDelivery(e *copyEncoder, d *delivery) {
 		e.null()
 		e.null()
 	}
+	e.int4(d.eventSeq)
 }
 
 // encodeAttempt appends the relay.attempts row of a failed attempt.

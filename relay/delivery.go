@@ -43,6 +43,7 @@ type delivery struct {
 	headers     []byte // the event's extra headers as JSON, or nil
 	traceparent string
 	commitLSN   cdc.LSN
+	eventSeq    int32 // position of the outbox row within its transaction: with commitLSN, the commit order
 	endLSN      cdc.LSN
 	committedAt time.Time
 	ep          *Endpoint // config at routing time; workers use the current one
@@ -50,6 +51,7 @@ type delivery struct {
 	mark      *txnMark // non-nil until the first durable row is written
 	persisted bool     // a row exists already (loaded): write through the upsert path
 	maybeDup  bool     // re-streamed after a restart: a row may exist
+	fromLane  bool     // loaded by an ordered endpoint's lane as its oldest unfinished rows
 
 	// Outcome of the last attempt, written by the worker.
 	state        State

@@ -132,6 +132,7 @@ func colBytes(vals []cdc.Value, i int) []byte {
 func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 	var cols outboxCols
 	var queue, final []*delivery
+	lanesOpen := false
 	for {
 		var b cdc.Batch
 		select {
@@ -141,9 +142,11 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 		}
 		queue, final = queue[:0], final[:0]
 		var recheck []*delivery
+		lanes := false // a delivery for an ordered endpoint, or a change to one, in this batch
 		for ti := range b.Txns {
 			txn := &b.Txns[ti]
 			startQ, startF := len(queue), len(final)
+			var seq int32 // the outbox row's position in the transaction
 			for ci := range txn.Changes {
 				ch := &txn.Changes[ci]
 				rel := ch.Rel
@@ -157,9 +160,14 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					}
 					cols.bind(rel)
 					r.metrics.eventsReceived.Inc()
-					queue, final = r.route(txn, ch.New, &cols, queue, final)
+					var ordered bool
+					queue, final, ordered = r.route(txn, ch.New, &cols, seq, queue, final)
+					lanes = lanes || ordered
+					seq++
 				case "endpoints":
-					r.applyEndpointChange(ch, &final, txn)
+					if r.applyEndpointChange(ch, &final, txn) {
+						lanes = true
+					}
 				case "tenants":
 					if ch.Op == cdc.Delete {
 						continue
@@ -189,8 +197,20 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 				return err
 			}
 		}
+		var laneRows []*delivery
+		if lanes && len(queue) > 0 {
+			// Ordered endpoints' deliveries become pending rows, written in
+			// commit order with this batch (lane.go, invariant 3). Decided
+			// here, with the config as of the end of the batch, so one
+			// turned ordered within the batch is covered too.
+			queue, laneRows = r.sched.splitLanes(queue, r.now())
+			final = append(final, laneRows...)
+		}
 		if len(final) > 0 {
 			r.writer.add(final...)
+		}
+		if len(laneRows) > 0 {
+			r.sched.kickLanes()
 		}
 		if len(queue) > 0 {
 			now := time.Now()
@@ -200,17 +220,24 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			r.enqueue(ctx, queue)
 		}
 		r.wm.advance(b.Position)
+		if !lanesOpen && b.Position >= r.recorded {
+			// Every event recorded before a restart has been routed again:
+			// ordered endpoints may read their rows (lane.go, invariant 7).
+			r.sched.openLanes()
+			lanesOpen = true
+		}
 	}
 }
 
 // route builds the deliveries of one outbox row: to the named endpoint, or
 // to every enabled endpoint of the tenant that subscribes to the type.
 // Deliveries that cannot be attempted go to final with their reason.
-func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, final []*delivery) ([]*delivery, []*delivery) {
+// ordered reports a delivery for an ordered endpoint among them.
+func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, seq int32, queue, final []*delivery) (_, _ []*delivery, ordered bool) {
 	id, ok := parseUUID(colBytes(vals, cols.id))
 	if !ok {
 		r.log.Error("outbox row without a valid id; skipped", slog.String("commit_lsn", txn.CommitLSN.String()))
-		return queue, final
+		return queue, final, false
 	}
 	base := delivery{
 		eventID:     id,
@@ -220,6 +247,7 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 		headers:     colBytes(vals, cols.headers),
 		traceparent: string(colBytes(vals, cols.trace)),
 		commitLSN:   txn.CommitLSN,
+		eventSeq:    seq,
 		endLSN:      txn.EndLSN,
 		committedAt: txn.CommitTime,
 		state:       StatePending,
@@ -242,6 +270,7 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 			reject(d, state, reason)
 		} else {
 			queue = append(queue, d)
+			ordered = ordered || ep.Ordered
 		}
 	}
 	if epID := colBytes(vals, cols.endpoint); epID != nil {
@@ -255,10 +284,10 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 				reason = "endpoint " + d.endpointID + " belongs to another tenant"
 			}
 			reject(d, StateRejected, reason)
-			return queue, final
+			return queue, final, false
 		}
 		add(ep)
-		return queue, final
+		return queue, final, ordered
 	}
 	routed := false
 	for _, ep := range r.config.byTenant[base.tenantID] {
@@ -272,16 +301,21 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, queue, f
 		*d = base
 		reject(d, StateUnrouted, fmt.Sprintf("no enabled endpoint of tenant %q subscribes to %q", base.tenantID, base.eventType))
 	}
-	return queue, final
+	return queue, final, ordered
 }
 
-func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc.Txn) {
+// applyEndpointChange applies one change to relay.endpoints. It reports
+// whether an ordered endpoint was involved (before or after the change).
+func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc.Txn) (ordered bool) {
 	rel := ch.Rel
 	if ch.Op == cdc.Delete {
 		row := tupleRow(rel, ch.Old, nil)
 		idp := row["id"]
 		if idp == nil {
-			return
+			return false
+		}
+		if old := r.config.endpoints[*idp]; old != nil {
+			ordered = old.Ordered
 		}
 		r.config.deleteEndpoint(*idp)
 		// Deliveries already queued for it end here, with the reason.
@@ -289,19 +323,24 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 			d.state, d.errText, d.completed = StateRejected, "endpoint "+*idp+" was deleted", r.now()
 			r.writer.add(d)
 		}
-		return
+		return ordered
 	}
 	var prev mapRow
 	if ch.Op == cdc.Update {
 		if idx := rel.ColumnIndex("id"); idx >= 0 && idx < len(ch.New) {
 			prev = r.config.raw[string(ch.New[idx].Data)]
+			if old := r.config.endpoints[string(ch.New[idx].Data)]; old != nil {
+				ordered = old.Ordered
+			}
 		}
 	}
 	if ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log); ep != nil {
 		r.installEndpoint(ep)
 		r.log.Info("endpoint config changed", slog.String("endpoint_id", ep.ID), slog.Bool("enabled", ep.Enabled),
-			slog.String("commit_lsn", txn.CommitLSN.String()))
+			slog.Bool("ordered", ep.Ordered), slog.String("commit_lsn", txn.CommitLSN.String()))
+		ordered = ordered || ep.Ordered
 	}
+	return ordered
 }
 
 // dropRecorded removes deliveries whose row already exists: they were
@@ -474,7 +513,7 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			if room < min(100, r.cfg.QueueEvents/4) {
 				break
 			}
-			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease)
+			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, r.sched.laneIDs())
 			if err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))
@@ -489,10 +528,11 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			var queue []*delivery
 			for _, d := range ds {
 				d.state = StatePending
-				ep := r.sched.endpoint(d.endpointID)
-				if d.payload == nil {
-					d.state, d.errText = StateDead, "the outbox row holding this pending delivery's payload was deleted before it could be delivered"
-				} else if ep == nil {
+				ep, ordered := r.sched.endpointForLoad(d.endpointID)
+				if ordered {
+					continue // turned ordered since the claim: the row is its lane's
+				}
+				if ep == nil {
 					d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
 				} else if state, reason, refused := ep.refusal(); refused {
 					d.state, d.errText = state, reason

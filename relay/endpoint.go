@@ -32,6 +32,9 @@ type Endpoint struct {
 	BreakerCooldown time.Duration
 	// DisabledReason is set when the relay disabled the endpoint itself.
 	DisabledReason string
+	// Ordered endpoints get their deliveries one at a time, in commit
+	// order (see lane.go).
+	Ordered bool
 
 	// Invalid is set when the row cannot be used (bad URL, bad secret, no
 	// secret). Deliveries routed to it are rejected with this reason.
@@ -126,6 +129,9 @@ func parseEndpoint(r row) (*Endpoint, error) {
 		ep.EventTypes = types
 	}
 	ep.DisabledReason, _ = r.text("disabled_reason")
+	if v, ok := r.text("ordered"); ok {
+		ep.Ordered = v == "t" || v == "true"
+	}
 	ep.BreakerFailures, ep.BreakerCooldown = defaultBreakerFailures, defaultBreakerCooldown
 	if v, ok := r.text("breaker_failures"); ok {
 		if n, err := strconv.Atoi(v); err == nil && n > 0 {

@@ -191,6 +191,10 @@ const evictAfter = 5 * time.Second
 // evictLocked takes a parked queue's deliveries out of memory and hands
 // them to s.evicted to be recorded as pending rows due at until.
 func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
+	if q.lane != nil {
+		s.evictLaneLocked(q, until)
+		return
+	}
 	if s.evicted == nil || q.items.len() == 0 {
 		return
 	}

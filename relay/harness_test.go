@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -9,6 +10,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -40,6 +42,8 @@ type receiver struct {
 	got    []received
 	answer func(n int, r *http.Request) int // status for the n-th request (0-based); nil = 200
 	notify chan struct{}
+
+	active, peak atomic.Int32 // requests being handled now, and the most at once
 }
 
 func newReceiver(t *testing.T) *receiver {
@@ -53,7 +57,12 @@ func newReceiver(t *testing.T) *receiver {
 	}
 	verifier := &signer.Verifier{Secrets: []signer.Secret{rcv.sec}}
 	rcv.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		now := rcv.active.Add(1)
+		defer rcv.active.Add(-1)
+		for p := rcv.peak.Load(); now > p && !rcv.peak.CompareAndSwap(p, now); p = rcv.peak.Load() {
+		}
 		body, _ := io.ReadAll(r.Body)
+		r.Body = io.NopCloser(bytes.NewReader(body)) // answer may read it again
 		rec := received{id: r.Header.Get("webhook-id"), ts: r.Header.Get("webhook-timestamp"),
 			sig: r.Header.Get("webhook-signature"), header: r.Header.Clone(), body: body, at: time.Now()}
 		rec.verifyErr = verifier.Verify(r.Header, body)

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -22,7 +23,7 @@ import (
 )
 
 // ErrSchemaMissing means the relay schema is not installed.
-var ErrSchemaMissing = errors.New("relay schema is missing: run `outbox-relay migrate --database-url ...` first")
+var ErrSchemaMissing = errors.New("relay schema is missing or older than this relay: run `outbox-relay migrate --database-url ...` first")
 
 // Relay streams outbox rows and delivers them. Create it with New and
 // start it with Run.
@@ -71,6 +72,10 @@ func New(cfg Config) (*Relay, error) {
 		// endpoint keeps its deliveries in memory.
 		r.sched.evicted = r.evict
 	}
+	// Ordered endpoints keep their deliveries as rows under either policy
+	// (lane.go).
+	r.sched.toRows = func(ds []*delivery) { r.writer.addNoWait(ds...) }
+	r.sched.loadSoon = func() { r.spilled.Store(true) }
 	r.state.Store("starting")
 	r.client = newDeliveryClient(cfg)
 	r.metrics = newMetrics(cfg.Registerer, r)
@@ -119,7 +124,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
 		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
-		maxBuffered: 4 * r.cfg.StatusBatch,
+		maxBuffered: 4 * r.cfg.StatusBatch, wrote: make(chan struct{}, 1),
 	}
 	r.writer.space = sync.NewCond(&r.writer.mu)
 	r.log.Info("relay active", slog.String("slot", r.cfg.SlotName), slog.Int("workers", r.cfg.Workers),
@@ -142,8 +147,9 @@ func (r *Relay) Run(ctx context.Context) error {
 		workers.Add(1)
 		go func() { defer workers.Done(); r.work(workCtx) }()
 	}
-	wg.Add(5)
+	wg.Add(6)
 	go func() { defer wg.Done(); r.sched.unparkLoop() }()
+	go func() { defer wg.Done(); r.laneLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.runHealth(writerCtx) }()
 	go func() { defer wg.Done(); r.slotLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
@@ -257,6 +263,18 @@ WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != n
 	if r.recorded, err = recordedLSN(ctx, r.pool, r.cfg.SlotName); err != nil {
 		return fail(err)
 	}
+	// Ordered endpoints wait for the replay of what was recorded but not
+	// confirmed (lane.go, invariant 7); with nothing to replay, they start.
+	var confirmed *string
+	if err := r.pool.QueryRow(ctx, `SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1`,
+		r.cfg.SlotName).Scan(&confirmed); err != nil {
+		return fail(fmt.Errorf("read the slot's confirmed position: %w", err))
+	}
+	if confirmed != nil {
+		if lsn, err := pglogrepl.ParseLSN(*confirmed); err == nil && lsn >= r.recorded {
+			r.sched.openLanes()
+		}
+	}
 	// Config is read as it is now. Changes committed after the slot's
 	// confirmed position come again through the stream and are re-applied
 	// in order; events in that window are routed with the current config.
@@ -283,7 +301,8 @@ func transient(err error) bool {
 func checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var ok bool
 	err := pool.QueryRow(ctx, `SELECT to_regclass('relay.deliveries') IS NOT NULL AND to_regclass('relay.outbox') IS NOT NULL
-AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'claimed_until')`).Scan(&ok)
+AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'claimed_until')
+AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'event_seq')`).Scan(&ok)
 	if err != nil {
 		return fmt.Errorf("check relay schema: %w", err)
 	}
@@ -388,7 +407,7 @@ func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
 func (r *Relay) loadConfig(ctx context.Context) error {
 	eps, err := queryRows(ctx, r.pool, `SELECT id, tenant_id, url, secrets::text, event_types::text, enabled::text,
 timeout_ms::text, headers::text, disabled_reason, retry_schedule::text, max_attempts::text, rate_limit::text,
-rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_ms::text FROM relay.endpoints`)
+rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_ms::text, ordered::text FROM relay.endpoints`)
 	if err != nil {
 		return fmt.Errorf("load endpoints: %w", err)
 	}

@@ -45,9 +45,14 @@ type endpointQueue struct {
 
 	parkedUntil time.Time // breaker open or limit reached: not ready before
 	parkIdx     int       // index in scheduler.parked, -1 when not parked
+
+	lane *lane // non-nil while the endpoint is ordered (see lane.go)
 }
 
 func (q *endpointQueue) maxInFlight(def int) int {
+	if q.lane != nil {
+		return 1
+	}
 	if q.ep != nil && q.ep.MaxInFlight > 0 {
 		return q.ep.MaxInFlight
 	}
@@ -91,6 +96,13 @@ type scheduler struct {
 	parkKick       chan struct{}
 	breakerChanged func(epID string, from, to gobreaker.State) // nil = no breakers
 	evicted        func(ds []*delivery, until time.Time)       // nil = keep parked deliveries in memory
+
+	// Ordered endpoints (lane.go).
+	lanes     map[string]*endpointQueue // the queues with a lane
+	lanesOpen bool                      // lanes may load rows (after a restart: once the replay caught up)
+	laneKick  chan struct{}             // wakes the lane loader
+	toRows    func(ds []*delivery)      // writes deliveries as rows, without waiting; called under mu; nil in unit tests
+	loadSoon  func()                    // asks the general loader to look soon; nil in unit tests
 }
 
 func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
@@ -103,6 +115,8 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 		room:        make(chan struct{}, 1),
 		now:         time.Now,
 		parkKick:    make(chan struct{}, 1),
+		lanes:       make(map[string]*endpointQueue),
+		laneKick:    make(chan struct{}, 1),
 	}
 	s.work = sync.NewCond(&s.mu)
 	return s
@@ -112,6 +126,9 @@ func (s *scheduler) newQueueLocked(ep *Endpoint, tenant string) *endpointQueue {
 	q := &endpointQueue{ep: ep, tenant: s.tenantLocked(tenant), parkIdx: -1}
 	if s.breakerChanged != nil && ep != nil {
 		q.breaker = newBreaker(ep, s.breakerChanged)
+	}
+	if ep != nil && ep.Ordered {
+		s.startLaneLocked(q)
 	}
 	return q
 }
@@ -143,6 +160,16 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	q.ep = ep
 	if s.breakerChanged != nil && (q.breaker == nil || !q.breaker.sameSettings(ep)) {
 		q.breaker = newBreaker(ep, s.breakerChanged)
+	}
+	switch {
+	case ep.Ordered && q.lane == nil:
+		s.startLaneLocked(q)
+	case !ep.Ordered && q.lane != nil:
+		s.stopLaneLocked(q)
+	}
+	if q.lane != nil {
+		s.setLaneEndpointLocked(q)
+		return nil
 	}
 	if ep.Enabled && ep.Invalid == "" {
 		s.makeReadyLocked(q)
@@ -183,6 +210,13 @@ func (s *scheduler) removeEndpoint(id string) []*delivery {
 	}
 	if q.inFlight == 0 {
 		delete(s.endpoints, id)
+	}
+	if q.lane != nil {
+		// The rows left in the table are the general loader's now, which
+		// rejects them: the endpoint is unknown.
+		delete(s.lanes, id)
+		q.lane = nil
+		s.wantLoadLocked()
 	}
 	s.signalRoomLocked()
 	return out
@@ -245,6 +279,10 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 			q = s.newQueueLocked(d.ep, d.tenantID)
 			s.endpoints[d.endpointID] = q
 		}
+		if q.lane != nil {
+			s.offLaneLocked(d)
+			continue
+		}
 		s.pushLocked(q, d)
 		s.makeReadyLocked(q)
 		added = true
@@ -291,6 +329,10 @@ func (s *scheduler) pushShare(ds []*delivery, busy int) (spill []*delivery) {
 		if q == nil {
 			q = s.newQueueLocked(d.ep, d.tenantID)
 			s.endpoints[d.endpointID] = q
+		}
+		if q.lane != nil {
+			s.offLaneLocked(d)
+			continue
 		}
 		active := s.active
 		if q.items.len() == 0 {
@@ -392,19 +434,25 @@ func (s *scheduler) pickLocked() *delivery {
 	}
 }
 
-// done returns a delivery's in-flight slot.
-func (s *scheduler) done(d *delivery) {
+// done returns a delivery's in-flight slot. For an ordered endpoint it
+// keeps the slot and returns true: the caller hands the outcome to the
+// writer first and then calls finish (see lane.go for why).
+func (s *scheduler) done(d *delivery) (finishLater bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.busy--
 	q := s.endpoints[d.endpointID]
+	if q != nil && q.lane != nil {
+		return true
+	}
+	s.busy--
 	if q == nil {
-		return
+		return false
 	}
 	q.inFlight--
 	if s.makeReadyLocked(q) && s.idle > 0 {
 		s.work.Signal()
 	}
+	return false
 }
 
 func (s *scheduler) signalRoomLocked() {

@@ -3,6 +3,7 @@ package relay
 import (
 	"fmt"
 	"runtime"
+	"slices"
 	"testing"
 	"time"
 )
@@ -124,4 +125,80 @@ func TestSchedulerWakesEnoughWorkers(t *testing.T) {
 		}
 	}
 	s.close()
+}
+
+// An ordered endpoint's lane hands out one delivery at a time, in the
+// order loaded, whatever max_in_flight says; a retryable failure drops
+// what is behind the head and the lane waits for the head's time.
+func TestSchedulerLaneOneAtATime(t *testing.T) {
+	s := newScheduler(1000, 1<<40, 64)
+	now := time.Unix(1000, 0)
+	s.now = func() time.Time { return now }
+	ep := &Endpoint{ID: "ord", TenantID: "t", Enabled: true, Ordered: true, MaxInFlight: 64}
+	s.setEndpoint(ep)
+	if loads, _ := s.lanesToLoad(now); len(loads.ids) != 0 {
+		t.Fatalf("lanes load before openLanes: %v", loads.ids)
+	}
+	s.openLanes()
+	loads, _ := s.lanesToLoad(now)
+	if !slices.Equal(loads.ids, []string{"ord"}) || loads.sizes[0] != laneBatch {
+		t.Fatalf("lanesToLoad = %v %v", loads.ids, loads.sizes)
+	}
+	if again, _ := s.lanesToLoad(now); len(again.ids) != 0 {
+		t.Fatalf("a loading lane is offered again: %v", again.ids)
+	}
+	var rows []*delivery
+	for i := range 5 {
+		rows = append(rows, &delivery{endpointID: "ord", tenantID: "t", eventSeq: int32(i), persisted: true, nextAttempt: now})
+	}
+	s.laneLoaded(loads, rows, now)
+	d := s.pickLocked()
+	if d == nil || d.eventSeq != 0 {
+		t.Fatalf("first pick = %+v", d)
+	}
+	if other := s.pickLocked(); other != nil {
+		t.Fatalf("a second delivery (%d) was handed out while the head is in flight", other.eventSeq)
+	}
+	if !s.done(d) {
+		t.Fatal("done of an ordered delivery does not defer to finish")
+	}
+	if other := s.pickLocked(); other != nil {
+		t.Fatal("next handed out before finish")
+	}
+	d.state = StateSucceeded
+	s.finish(d)
+	d = s.pickLocked()
+	if d == nil || d.eventSeq != 1 {
+		t.Fatalf("after the head succeeded, pick = %+v", d)
+	}
+	// The new head fails and retries in a minute: the rest leaves memory.
+	s.done(d)
+	d.state, d.nextAttempt = StateRetrying, now.Add(time.Minute)
+	s.finish(d)
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("%d deliveries stay in memory behind a retrying head", n)
+	}
+	if loads, next := s.lanesToLoad(now); len(loads.ids) != 0 || !next.Equal(now.Add(time.Minute)) {
+		t.Fatalf("lanesToLoad while the head waits = %v, next %s", loads.ids, next)
+	}
+	due, _ := s.lanesToLoad(now.Add(time.Minute))
+	if !slices.Equal(due.ids, []string{"ord"}) {
+		t.Fatalf("lane not offered when its head is due: %v", due.ids)
+	}
+	// A load for a lane that was turned off and on meanwhile is dropped:
+	// the new lane may have older rows.
+	s.setEndpoint(&Endpoint{ID: "ord", TenantID: "t", Enabled: true})
+	s.setEndpoint(ep)
+	s.laneLoaded(due, []*delivery{{endpointID: "ord", tenantID: "t", persisted: true, nextAttempt: now}}, now.Add(time.Minute))
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("a stale load was queued for a new lane")
+	}
+	// A loaded row pushed to the lane by another way is not queued.
+	s.push([]*delivery{{endpointID: "ord", tenantID: "t", ep: ep, persisted: true}}, false)
+	if n, _ := s.len(); n != 0 {
+		t.Fatalf("a loaded row pushed to an ordered endpoint was queued")
+	}
+	if loads, _ := s.lanesToLoad(now.Add(time.Minute)); !slices.Equal(loads.ids, []string{"ord"}) {
+		t.Fatalf("the new lane is not offered: %v", loads.ids)
+	}
 }

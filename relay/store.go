@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -45,21 +46,21 @@ func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) 
 var copyColumns = []string{
 	"event_id", "endpoint_id", "tenant_id", "event_type", "state", "attempts", "http_status", "error",
 	"next_attempt_at", "commit_lsn", "committed_at", "first_attempt_at", "last_attempt_at", "completed_at",
-	"duration_ms", "payload", "headers", "traceparent",
+	"duration_ms", "payload", "headers", "traceparent", "event_seq",
 }
 
 const upsertSQL = `
 INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error,
     next_attempt_at, commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms,
-    payload, headers, traceparent)
+    payload, headers, traceparent, event_seq)
 SELECT u.event_id, u.endpoint_id, u.tenant_id, u.event_type, u.state, u.attempts, u.http_status, u.error,
     u.next_attempt_at, u.commit_lsn::pg_lsn, u.committed_at, u.first_attempt_at, u.last_attempt_at, u.completed_at,
-    u.duration_ms, u.payload::jsonb, u.headers::jsonb, u.traceparent
+    u.duration_ms, u.payload::jsonb, u.headers::jsonb, u.traceparent, u.event_seq
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[], $7::int4[], $8::text[],
     $9::timestamptz[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
-    $15::float8[], $16::text[], $17::text[], $18::text[])
+    $15::float8[], $16::text[], $17::text[], $18::text[], $19::int4[])
     AS u(event_id, endpoint_id, tenant_id, event_type, state, attempts, http_status, error, next_attempt_at,
-         commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload, headers, traceparent)
+         commit_lsn, committed_at, first_attempt_at, last_attempt_at, completed_at, duration_ms, payload, headers, traceparent, event_seq)
 ON CONFLICT (event_id, endpoint_id) DO UPDATE SET
     state = EXCLUDED.state, attempts = EXCLUDED.attempts, http_status = EXCLUDED.http_status,
     error = EXCLUDED.error, next_attempt_at = EXCLUDED.next_attempt_at, claimed_until = NULL,
@@ -73,7 +74,7 @@ func upsertArgs(rows []*delivery) []any {
 	n := len(rows)
 	ids := make([][16]byte, n)
 	eps, tenants, types, states := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	attempts := make([]int32, n)
+	attempts, seqs := make([]int32, n), make([]int32, n)
 	statuses := make([]*int32, n)
 	errs, lsns, payloads, headers, tps := make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n), make([]*string, n)
 	next, committed, first, last, completed := make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n), make([]*time.Time, n)
@@ -92,7 +93,7 @@ func upsertArgs(rows []*delivery) []any {
 	}
 	for i, d := range rows {
 		ids[i], eps[i], tenants[i], types[i], states[i] = d.eventID, d.endpointID, d.tenantID, d.eventType, string(d.state)
-		attempts[i] = int32(d.attempts)
+		attempts[i], seqs[i] = int32(d.attempts), d.eventSeq
 		if d.httpStatus != 0 {
 			s := int32(d.httpStatus)
 			statuses[i] = &s
@@ -114,7 +115,7 @@ func upsertArgs(rows []*delivery) []any {
 			tps[i] = ptrString(d.traceparent)
 		}
 	}
-	return []any{ids, eps, tenants, types, states, attempts, statuses, errs, next, lsns, committed, first, last, completed, durs, payloads, headers, tps}
+	return []any{ids, eps, tenants, types, states, attempts, statuses, errs, next, lsns, committed, first, last, completed, durs, payloads, headers, tps, seqs}
 }
 
 // writer batches status rows: many workers add, one goroutine writes a
@@ -137,6 +138,14 @@ type writer struct {
 	kick        chan struct{}
 
 	enc copyEncoder // owned by the goroutine in run
+
+	// Rows are written in the order they were added (one goroutine, whole
+	// batches taken from the front of buf), so "the first n rows ever
+	// added are durable" is one number. Ordered endpoints wait on it (see
+	// sync) before they read their rows back.
+	added   uint64        // rows ever added; under mu
+	durable atomic.Uint64 // rows ever written, a prefix of those added
+	wrote   chan struct{} // signalled after each durable batch
 }
 
 // add queues rows for the next write. It waits while maxBuffered rows are
@@ -159,6 +168,7 @@ func (w *writer) addNoWait(ds ...*delivery) {
 
 func (w *writer) addLocked(ds []*delivery) {
 	w.buf = append(w.buf, ds...)
+	w.added += uint64(len(ds))
 	full := len(w.buf) >= w.maxBatch
 	w.mu.Unlock()
 	if full {
@@ -183,6 +193,27 @@ func (w *writer) take() []*delivery {
 	w.buf = w.buf[:rest]
 	w.space.Broadcast()
 	return out
+}
+
+// sync waits until every row added before it was called is durable, and
+// hurries the writer along meanwhile. It returns early only when ctx ends.
+func (w *writer) sync(ctx context.Context) error {
+	w.mu.Lock()
+	target := w.added
+	w.mu.Unlock()
+	for w.durable.Load() < target {
+		select {
+		case w.kick <- struct{}{}:
+		default:
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-w.wrote:
+		case <-time.After(w.interval):
+		}
+	}
+	return nil
 }
 
 // release stops add from waiting: at shutdown nothing may block on a
@@ -231,9 +262,10 @@ func (w *writer) run(ctx context.Context) {
 // ctx ends. Rows stay in memory meanwhile, and the watermark waits.
 func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	backoff := 50 * time.Millisecond
+	dedupe := false
 	for {
 		start := time.Now()
-		err := w.write(ctx, rows)
+		err := w.write(ctx, rows, dedupe)
 		took := time.Since(start)
 		if w.writeSecs != nil {
 			w.writeSecs.Observe(took.Seconds())
@@ -252,6 +284,11 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 			if w.written != nil {
 				w.written(rows)
 			}
+			w.durable.Add(uint64(len(rows)))
+			select {
+			case w.wrote <- struct{}{}:
+			default:
+			}
 			return nil
 		}
 		var pgErr *pgconn.PgError
@@ -261,6 +298,15 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 			for _, d := range rows {
 				d.maybeDup = true
 			}
+			continue
+		}
+		if errors.As(err, &pgErr) && pgErr.Code == "21000" && !dedupe {
+			// One upsert cannot touch a row twice. Two outcomes of one
+			// delivery in a batch is a race the relay means to rule out
+			// (see lane.go); should one slip through, the later outcome
+			// stands rather than the writer stalling on the batch forever.
+			w.log.Warn("a status batch held two rows for one delivery; writing the later one", slog.Int("rows", len(rows)))
+			dedupe = true
 			continue
 		}
 		if ctx.Err() != nil {
@@ -276,7 +322,7 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	}
 }
 
-func (w *writer) write(ctx context.Context, rows []*delivery) error {
+func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error {
 	fresh := make([]*delivery, 0, len(rows))
 	var other []*delivery
 	var maxLSN cdc.LSN
@@ -302,6 +348,9 @@ func (w *writer) write(ctx context.Context, rows []*delivery) error {
 		if err := w.enc.copyRows(ctx, tx, copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
 			return fmt.Errorf("copy status rows: %w", err)
 		}
+	}
+	if dedupe {
+		other = lastPerDelivery(other)
 	}
 	if len(other) > 0 {
 		if _, err := tx.Exec(ctx, upsertSQL, upsertArgs(other)...); err != nil {
@@ -378,6 +427,21 @@ func attemptArgs(rows []*delivery) []any {
 	return []any{ids, eps, attempts, at, durs, statuses, classes, errs}
 }
 
+// lastPerDelivery keeps the last of rows for each (event, endpoint), in order.
+func lastPerDelivery(rows []*delivery) []*delivery {
+	last := make(map[pairKey]int, len(rows))
+	for i, d := range rows {
+		last[pairKey{d.eventID, d.endpointID}] = i
+	}
+	out := make([]*delivery, 0, len(last))
+	for i, d := range rows {
+		if last[pairKey{d.eventID, d.endpointID}] == i {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 var attemptColumns = []string{"event_id", "endpoint_id", "attempt", "attempted_at", "duration_ms", "http_status", "error_class", "error"}
 
 func failedAttempts(rows []*delivery) []*delivery {
@@ -431,6 +495,7 @@ WITH due AS (
     SELECT event_id, endpoint_id, payload IS NULL AS by_ref FROM relay.deliveries
     WHERE state IN ('pending', 'retrying') AND next_attempt_at <= now()
       AND (claimed_until IS NULL OR claimed_until < now())
+      AND NOT (endpoint_id = ANY($3::text[]))
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
@@ -442,23 +507,45 @@ RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
     COALESCE(d.payload, o.payload)::text,
     CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
     CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
-    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at`
+    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
 
-// claimDue claims up to n due pending or retrying deliveries for lease.
-func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration) ([]*delivery, error) {
-	rows, err := pool.Query(ctx, claimSQL, n, lease.String())
+// claimDue claims up to n due pending or retrying deliveries for lease,
+// leaving out the ordered endpoints in lanes: their rows are loaded in
+// commit order by their lanes (see claimLanes).
+func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration, lanes []string) ([]*delivery, error) {
+	if lanes == nil {
+		lanes = []string{}
+	}
+	rows, err := pool.Query(ctx, claimSQL, n, lease.String(), lanes)
 	if err != nil {
 		return nil, fmt.Errorf("claim due deliveries: %w", err)
 	}
+	return scanClaimed(rows, false)
+}
+
+// scanClaimed reads the rows of claimSQL or claimLanesSQL; withNext keeps
+// next_attempt_at in nextAttempt (the lanes look at it; the loaded
+// delivery must not carry it into its outcome row).
+func scanClaimed(rows pgx.Rows, withNext bool) ([]*delivery, error) {
 	defer rows.Close()
 	var out []*delivery
 	for rows.Next() {
 		d := &delivery{persisted: true}
 		var payload, headers, tp *string
 		var lsn *int64
-		var committed, first *time.Time
-		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first); err != nil {
+		var seq *int32
+		var committed, first, next *time.Time
+		if err := rows.Scan(&d.eventID, &d.endpointID, &d.tenantID, &d.eventType, &d.attempts, &payload, &headers, &tp, &lsn, &committed, &first, &next, &seq); err != nil {
 			return nil, fmt.Errorf("claim due deliveries: %w", err)
+		}
+		if lsn != nil {
+			d.commitLSN = cdc.LSN(*lsn)
+		}
+		if seq != nil {
+			d.eventSeq = *seq
+		}
+		if next != nil && withNext {
+			d.nextAttempt = *next
 		}
 		if payload != nil { // nil: spilled by reference, and the outbox row is gone
 			d.payload = []byte(*payload)
@@ -468,9 +555,6 @@ func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duratio
 		}
 		if tp != nil {
 			d.traceparent = *tp
-		}
-		if lsn != nil {
-			d.commitLSN = cdc.LSN(*lsn)
 		}
 		if committed != nil {
 			d.committedAt = *committed

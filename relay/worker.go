@@ -75,8 +75,11 @@ func (r *Relay) work(ctx context.Context) {
 			d.breakerDone(errNotCounted)
 			d.breakerDone = nil
 		}
-		r.sched.done(d)
+		finishLater := r.sched.done(d)
 		r.writer.add(d)
+		if finishLater {
+			r.sched.finish(d)
+		}
 	}
 }
 
@@ -84,6 +87,12 @@ func (r *Relay) work(ctx context.Context) {
 func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []byte) []byte {
 	now := r.now()
 	d.failClass = ""
+	if d.payload == nil {
+		// Spilled by reference, and its outbox row was deleted before it
+		// was loaded back (outbox rows are never NULL).
+		d.state, d.errText, d.completed = StateDead, "the outbox row holding this pending delivery's payload was deleted before it could be delivered", now
+		return sig
+	}
 	if state, reason, refused := ep.refusal(); refused {
 		d.state, d.errText, d.completed = state, reason, now
 		return sig
