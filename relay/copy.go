@@ -37,11 +37,6 @@ func (e *copyEncoder) row(fields int) { e.b = binary.BigEndian.AppendUint16(e.b,
 
 func (e *copyEncoder) null() { e.b = binary.BigEndian.AppendUint32(e.b, math.MaxUint32) }
 
-func (e *copyEncoder) bytes(v []byte) {
-	e.b = binary.BigEndian.AppendUint32(e.b, uint32(len(v)))
-	e.b = append(e.b, v...)
-}
-
 func (e *copyEncoder) text(s string) {
 	e.b = binary.BigEndian.AppendUint32(e.b, uint32(len(s)))
 	e.b = append(e.b, s...)

@@ -184,16 +184,6 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	return out
 }
 
-// endpoint returns the current config of an endpoint, or nil.
-func (s *scheduler) endpoint(id string) *Endpoint {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if q := s.endpoints[id]; q != nil {
-		return q.ep
-	}
-	return nil
-}
-
 // removeEndpoint forgets a deleted endpoint. Deliveries still queued for
 // it are returned so the caller can record why they end.
 func (s *scheduler) removeEndpoint(id string) []*delivery {

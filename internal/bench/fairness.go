@@ -122,7 +122,7 @@ func (r *run) fairness(ctx context.Context) error {
 	f := &Fairness{Backlog: r.cfg.FairBacklog, SlowMillis: ms(delay), TargetRatio: TargetFairnessRatio}
 	r.progress("fairness: tenant B at %d/s for %s, tenant A idle", r.cfg.Rate, r.cfg.Duration)
 	if f.Idle, err = steadyB(tagFairIdle); err != nil {
-		return fmt.Errorf("B with A idle: %w", err)
+		return fmt.Errorf("tenant B with A idle: %w", err)
 	}
 
 	r.progress("fairness: inserting tenant A's backlog of %d events for a receiver answering in %s", r.cfg.FairBacklog, delay)
@@ -165,12 +165,12 @@ func (r *run) fairness(ctx context.Context) error {
 	f.AAtStart = ta.distinct.Load()
 	r.progress("fairness: tenant B at %d/s for %s, tenant A's backlog draining (%d of %d delivered)", r.cfg.Rate, r.cfg.Duration, f.AAtStart, r.cfg.FairBacklog)
 	if f.Busy, err = steadyB(tagFairBusy); err != nil {
-		return fmt.Errorf("B with A's backlog: %w", err)
+		return fmt.Errorf("tenant B with A's backlog: %w", err)
 	}
 	f.AAtEnd = ta.distinct.Load()
 	r.progress("fairness: waiting for the rest of A's backlog (%d of %d delivered)", f.AAtEnd, r.cfg.FairBacklog)
 	if err := r.wait(ctx, ta, r.cfg.Timeout); err != nil {
-		return fmt.Errorf("A's backlog: %w", err)
+		return fmt.Errorf("tenant A's backlog: %w", err)
 	}
 	f.Spilled, f.Loaded = -1, -1
 	if s1 := r.relay.metric(ctx, "outbox_relay_spilled_total"); s1 >= 0 && spilled0 >= 0 {
