@@ -41,6 +41,7 @@ type RateWindow struct {
 	MinPerSecond int       `json:"min_per_second"`
 	MaxPerSecond int       `json:"max_per_second"`
 	PerEndpoint  []float64 `json:"per_endpoint_rate_per_s,omitempty"`
+	PerSecond    []int     `json:"per_second"` // deliveries in each second of the window
 	Counts
 }
 
@@ -104,6 +105,7 @@ func window(times []int64, skip, d time.Duration) (w RateWindow, start, end int6
 			w.AfterWindow++
 		}
 	}
+	w.PerSecond = bins
 	w.Rate = float64(w.InWindow) / d.Seconds()
 	w.MinPerSecond, w.MaxPerSecond = math.MaxInt, 0
 	// A partial last bin (d not whole seconds) is left out of min/max.
