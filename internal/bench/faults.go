@@ -6,9 +6,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"slices"
 	"strconv"
@@ -717,5 +717,26 @@ func msSince(from, to time.Time) float64 { return float64(to.Sub(from)) / float6
 
 func mib(b int64) float64 { return float64(b) / (1 << 20) }
 
-// round2 keeps JSON figures readable.
-func round2(v float64) float64 { return math.Round(v*100) / 100 }
+// Load is the machine's 1-minute load average at a phase's start and
+// end, from /proc/loadavg (-1 if unreadable): the fault phases' timings
+// are only as quiet as the machine.
+type Load struct {
+	Start float64 `json:"start"`
+	End   float64 `json:"end"`
+}
+
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return -1
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return -1
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}

@@ -26,7 +26,8 @@ func (r *Result) faultsClean() bool {
 // faultsTable writes the fault phases' figures.
 func (r *Result) faultsTable(w io.Writer) {
 	faulted := func(title string, f *Faulted) {
-		fmt.Fprintf(w, "\n%s: producer %d/s (achieved %.0f/s), kills %.0fs + a random 0-1s apart\n", title, f.Rate, f.AchievedRate, f.KillEverySecs)
+		fmt.Fprintf(w, "\n%s: producer %d/s (achieved %.0f/s), kills %.0fs + a random 0-1s apart; load average %.2f -> %.2f\n",
+			title, f.Rate, f.AchievedRate, f.KillEverySecs, f.Load.Start, f.Load.End)
 		fmt.Fprintf(w, "  kill  reaped ms  streaming ms  first delivery ms  first new event ms")
 		if f.RestartToFirst != nil {
 			fmt.Fprintf(w, "  restart->first ms")
@@ -58,7 +59,7 @@ func (r *Result) faultsTable(w io.Writer) {
 	}
 	if rl := r.RateLimit; rl != nil {
 		e, t, u := rl.Endpoint, rl.Tenant, rl.Unthrottled
-		fmt.Fprintf(w, "\nrate limits: window of %.0fs starting %.0fs after the first delivery\n", e.WindowSecs, e.SkipSecs)
+		fmt.Fprintf(w, "\nrate limits: window of %.0fs starting %.0fs after the first delivery; load average %.2f -> %.2f\n", e.WindowSecs, e.SkipSecs, rl.Load.Start, rl.Load.End)
 		fmt.Fprintf(w, "                          limit/s  burst  first s  in window   rate/s   error  per-second min..max  after\n")
 		row := func(name string, x RateWindow) {
 			fmt.Fprintf(w, "  %-22s %8.0f %6d %8d %10d %8.1f %+6.2f%% %9d..%-9d %6d\n", name, x.Limit, x.Burst, x.FirstSecond, x.InWindow, x.Rate, x.ErrorPct, x.MinPerSecond, x.MaxPerSecond, x.AfterWindow)
@@ -88,8 +89,8 @@ func (r *Result) faultsTable(w io.Writer) {
 	if m := r.Memory; m != nil {
 		fmt.Fprintf(w, "\nmemory: receiver down (503 to every request), events inserted with the relay running, then the receiver back\n")
 		for _, x := range m.Runs {
-			fmt.Fprintf(w, "  %s: %d events inserted at %.0f rows/s; settled %.1fs after: %.0f read, %.0f queued, %d rows, slot lag %.0f bytes\n",
-				x.Policy, x.Events, x.InsertPerSec, x.SettleSecs, x.HeldRead, x.HeldQueue, x.HeldRows, x.HeldLagBytes)
+			fmt.Fprintf(w, "  %s (load average %.2f -> %.2f): %d events inserted at %.0f rows/s; settled %.1fs after: %.0f read, %.0f queued, %d rows, slot lag %.0f bytes\n",
+				x.Policy, x.Load.Start, x.Load.End, x.Events, x.InsertPerSec, x.SettleSecs, x.HeldRead, x.HeldQueue, x.HeldRows, x.HeldLagBytes)
 			fmt.Fprintf(w, "    down: %d answers 503; RSS max %.1f MiB (%d samples), VmHWM %.1f MiB; spilled / loaded over a %.0fs hold: %.0f / %.0f\n",
 				x.Refused, mib(x.DownMaxRSS), x.DownSamples, mib(x.DownPeakRSS), x.HoldSecs, x.HoldSpilled, x.HoldLoaded)
 			fmt.Fprintf(w, "    back: receiver complete in %.1fs, every row succeeded in %.1fs; RSS max during the drain %.1f MiB; spilled / loaded in all %.0f / %.0f; %d dups, %d missing\n",

@@ -56,6 +56,7 @@ type MemoryRun struct {
 	Loaded       float64 `json:"loaded"`
 	Counts
 	Rows Rows `json:"rows_at_end"`
+	Load Load `json:"load_avg_1m"`
 }
 
 // Memory is the memory phase's figures.
@@ -128,7 +129,7 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 	if err := p.waitReady(ctx, "streaming", time.Minute); err != nil {
 		return nil, err
 	}
-	mr := &MemoryRun{Policy: policy, Events: n, ReceiverDown: "503 to every request", Spilled: -1, Loaded: -1}
+	mr := &MemoryRun{Policy: policy, Events: n, ReceiverDown: "503 to every request", Spilled: -1, Loaded: -1, Load: Load{Start: loadAvg()}}
 	down := sampleRSS(p, 100*time.Millisecond)
 
 	r.progress("memory (%s): receiver answering 503; inserting %d events with the relay running", policy, n)
@@ -224,6 +225,7 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 		return mr, err
 	}
 	mr.Rows, err = countRows(ctx, db.pool)
+	mr.Load.End = loadAvg()
 	r.progress("memory (%s): drained in %.1fs; peak RSS %.1f MiB; spilled %.0f, loaded %.0f", policy, mr.DrainSecs, mib(mr.PeakRSS), mr.Spilled, mr.Loaded)
 	return mr, err
 }

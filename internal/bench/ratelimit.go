@@ -64,6 +64,7 @@ type RateLimit struct {
 	Loaded      float64     `json:"loaded"`
 	Rows        Rows        `json:"rows"`
 	TargetPct   float64     `json:"target_error_pct"`
+	Load        Load        `json:"load_avg_1m"`
 }
 
 // TargetRateErrorPct: a limited endpoint receives its rate ± 5 % (issue 4).
@@ -201,7 +202,7 @@ func (r *run) ratelimit(ctx context.Context) error {
 		return err
 	}
 	defer func() { p.stop(30 * time.Second) }()
-	rl := &RateLimit{TargetPct: TargetRateErrorPct, Spilled: -1, Loaded: -1}
+	rl := &RateLimit{TargetPct: TargetRateErrorPct, Spilled: -1, Loaded: -1, Load: Load{Start: loadAvg()}}
 	r.res.RateLimit = rl
 	r.progress("ratelimit: relay started; L's window is %s from its first delivery + %s", d, skip)
 	timeout := r.cfg.Timeout + d
@@ -264,6 +265,7 @@ func (r *run) ratelimit(ctx context.Context) error {
 		rl.Spilled, rl.Loaded = m["outbox_relay_spilled_total"], m["outbox_relay_loaded_total"]
 	}
 	rl.Rows, err = countRows(ctx, db.pool)
+	rl.Load.End = loadAvg()
 	return err
 }
 

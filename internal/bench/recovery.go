@@ -52,6 +52,7 @@ type Faulted struct {
 	Committed   int   `json:"committed"`
 	Unexplained int64 `json:"duplicates_without_kill"`
 	Rows        Rows  `json:"rows"`
+	Load        Load  `json:"load_avg_1m"`
 	// TargetMS is issue 6's restart-to-first-delivery bound (recovery);
 	// 0 for takeover, which has none.
 	TargetMS float64 `json:"target_ms,omitempty"`
@@ -199,6 +200,7 @@ func (r *run) finishFaulted(ctx context.Context, s *faultSetup, prod *producer, 
 	}
 	f.Rows = rows
 	f.summarize()
+	f.Load.End = loadAvg()
 	return werr
 }
 
@@ -219,7 +221,7 @@ func (r *run) recovery(ctx context.Context) error {
 	if err := p.waitReady(ctx, "streaming", time.Minute); err != nil {
 		return err
 	}
-	f := &Faulted{Rate: fc.Rate, KillEverySecs: fc.KillEvery.Seconds(), TargetMS: ms(TargetRecovery)}
+	f := &Faulted{Rate: fc.Rate, KillEverySecs: fc.KillEvery.Seconds(), TargetMS: ms(TargetRecovery), Load: Load{Start: loadAvg()}}
 	r.res.Recovery = f
 	r.progress("recovery: producer at %d/s; %d kills (SIGKILL, then a new relay at once), %s apart", fc.Rate, fc.Kills, fc.KillEvery)
 	prod := startProducer(ctx, s.db.pool, s.insert("recovery"), tagRecovery, fc.Rate, r.cfg.Producers, s.cap, r.cfg.BodyBytes)
@@ -306,7 +308,7 @@ func (r *run) takeover(ctx context.Context) error {
 	if err := newStandby(); err != nil {
 		return err
 	}
-	f := &Faulted{Rate: fc.Rate, KillEverySecs: fc.KillEvery.Seconds()}
+	f := &Faulted{Rate: fc.Rate, KillEverySecs: fc.KillEvery.Seconds(), Load: Load{Start: loadAvg()}}
 	r.res.Takeover = f
 	r.progress("takeover: producer at %d/s; %d kills of the active relay with a standby waiting, %s apart", fc.Rate, fc.Takeovers, fc.KillEvery)
 	prod := startProducer(ctx, s.db.pool, s.insert("takeover"), tagTakeover, fc.Rate, r.cfg.Producers, s.cap, r.cfg.BodyBytes)
