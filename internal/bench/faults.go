@@ -170,7 +170,7 @@ func (r *run) newPhaseDB(ctx context.Context, name string) (*phaseDB, error) {
 	return db, nil
 }
 
-// drop closes the pool and drops the database and its slot.
+// dropPhaseDB closes the pool and drops the database and its slot.
 func (r *run) dropPhaseDB(db *phaseDB) {
 	db.pool.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
