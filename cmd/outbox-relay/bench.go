@@ -17,7 +17,9 @@ same bodies to the same loopback receiver, in one run: backlog drain (events/s a
 ratio to the bare client), steady commit-to-delivery latency (p50/p99/p99.9/max), and
 the relay process's CPU per 10,000 events, peak RSS and WAL bytes per event.
 It starts a durable throwaway PostgreSQL cluster (needs the server binaries) and runs
-this binary's 'run' as a child process. Prints a table, then one BENCH_RESULT line of JSON.
+this binary's 'run' as a child process. Opt-in phases kill the relay (restart, standby
+takeover), measure rate limits, and relay memory with the receiver down (see --phases).
+Prints a table, then one BENCH_RESULT line of JSON.
 Exits 1 if an event was lost, duplicated or altered; targets missed do not change the exit code.`
 
 // profiledRun is the hidden subcommand the bench uses for --relay-cpuprofile:
@@ -37,11 +39,12 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	fs.IntVar(&cfg.Rate, "rate", 1000, "steady phase: events per second, one per transaction")
 	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "steady phase: how long the producer runs")
 	fs.IntVar(&cfg.Producers, "producers", 4, "steady phase: connections the producer commits on")
-	phases := fs.String("phases", "all", "comma-separated phases: bare (bare client drains), drain (relay drains the backlog), latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), or all")
+	phases := fs.String("phases", "all", "comma-separated phases, run in a fixed order: bare (bare client drains), drain (relay drains the backlog), latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), peer-drain and peer-latency (the polling peer), which are \"all\"; opt-in: fairness, recovery (SIGKILL and restart under a steady producer), takeover (SIGKILL of the active relay with a standby), ratelimit (endpoint and tenant limits at the receiver), memory (relay RSS with the receiver down, spill and block); e.g. all,recovery")
 	fs.BoolVar(&cfg.VerifySignatures, "verify-signatures", false, "the receiver verifies every relay request's signature (costs receiver CPU, so off for throughput figures)")
 	fs.DurationVar(&cfg.Timeout, "timeout", 5*time.Minute, "give up a phase if its last event has not arrived by then")
 	relayArgs := fs.String("relay-args", "", "extra flags for the relay's 'run', space-separated (e.g. \"--overflow block\")")
 	cpuprofile := fs.String("relay-cpuprofile", "", "write a CPU profile of the relay process to this file (read it with go tool pprof)")
+	benchFaultFlags(fs, &cfg.Faults)
 	if err := parseFlags(fs, args); err != nil {
 		return flagExit(err, stderr)
 	}

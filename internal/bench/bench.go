@@ -36,8 +36,9 @@ const (
 var AllPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhasePeerDrain, PhasePeerLatency}
 
 // KnownPhases is every phase, in the order Run runs them. The fairness
-// phase is opt-in: it takes a minute and more.
-var KnownPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhaseFairness, PhasePeerDrain, PhasePeerLatency}
+// phase and the fault phases (faults.go) are opt-in: they take a minute
+// and more.
+var KnownPhases = append([]string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhaseFairness, PhasePeerDrain, PhasePeerLatency}, FaultPhases...)
 
 // ParsePhases parses a comma-separated phase list.
 func ParsePhases(s string) ([]string, error) {
@@ -110,6 +111,9 @@ type Config struct {
 	// FairDelay is how long tenant A's receiver takes to answer in the
 	// fairness phase. Default 20ms.
 	FairDelay time.Duration
+	// Faults configures the fault phases (recovery, takeover, ratelimit,
+	// memory).
+	Faults FaultConfig
 
 	// Progress receives one line per step. Default: discard.
 	Progress io.Writer
@@ -129,6 +133,7 @@ func (c Config) withDefaults() Config {
 	c.Timeout = cmp.Or(c.Timeout, 5*time.Minute)
 	c.FairBacklog = cmp.Or(c.FairBacklog, 100_000)
 	c.FairDelay = cmp.Or(c.FairDelay, 20*time.Millisecond)
+	c.Faults = c.Faults.withDefaults()
 	if c.Progress == nil {
 		c.Progress = io.Discard
 	}
@@ -159,6 +164,7 @@ func (c Config) Validate() error {
 	if needRelay && c.RelayExe == "" {
 		errs = append(errs, errors.New("every phase but bare and bare-latency needs RelayExe (the outbox-relay binary; the peer's table is made LIKE relay.outbox)"))
 	}
+	errs = append(errs, c.Faults.validate())
 	return errors.Join(errs...)
 }
 
@@ -170,7 +176,8 @@ const (
 	tagLatency     uint32 = 0xbe000003
 	tagBareLatency uint32 = 0xbe000004
 	tagProbe       uint32 = 0xbe000005
-	// 0xbe000006 to 0xbe00000f: peer.go and fairness.go.
+	// 0xbe000006 to 0xbe00000f: peer.go and fairness.go; 0xbe000010 to
+	// 0xbe00001f: faults.go.
 )
 
 // run is the state of one Run.
@@ -186,6 +193,9 @@ type run struct {
 	relay      *relayProc
 	backlog    bool // the backlog has been inserted
 	retired    bool // the relay was stopped for the peer's phases
+
+	// cluster is the bench's cluster; the fault phases add databases to it.
+	cluster *pgtemp.Cluster
 }
 
 // Run starts a durable throwaway cluster and a receiver, runs the phases,
@@ -209,6 +219,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		return nil, err
 	}
 	defer cluster.Stop()
+	r.cluster = cluster
 	if r.dbURL, err = cluster.CreateDatabase(ctx, "bench"); err != nil {
 		return nil, err
 	}
@@ -247,6 +258,14 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			err = r.peerDrain(ctx)
 		case PhasePeerLatency:
 			err = r.peerLatency(ctx)
+		case PhaseRecovery:
+			err = r.recovery(ctx)
+		case PhaseTakeover:
+			err = r.takeover(ctx)
+		case PhaseRateLimit:
+			err = r.ratelimit(ctx)
+		case PhaseMemory:
+			err = r.memory(ctx)
 		}
 		if err != nil {
 			return res, fmt.Errorf("%s: %w", phase, err)

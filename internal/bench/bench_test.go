@@ -155,3 +155,77 @@ func TestConfigValidate(t *testing.T) {
 		t.Error("unknown phase: want an error")
 	}
 }
+
+// A tiny run of the fault phases against the real binary: every committed
+// event arrives and ends with exactly one succeeded row across kills, a
+// takeover, rate limits and a receiver outage, and the figures are there.
+func TestFaultPhasesTiny(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a cluster and several relays")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var progress bytes.Buffer
+	res, err := Run(ctx, Config{
+		RelayExe:  relayExe,
+		Phases:    FaultPhases,
+		TxnRows:   250,
+		Workers:   16,
+		Producers: 2,
+		// A queue smaller than the memory backlog, so spill spills and
+		// block leaves events in the slot.
+		RelayArgs:        []string{"--queue-events", "1000"},
+		VerifySignatures: true,
+		Timeout:          time.Minute,
+		Progress:         &progress,
+		Faults: FaultConfig{
+			Rate: 200, Kills: 2, Takeovers: 2, KillEvery: time.Second, RestartTimeout: 20 * time.Second,
+			RateDuration: 3 * time.Second, EndpointRate: 50, TenantRate: 80, UnthrottledBacklog: 5000,
+			MemoryEvents: 5000, MemorySettle: 2 * time.Second,
+		},
+	})
+	if err != nil {
+		t.Fatalf("Run: %v\n%s", err, progress.String())
+	}
+	var table bytes.Buffer
+	res.Table(&table)
+	t.Logf("%s\n%s", table.String(), res.Line())
+	if !res.Clean() {
+		t.Fatalf("an event was lost, altered or mis-recorded\n%s", progress.String())
+	}
+	for name, f := range map[string]*Faulted{"recovery": res.Recovery, "takeover": res.Takeover} {
+		if f == nil || len(f.Kills) != 2 || f.Committed == 0 || f.Distinct != int64(f.Committed) {
+			t.Fatalf("%s: %+v", name, f)
+		}
+		for _, k := range f.Kills {
+			if k.FirstMS <= 0 || k.FirstNewMS < k.FirstMS || k.ReapedMS < 0 {
+				t.Errorf("%s kill timings: %+v", name, k)
+			}
+		}
+	}
+	if res.Recovery.RestartToFirst == nil || res.Takeover.RestartToFirst != nil {
+		t.Errorf("restart-to-first: recovery %v, takeover %v", res.Recovery.RestartToFirst, res.Takeover.RestartToFirst)
+	}
+	rl := res.RateLimit
+	if rl == nil || rl.Endpoint.InWindow == 0 || rl.Tenant.InWindow == 0 || rl.Unthrottled.Distinct != 5000 {
+		t.Fatalf("ratelimit: %+v", rl)
+	}
+	// Loose bounds: a shared machine; the figure itself is the output.
+	if rl.Endpoint.Rate > 50*1.5 || rl.Tenant.Rate > 80*1.5 {
+		t.Errorf("rate limits not enforced: endpoint %.1f/s (limit 50), tenant %.1f/s (limit 80)", rl.Endpoint.Rate, rl.Tenant.Rate)
+	}
+	if res.Memory == nil || len(res.Memory.Runs) != 2 {
+		t.Fatalf("memory: %+v", res.Memory)
+	}
+	for _, m := range res.Memory.Runs {
+		if m.Distinct != 5000 || m.PeakRSS <= 0 || m.DownMaxRSS <= 0 || m.DrainSecs <= 0 || m.Refused == 0 {
+			t.Errorf("memory %s: %+v", m.Policy, m)
+		}
+		if m.Policy == "spill" && (m.Spilled <= 0 || m.HeldRows != 5000) {
+			t.Errorf("memory spill: spilled %.0f, %d rows while down", m.Spilled, m.HeldRows)
+		}
+		if m.Policy == "block" && m.HeldRead >= 5000 {
+			t.Errorf("memory block: the relay read all %.0f events with a 1,000-event queue", m.HeldRead)
+		}
+	}
+}

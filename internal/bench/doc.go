@@ -24,7 +24,15 @@
 // default because verification costs receiver CPU that the relay and the
 // bare client would otherwise share.
 //
-// What it does not do: compare with other relay designs (the polling peer
-// of issue 6), or inject faults. Figures are as noisy as the machine: run it
-// on an otherwise idle box and compare ratios from the same run.
+// Opt-in fault phases (faults.go), each in a database and slot of its
+// own: recovery (SIGKILL the relay under a steady producer and restart it,
+// timed to the first delivery over a new connection), takeover (SIGKILL
+// the active relay with a standby on the slot), ratelimit (an endpoint's
+// and a tenant's rate limit measured at the receiver while another
+// tenant's backlog drains), and memory (the relay's RSS with the receiver
+// down and a large backlog, under spill and block, then the drain). Each
+// ends by checking that every event has exactly one succeeded row.
+//
+// Figures are as noisy as the machine: run it on an otherwise idle box and
+// compare ratios from the same run.
 package bench

@@ -40,6 +40,10 @@ type Result struct {
 	Fairness    *Fairness   `json:"fairness,omitempty"`
 	PeerDrain   *PeerDrain  `json:"peer_drain,omitempty"`
 	PeerLatency *Latency    `json:"peer_latency,omitempty"`
+	Recovery    *Faulted    `json:"recovery,omitempty"`
+	Takeover    *Faulted    `json:"takeover,omitempty"`
+	RateLimit   *RateLimit  `json:"ratelimit,omitempty"`
+	Memory      *Memory     `json:"memory,omitempty"`
 
 	DrainRSS     int64 `json:"relay_peak_rss_after_drain_bytes,omitempty"`
 	RelayPeakRSS int64 `json:"relay_peak_rss_bytes,omitempty"`
@@ -155,7 +159,7 @@ func (r *Result) Clean() bool {
 	if r.PeerLatency != nil {
 		ok = ok && r.PeerLatency.Counts.Clean()
 	}
-	return ok
+	return ok && r.faultsClean()
 }
 
 // Ratio is the relay's drain rate over the bare client's, or 0.
@@ -278,6 +282,7 @@ func (r *Result) Table(w io.Writer) {
 		}
 		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (after drain %.1f MiB)\n", float64(r.RelayPeakRSS)/(1<<20), float64(r.DrainRSS)/(1<<20))
 	}
+	r.faultsTable(w)
 }
 
 // Line is the machine-readable result: "BENCH_RESULT " and one JSON object.
