@@ -44,6 +44,11 @@ type Config struct {
 	// MaxBatchTxns is the most transactions handed over in one Batch.
 	// Default 256.
 	MaxBatchTxns int
+	// MaxBatchBytes closes a Batch once its transactions' WAL messages add
+	// up to this many bytes, so what waits between the stream and its
+	// consumer stays small however large the transactions are (one
+	// transaction is never split). Default 4 MiB.
+	MaxBatchBytes int
 	// MaxBatchDelay is the longest a complete transaction waits for others
 	// to share its Batch while more data is arriving. Default 1ms. A
 	// transaction followed by nothing buffered is handed over at once.
@@ -65,6 +70,7 @@ func (c Config) withDefaults() Config {
 	c.StatusInterval = cmp.Or(c.StatusInterval, 100*time.Millisecond)
 	c.HeartbeatInterval = cmp.Or(c.HeartbeatInterval, 10*time.Second)
 	c.MaxBatchTxns = cmp.Or(c.MaxBatchTxns, 256)
+	c.MaxBatchBytes = cmp.Or(c.MaxBatchBytes, 4<<20)
 	c.MaxBatchDelay = cmp.Or(c.MaxBatchDelay, time.Millisecond)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -100,6 +106,9 @@ func (c Config) Validate() error {
 	}
 	if c.HeartbeatInterval < 0 {
 		return fmt.Errorf("cdc: Config.HeartbeatInterval %v is negative", c.HeartbeatInterval)
+	}
+	if c.MaxBatchBytes < 0 {
+		return fmt.Errorf("cdc: Config.MaxBatchBytes %d is negative", c.MaxBatchBytes)
 	}
 	if c.MaxBatchTxns < 0 {
 		return fmt.Errorf("cdc: Config.MaxBatchTxns %d is negative", c.MaxBatchTxns)

@@ -236,6 +236,8 @@ type session struct {
 	pending      []Txn
 	pendingPos   LSN
 	pendingSince time.Time
+	pendingBytes int // WAL message bytes of the pending transactions
+	txnBytes     int // WAL message bytes of the transaction being decoded
 
 	replyStreak      int       // keepalives asking for a reply, each within a second of the previous
 	replyStreakStart time.Time // first of them
@@ -263,7 +265,7 @@ func (ss *session) loop(ctx context.Context) error {
 				return err
 			}
 		}
-		if len(ss.pending) > 0 && (len(ss.pending) >= ss.cfg.MaxBatchTxns || fe.ReadBufferLen() == 0 ||
+		if len(ss.pending) > 0 && (len(ss.pending) >= ss.cfg.MaxBatchTxns || ss.pendingBytes >= ss.cfg.MaxBatchBytes || fe.ReadBufferLen() == 0 ||
 			now.Sub(ss.pendingSince) >= ss.cfg.MaxBatchDelay) {
 			if err := ss.flush(ctx); err != nil {
 				return err
@@ -322,9 +324,12 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 			return fmt.Errorf("cdc: decode at %s: %w", ss.received, err)
 		}
 		ss.lastData = time.Now()
+		ss.txnBytes += len(data)
 		if txn == nil {
 			return nil
 		}
+		size := ss.txnBytes
+		ss.txnBytes = 0
 		if txn.EndLSN <= ss.handed || txn.EndLSN <= ss.pendingPos {
 			ss.cfg.Logger.Debug("dropping transaction already handed over", "xid", txn.XID, slogLSN("end_lsn", txn.EndLSN), slogLSN("handed_lsn", ss.handed))
 			return nil
@@ -335,6 +340,7 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 		}
 		ss.pending = append(ss.pending, *txn)
 		ss.pendingPos = txn.EndLSN
+		ss.pendingBytes += size
 		return nil
 
 	case pglogrepl.PrimaryKeepaliveMessageByteID:
@@ -402,7 +408,7 @@ func (ss *session) flush(ctx context.Context) error {
 		select {
 		case ss.out <- b:
 			ss.handed = max(ss.handed, b.Position)
-			ss.pending, ss.pendingPos = nil, 0
+			ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
 			if timer != nil {
 				timer.Stop()
 			}
@@ -424,7 +430,7 @@ func (ss *session) flush(ctx context.Context) error {
 		select {
 		case ss.out <- b:
 			ss.handed = max(ss.handed, b.Position)
-			ss.pending, ss.pendingPos = nil, 0
+			ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
 			timer.Stop()
 			return nil
 		case <-ctx.Done():

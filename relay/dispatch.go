@@ -513,7 +513,7 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			if room < min(100, r.cfg.QueueEvents/4) {
 				break
 			}
-			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, r.sched.laneIDs())
+			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, r.sched.loadExcluded(r.now()))
 			if err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))

@@ -152,9 +152,9 @@ func (s *scheduler) unparkLoop() {
 // When not, it returns how long to park q. A delivery that is admitted
 // carries the breaker's done callback.
 //
-// evict says the wait is long (an open circuit, or a limit far from a
-// token): the queue's deliveries should leave memory as pending rows, so
-// the acknowledgement watermark and other tenants do not wait on them.
+// evict says the wait is long (an open circuit): the queue's deliveries
+// should leave memory as pending rows, so the acknowledgement watermark
+// and other tenants do not wait on them.
 func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(error), wait time.Duration, evict bool) {
 	if b := q.breaker; b != nil {
 		switch b.cb.State() {
@@ -169,8 +169,12 @@ func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(erro
 	}
 	if s.limits != nil {
 		if ok, w := s.limits.Take(now, q.ep.ID, q.ep.TenantID); !ok {
-			w = max(w, time.Millisecond)
-			return nil, w, w*time.Duration(q.items.len()) > evictAfter
+			// A limited queue drains at its rate: it stays in memory
+			// (within its share of the queue; the excess spills), so
+			// the next token finds a delivery waiting. Evicting it would
+			// leave it to the loader, which only loads when the whole
+			// queue has room, and a busy neighbour keeps it full.
+			return nil, max(w, time.Millisecond), false
 		}
 	}
 	if b := q.breaker; b != nil {
@@ -185,24 +189,60 @@ func (s *scheduler) admitLocked(q *endpointQueue, now time.Time) (done func(erro
 	return nil, 0, false
 }
 
-// evictAfter: a queue that cannot drain within this long leaves memory.
-const evictAfter = 5 * time.Second
-
 // evictLocked takes a parked queue's deliveries out of memory and hands
-// them to s.evicted to be recorded as pending rows due at until.
+// them to s.evicted to be recorded as pending rows due at until. The head
+// stays, to be the probe when the cooldown ends; while the circuit is not
+// closed, the loader leaves the endpoint's rows in the table (see
+// loadExcluded), so a dead receiver's backlog is not read back and
+// written out again every cooldown.
 func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
 	if q.lane != nil {
 		s.evictLaneLocked(q, until)
 		return
 	}
-	if s.evicted == nil || q.items.len() == 0 {
+	if s.evicted == nil || q.items.len() <= 1 {
 		return
 	}
+	head := s.popLocked(q)
 	out := make([]*delivery, 0, q.items.len())
 	for q.items.len() > 0 {
 		d := s.popLocked(q)
 		out = append(out, d)
 	}
+	s.pushLocked(q, head)
 	s.signalRoomLocked()
 	s.evicted(out, until)
+}
+
+// loadExcluded lists the endpoints whose rows the general loader must
+// leave alone: ordered endpoints (their lanes load them) and endpoints
+// whose circuit is open or probing, unless nothing of theirs is in memory
+// or in flight and the cooldown is over: then a loaded row is the probe.
+func (s *scheduler) loadExcluded(now time.Time) []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ids := make([]string, 0, len(s.lanes))
+	for id := range s.lanes {
+		ids = append(ids, id)
+	}
+	for id, q := range s.endpoints {
+		b := q.breaker
+		if b == nil || q.lane != nil {
+			continue
+		}
+		switch b.cb.State() {
+		case gobreaker.StateClosed:
+			continue
+		case gobreaker.StateOpen:
+			if q.items.len() == 0 && q.inFlight == 0 && !now.Before(time.Unix(0, b.openedAt.Load()).Add(b.cooldown)) {
+				continue
+			}
+		case gobreaker.StateHalfOpen:
+			if q.items.len() == 0 && q.inFlight == 0 {
+				continue
+			}
+		}
+		ids = append(ids, id)
+	}
+	return ids
 }

@@ -247,17 +247,6 @@ func (s *scheduler) openLanes() {
 	s.mu.Unlock()
 }
 
-// laneIDs lists the ordered endpoints, for the general loader to leave out.
-func (s *scheduler) laneIDs() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	ids := make([]string, 0, len(s.lanes))
-	for id := range s.lanes {
-		ids = append(ids, id)
-	}
-	return ids
-}
-
 // endpointForLoad returns an endpoint's current config for the general
 // loader, and whether the endpoint is ordered (the loaded row is then left
 // to its lane).

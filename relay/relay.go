@@ -155,7 +155,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.cleanupLoop(streamCtx) }()
 
-	batches := make(chan cdc.Batch, 4)
+	batches := make(chan cdc.Batch, 1) // with the stream's byte bound per Batch, what waits outside the queues stays small
 	dispatchErr := make(chan error, 1)
 	go func() { dispatchErr <- r.dispatch(streamCtx, batches) }()
 

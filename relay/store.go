@@ -512,11 +512,11 @@ RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
 // claimDue claims up to n due pending or retrying deliveries for lease,
 // leaving out the ordered endpoints in lanes: their rows are loaded in
 // commit order by their lanes (see claimLanes).
-func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration, lanes []string) ([]*delivery, error) {
-	if lanes == nil {
-		lanes = []string{}
+func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration, exclude []string) ([]*delivery, error) {
+	if exclude == nil {
+		exclude = []string{}
 	}
-	rows, err := pool.Query(ctx, claimSQL, n, lease.String(), lanes)
+	rows, err := pool.Query(ctx, claimSQL, n, lease.String(), exclude)
 	if err != nil {
 		return nil, fmt.Errorf("claim due deliveries: %w", err)
 	}
