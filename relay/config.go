@@ -44,6 +44,12 @@ type Config struct {
 	// EndpointMaxInFlight bounds concurrent deliveries to one endpoint.
 	// Default 64.
 	EndpointMaxInFlight int
+	// TenantMaxInFlight bounds concurrent deliveries of one tenant, over
+	// all its endpoints, so that a tenant with a slow receiver cannot hold
+	// every worker while other tenants wait. Default three quarters of
+	// Workers (at least 1); set it to Workers to let one tenant use them
+	// all.
+	TenantMaxInFlight int
 	// Overflow is the policy when queues are full. Default OverflowSpill.
 	Overflow Overflow
 
@@ -133,6 +139,7 @@ func (c Config) withDefaults() Config {
 	c.QueueEvents = cmp.Or(c.QueueEvents, 20000)
 	c.QueueBytes = cmp.Or(c.QueueBytes, 64<<20)
 	c.EndpointMaxInFlight = cmp.Or(c.EndpointMaxInFlight, 64)
+	c.TenantMaxInFlight = cmp.Or(c.TenantMaxInFlight, max(1, c.Workers-c.Workers/4))
 	c.Overflow = cmp.Or(c.Overflow, OverflowSpill)
 	c.MaxPayloadBytes = cmp.Or(c.MaxPayloadBytes, 256<<10)
 	c.StatusBatch = cmp.Or(c.StatusBatch, 2000)
@@ -176,7 +183,7 @@ func (c Config) Validate() error {
 		errs = append(errs, errors.New("DatabaseURL is required"))
 	}
 	for name, v := range map[string]int{"Workers": c.Workers, "QueueEvents": c.QueueEvents, "QueueBytes": c.QueueBytes,
-		"EndpointMaxInFlight": c.EndpointMaxInFlight, "MaxPayloadBytes": c.MaxPayloadBytes, "StatusBatch": c.StatusBatch} {
+		"EndpointMaxInFlight": c.EndpointMaxInFlight, "TenantMaxInFlight": c.TenantMaxInFlight, "MaxPayloadBytes": c.MaxPayloadBytes, "StatusBatch": c.StatusBatch} {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
 		}

@@ -176,6 +176,9 @@ func (s *scheduler) finish(d *delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.busy--
+	if s.releaseLocked(d) && s.idle > 0 {
+		s.work.Signal()
+	}
 	q := s.endpoints[d.endpointID]
 	if q == nil {
 		return

@@ -65,6 +65,7 @@ func New(cfg Config) (*Relay, error) {
 		health: newHealth(),
 	}
 	r.sched.now = cfg.Now
+	r.sched.tenantMaxInFlight = cfg.TenantMaxInFlight
 	r.sched.limits = limiter.New()
 	r.sched.breakerChanged = r.breakerChanged
 	if cfg.Overflow == OverflowSpill {

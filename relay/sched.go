@@ -61,10 +61,11 @@ func (q *endpointQueue) maxInFlight(def int) int {
 
 // tenantQueue groups a tenant's endpoints that have work ready.
 type tenantQueue struct {
-	id     string
-	weight int
-	ready  fifo[*endpointQueue]
-	queued bool // in scheduler.ready
+	id       string
+	weight   int
+	ready    fifo[*endpointQueue]
+	queued   bool // in scheduler.ready
+	inFlight int  // deliveries of the tenant handed to workers and not done
 }
 
 // scheduler owns the in-memory queues: bounded in deliveries and bytes,
@@ -88,7 +89,13 @@ type scheduler struct {
 	busy               int // deliveries handed to workers and not done
 	maxCount, maxBytes int
 	maxInFlight        int
-	room               chan struct{} // signalled when space frees up
+	// tenantMaxInFlight bounds one tenant's deliveries in flight (0: no
+	// bound). Below the worker count, it keeps workers free for other
+	// tenants: an attempt cannot be taken back, so a tenant whose slow
+	// receiver held every worker would make the others wait for its
+	// answers, however fair the picking.
+	tenantMaxInFlight int
+	room              chan struct{} // signalled when space frees up
 
 	now            func() time.Time
 	limits         *limiter.Limiter // nil = no limits
@@ -351,11 +358,39 @@ func (s *scheduler) makeReadyLocked(q *endpointQueue) bool {
 	q.queued = true
 	t := q.tenant
 	t.ready.push(q)
-	if !t.queued {
-		t.queued = true
-		s.ready.push(t)
-	}
+	s.tenantReadyLocked(t)
 	return true
+}
+
+// tenantReadyLocked puts t on the ready list if it has endpoints ready and
+// room under its in-flight bound; it reports whether it is there.
+func (s *scheduler) tenantReadyLocked(t *tenantQueue) bool {
+	if t.queued {
+		return true
+	}
+	if t.ready.len() == 0 || !s.tenantHasRoomLocked(t) {
+		return false
+	}
+	t.queued = true
+	s.ready.push(t)
+	return true
+}
+
+func (s *scheduler) tenantHasRoomLocked(t *tenantQueue) bool {
+	return s.tenantMaxInFlight <= 0 || t.inFlight < s.tenantMaxInFlight
+}
+
+// releaseLocked returns a delivery's tenant in-flight slot; it reports
+// whether that made the tenant ready again.
+func (s *scheduler) releaseLocked(d *delivery) bool {
+	t := d.tenantQ
+	if t == nil {
+		return false
+	}
+	d.tenantQ = nil
+	atBound := !s.tenantHasRoomLocked(t)
+	t.inFlight--
+	return atBound && !t.queued && s.tenantReadyLocked(t)
 }
 
 // next blocks until a delivery is ready and returns it, or returns nil
@@ -382,10 +417,9 @@ func (s *scheduler) next() *delivery {
 func (s *scheduler) pickLocked() *delivery {
 	for {
 		t := s.cur
-		if t == nil || s.credit <= 0 || t.ready.len() == 0 {
-			if t != nil && t.ready.len() > 0 && !t.queued {
-				t.queued = true
-				s.ready.push(t)
+		if t == nil || s.credit <= 0 || t.ready.len() == 0 || !s.tenantHasRoomLocked(t) {
+			if t != nil {
+				s.tenantReadyLocked(t) // its turn is over; back in line if it can go on
 			}
 			s.cur = nil
 			if s.ready.len() == 0 {
@@ -393,6 +427,9 @@ func (s *scheduler) pickLocked() *delivery {
 			}
 			t = s.ready.pop()
 			t.queued = false
+			if !s.tenantHasRoomLocked(t) {
+				continue // a release puts it back
+			}
 			s.cur, s.credit = t, t.weight
 			continue
 		}
@@ -413,6 +450,8 @@ func (s *scheduler) pickLocked() *delivery {
 		d := s.popLocked(q)
 		d.ep = q.ep // the config in force for this attempt
 		d.breakerDone = done
+		d.tenantQ = t
+		t.inFlight++
 		q.inFlight++
 		s.busy++
 		s.credit--
@@ -435,11 +474,12 @@ func (s *scheduler) done(d *delivery) (finishLater bool) {
 		return true
 	}
 	s.busy--
-	if q == nil {
-		return false
+	woke := s.releaseLocked(d)
+	if q != nil {
+		q.inFlight--
+		woke = s.makeReadyLocked(q) || woke
 	}
-	q.inFlight--
-	if s.makeReadyLocked(q) && s.idle > 0 {
+	if woke && s.idle > 0 {
 		s.work.Signal()
 	}
 	return false

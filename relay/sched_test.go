@@ -202,3 +202,49 @@ func TestSchedulerLaneOneAtATime(t *testing.T) {
 		t.Fatalf("the new lane is not offered: %v", loads.ids)
 	}
 }
+
+// A tenant at its in-flight bound gets no more workers, whichever of its
+// endpoints has work, while other tenants still do; a done attempt gives
+// it its turn back.
+func TestSchedulerTenantMaxInFlight(t *testing.T) {
+	s := newScheduler(1_000_000, 1<<40, 1000)
+	s.tenantMaxInFlight = 3
+	queued(s, "slow", "slow-1", 100)
+	queued(s, "slow", "slow-2", 100)
+	var held []*delivery
+	for range 10 {
+		d := s.pickLocked()
+		if d == nil {
+			break
+		}
+		held = append(held, d)
+	}
+	if len(held) != 3 {
+		t.Fatalf("tenant bound 3: %d picks with nothing done", len(held))
+	}
+	queued(s, "other", "o", 5)
+	for i := range 5 {
+		d := s.pickLocked()
+		if d == nil || d.tenantID != "other" {
+			t.Fatalf("pick %d with slow at its bound = %+v, want other's", i, d)
+		}
+		s.done(d)
+	}
+	if d := s.pickLocked(); d != nil {
+		t.Fatalf("slow at its bound and other empty, yet picked %s", d.tenantID)
+	}
+	s.done(held[0])
+	d := s.pickLocked()
+	if d == nil || d.tenantID != "slow" {
+		t.Fatalf("after one of slow's attempts is done, pick = %+v, want slow's", d)
+	}
+	if s.pickLocked() != nil {
+		t.Fatal("slow is at its bound again, yet got a fourth slot")
+	}
+	for _, d := range append(held[1:], d) {
+		s.done(d)
+	}
+	if n := s.tenants["slow"].inFlight; n != 0 {
+		t.Fatalf("slow's in-flight count is %d after every attempt is done", n)
+	}
+}

@@ -25,6 +25,7 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.IntVar(&cfg.QueueEvents, "queue-events", 20000, "deliveries held in memory at most")
 	fs.IntVar(&cfg.QueueBytes, "queue-bytes", 64<<20, "payload bytes held in memory at most")
 	fs.IntVar(&cfg.EndpointMaxInFlight, "endpoint-max-in-flight", 64, "concurrent deliveries to one endpoint at most")
+	fs.IntVar(&cfg.TenantMaxInFlight, "tenant-max-in-flight", 0, "concurrent deliveries of one tenant at most, over all its endpoints, so a slow tenant leaves workers to the others (0: three quarters of --workers)")
 	fs.StringVar(overflow, "overflow", "spill", "when queues are full: spill (record as pending rows, keep streaming) or block (stop reading the WAL)")
 	fs.IntVar(&cfg.MaxPayloadBytes, "max-payload-bytes", 256<<10, "payloads larger than this are rejected")
 	fs.Var(schedule, "retry-schedule", "comma-separated delay before each attempt; its length is the attempt budget (default 0s,5s,5m,30m,2h,5h,10h,10h)")
