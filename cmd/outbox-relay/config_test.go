@@ -8,6 +8,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 func runCLI(t *testing.T, args ...string) (code int, stdout, stderr string) {
@@ -73,5 +75,26 @@ func TestConfigCheckRejectsBadSettings(t *testing.T) {
 func TestRedactKeywordDSN(t *testing.T) {
 	if got := redactURL("host=db user=app password=hunter2 dbname=app"); strings.Contains(got, "hunter2") {
 		t.Errorf("redactURL kept the password: %q", got)
+	}
+}
+
+func TestHeapLimit(t *testing.T) {
+	for _, tc := range []struct {
+		env        string
+		flag       int64
+		queueBytes int
+		want       int64
+	}{
+		{"", 0, 64 << 20, 128 << 20},
+		{"", 0, 16 << 20, 80 << 20},
+		{"", 300 << 20, 64 << 20, 300 << 20},
+		{"", -1, 64 << 20, 0},
+		{"200MiB", 0, 64 << 20, 0}, // the runtime applies GOMEMLIMIT itself
+	} {
+		t.Setenv("GOMEMLIMIT", tc.env)
+		rf := &runFlags{memoryLimit: tc.flag}
+		if got, source := rf.heapLimit(relay.Config{QueueBytes: tc.queueBytes}); got != tc.want {
+			t.Errorf("GOMEMLIMIT=%q --memory-limit %d --queue-bytes %d: limit %d (%s), want %d", tc.env, tc.flag, tc.queueBytes, got, source, tc.want)
+		}
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"runtime/debug"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,15 +40,16 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 
 // runFlags are the flags of `run`, shared with `config check`.
 type runFlags struct {
-	cfg        relay.Config
-	schedule   durationList
-	allow      prefixList
-	overflow   string
-	log        logFlags
-	httpAddr   string
-	configFile string
-	preset     string
-	caBundle   string
+	cfg         relay.Config
+	schedule    durationList
+	allow       prefixList
+	overflow    string
+	log         logFlags
+	httpAddr    string
+	memoryLimit int64
+	configFile  string
+	preset      string
+	caBundle    string
 }
 
 const runSynopsis = `Stream relay.outbox through logical replication and deliver signed webhooks.
@@ -63,6 +65,7 @@ func newRunFlags(name, synopsis string, out io.Writer) (*flag.FlagSet, *runFlags
 	relayFlags(fs, &rf.cfg, &rf.schedule, &rf.allow, &rf.overflow)
 	rf.log.register(fs)
 	fs.StringVar(&rf.httpAddr, "http-addr", ":9465", "address for /healthz, /readyz and /metrics; empty disables")
+	fs.Int64Var(&rf.memoryLimit, "memory-limit", 0, "soft limit in bytes for the Go heap, so garbage collection keeps RSS near what the bounded queues hold (0: --queue-bytes plus 64 MiB; negative: none; GOMEMLIMIT, when set, wins)")
 	fs.Int64Var(&rf.cfg.SlotWarnBytes, "slot-warn-bytes", 1<<30, "warn when the slot retains this much WAL; negative disables")
 	fs.DurationVar(&rf.cfg.SlotCheckInterval, "slot-check-interval", 10*time.Second, "how often slot lag and retained WAL are read")
 	fs.DurationVar(&rf.cfg.ShutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long in-flight attempts may finish before they are recorded as pending")
@@ -110,6 +113,10 @@ func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer
 		fmt.Fprintln(stderr, "outbox-relay run:", err)
 		return 2
 	}
+	if limit, source := rf.heapLimit(cfg); limit > 0 {
+		debug.SetMemoryLimit(limit)
+		log.Info("heap soft limit", slog.Int64("bytes", limit), slog.String("source", source))
+	}
 	httpAddr := &rf.httpAddr
 	tracer, stopTracing, err := tracing(ctx)
 	if err != nil {
@@ -138,4 +145,25 @@ func runRun(ctx context.Context, args []string, _ io.Reader, _, stderr io.Writer
 	}
 	log.Info("relay stopped")
 	return 0
+}
+
+// heapLimit is the Go heap's soft limit for run. Without one the collector
+// lets the heap grow to twice what is live, and after a burst (a backlog
+// read into the queues, spilled rows on their way out) RSS stays at twice
+// the queues' bound. GOMEMLIMIT, the runtime's own setting, wins.
+func (rf *runFlags) heapLimit(cfg relay.Config) (int64, string) {
+	if os.Getenv("GOMEMLIMIT") != "" {
+		return 0, "GOMEMLIMIT"
+	}
+	switch {
+	case rf.memoryLimit < 0:
+		return 0, "--memory-limit"
+	case rf.memoryLimit > 0:
+		return rf.memoryLimit, "--memory-limit"
+	}
+	queue := int64(cfg.QueueBytes)
+	if queue <= 0 {
+		queue = 64 << 20
+	}
+	return queue + 64<<20, "--queue-bytes plus 64 MiB"
 }
