@@ -43,6 +43,8 @@ type Result struct {
 
 	DrainRSS     int64 `json:"relay_peak_rss_after_drain_bytes,omitempty"`
 	RelayPeakRSS int64 `json:"relay_peak_rss_bytes,omitempty"`
+
+	*ScaleResult // scale.go: every backlog size and rate, many endpoints
 }
 
 // Counts is what the receiver saw in one phase.
@@ -54,6 +56,7 @@ type Counts struct {
 	Unexpected int64 `json:"unexpected"`
 	BadBodies  int64 `json:"bad_bodies"`
 	BadSigs    int64 `json:"bad_signatures"`
+	Misrouted  int64 `json:"misrouted"` // arrived at another endpoint's path (drain-many, peer-drain-many)
 }
 
 func (c *Counts) count(tl *tally) {
@@ -64,11 +67,12 @@ func (c *Counts) count(tl *tally) {
 	c.Unexpected = tl.unexpected.Load()
 	c.BadBodies = tl.badBody.Load()
 	c.BadSigs = tl.badSig.Load()
+	c.Misrouted = tl.misrouted.Load()
 }
 
 // Clean reports whether every event arrived exactly once, intact.
 func (c Counts) Clean() bool {
-	return c.Duplicates == 0 && c.Missing == 0 && c.Unexpected == 0 && c.BadBodies == 0 && c.BadSigs == 0
+	return c.Duplicates == 0 && c.Missing == 0 && c.Unexpected == 0 && c.BadBodies == 0 && c.BadSigs == 0 && c.Misrouted == 0
 }
 
 // Throughput is a backlog run.
@@ -155,7 +159,7 @@ func (r *Result) Clean() bool {
 	if r.PeerLatency != nil {
 		ok = ok && r.PeerLatency.Counts.Clean()
 	}
-	return ok
+	return ok && r.ScaleResult.clean()
 }
 
 // Ratio is the relay's drain rate over the bare client's, or 0.
@@ -278,6 +282,7 @@ func (r *Result) Table(w io.Writer) {
 		}
 		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (after drain %.1f MiB)\n", float64(r.RelayPeakRSS)/(1<<20), float64(r.DrainRSS)/(1<<20))
 	}
+	r.scaleTable(w)
 }
 
 // Line is the machine-readable result: "BENCH_RESULT " and one JSON object.
