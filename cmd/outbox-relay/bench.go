@@ -40,7 +40,7 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	fs.IntVar(&cfg.Workers, "workers", 64, "the relay's --workers, and the bare client's and the polling peer's concurrency")
 	fs.Var(&rates, "rate", "steady phases: events per second, one per transaction; a comma-separated list (e.g. 1000,2500,5000) runs latency, bare-latency and peer-latency once per rate (fairness uses the first)")
 	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "steady phases: how long the producer runs, at each rate")
-	fs.IntVar(&cfg.Producers, "producers", 0, "steady phases: connections the producer commits on; 0 = one per 500 events/s of the rate, at least 4")
+	fs.IntVar(&cfg.Producers, "producers", 0, "steady phases: connections the producer commits on; 0 = one per 250 events/s of the rate, at least 4")
 	phases := fs.String("phases", "all", "comma-separated phases: bare (bare client posts the backlog), drain (relay drains the backlog), drain-many (relay drains a backlog spread over --endpoints), "+
 		"latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), fairness (tenant B's latency beside tenant A's slow backlog), "+
 		"peer-drain and peer-drain-many (the polling peer drains the same backlogs), peer-latency (the peer at the steady rate); "+

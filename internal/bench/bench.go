@@ -109,7 +109,7 @@ type Config struct {
 	Duration time.Duration
 	// Producers is how many connections the steady producer commits on,
 	// so one slow commit does not delay the next. Default 0: auto, one
-	// per 500 events/s of the phase's rate, at least 4 (see producersFor).
+	// per 250 events/s of the phase's rate, at least 4 (see producersFor).
 	Producers int
 	// VerifySignatures makes the receiver verify every relay request's
 	// signature (bare requests are unsigned). Default off: it costs

@@ -205,8 +205,8 @@ func TestPlanRoundsAndTags(t *testing.T) {
 	if !slices.Equal(got, want) {
 		t.Errorf("plan = %q\nwant   %q", got, want)
 	}
-	if p := producersFor(0, 5000); p != 10 {
-		t.Errorf("producers at 5,000/s = %d, want 10", p)
+	if p := producersFor(0, 5000); p != 20 {
+		t.Errorf("producers at 5,000/s = %d, want 20", p)
 	}
 	if p := producersFor(0, 1000); p != 4 {
 		t.Errorf("producers at 1,000/s = %d, want 4", p)
