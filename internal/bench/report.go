@@ -280,7 +280,11 @@ func (r *Result) Table(w io.Writer) {
 		if l := r.Latency; l != nil && l.Cost != nil {
 			fmt.Fprintf(w, "  steady %5d/s            %16.2f %9.1f %9.0f (inserts and relay)\n", r.Rate, l.Cost.CPUPer10k, l.Cost.CPUPerEvent, l.Cost.WALPerEvent)
 		}
-		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (after drain %.1f MiB)\n", float64(r.RelayPeakRSS)/(1<<20), float64(r.DrainRSS)/(1<<20))
+		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (the last relay process)", float64(r.RelayPeakRSS)/(1<<20))
+		if r.DrainRSS > 0 {
+			fmt.Fprintf(w, "; the drain's relay after the drain: %.1f MiB", float64(r.DrainRSS)/(1<<20))
+		}
+		fmt.Fprintln(w)
 	}
 	r.scaleTable(w)
 }

@@ -240,10 +240,46 @@ func (r *run) stopRelayForDrain() error {
 	if err := r.relay.exited(); err != nil {
 		return err
 	}
-	r.progress("stopping the relay: the next drain starts its own")
+	ctx := context.Background()
+	r.progress("stopping the relay: the next drain starts its own (%s)", r.slotLag(ctx))
+	r.settleSlot(ctx)
 	r.relay.stop(30 * time.Second)
 	r.relay = nil
 	return nil
+}
+
+// settleSlot lets the slot's restart_lsn catch up before the relay stops,
+// so the next drain's relay does not start by decoding the whole previous
+// backlog's WAL again (a logical slot's restart_lsn moves only past a
+// running-transactions record the client has confirmed; CHECKPOINT writes
+// one). It waits at most 20 s.
+func (r *run) settleSlot(ctx context.Context) {
+	if _, err := r.pool.Exec(ctx, `CHECKPOINT`); err != nil {
+		r.progress("CHECKPOINT: %v", err)
+		return
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		var restart int64
+		err := r.pool.QueryRow(ctx, `SELECT coalesce(pg_current_wal_lsn() - restart_lsn, 0)::int8 FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name LIMIT 1`).Scan(&restart)
+		if err != nil || restart < 1<<20 || time.Now().After(deadline) {
+			r.progress("slot settled: %s", r.slotLag(ctx))
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// slotLag describes how far the slot's restart_lsn and confirmed_flush_lsn
+// are behind the WAL end.
+func (r *run) slotLag(ctx context.Context) string {
+	var restart, confirmed int64
+	err := r.pool.QueryRow(ctx, `SELECT coalesce(pg_current_wal_lsn() - restart_lsn, -1)::int8, coalesce(pg_current_wal_lsn() - confirmed_flush_lsn, -1)::int8
+FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name LIMIT 1`).Scan(&restart, &confirmed)
+	if err != nil {
+		return "slot position unread: " + err.Error()
+	}
+	return fmt.Sprintf("slot restart_lsn %.1f MB and confirmed_flush_lsn %.1f MB behind the WAL end", float64(restart)/1e6, float64(confirmed)/1e6)
 }
 
 // record files the step's figures under its size or rate, and puts the
