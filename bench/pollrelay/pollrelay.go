@@ -19,6 +19,10 @@
 //     http.Transport with the relay's settings, so the work per request
 //     matches.
 //
+// With Config.Endpoints set, each row goes to the URL of its endpoint_id
+// column (the map stands for the poller's cache of the endpoints table);
+// otherwise every row goes to Config.URL.
+//
 // Delivered rows are deleted in the claiming transaction: it is the cheapest
 // honest design (one index-scan DELETE per batch, no UPDATE churn, and the
 // queue never grows with delivered rows).
@@ -53,8 +57,13 @@ type Config struct {
 	// Table is the outbox table, with relay.outbox's columns (at least id
 	// uuid, payload jsonb, created_at). Default "bench_outbox".
 	Table string
-	// URL receives every event. Required.
+	// URL receives every event. Required unless Endpoints is set.
 	URL string
+	// Endpoints, when set, routes each row to the URL of its endpoint_id
+	// (endpoint id -> URL, loaded once, as a poller would cache
+	// relay.endpoints); a row whose endpoint_id is NULL or not in the map
+	// counts as a failed post and stays. Default: every row goes to URL.
+	Endpoints map[string]string
 	// Secret signs every request. Required.
 	Secret signer.Secret
 	// Workers is how many requests are in flight at most. Default 64.
@@ -91,6 +100,7 @@ func CreateTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
 type job struct {
 	id      [16]byte
 	payload []byte
+	url     string // "" = no known endpoint: fails without a request
 	ok      bool
 	wg      *sync.WaitGroup
 }
@@ -99,8 +109,8 @@ type job struct {
 // error). In-flight batches are rolled back when ctx ends, so their rows are
 // claimed again by the next run.
 func Run(ctx context.Context, cfg Config, stats *Stats) error {
-	if cfg.Pool == nil || cfg.URL == "" || cfg.Secret.IsZero() {
-		return errors.New("pollrelay: Pool, URL and Secret are required")
+	if cfg.Pool == nil || (cfg.URL == "" && cfg.Endpoints == nil) || cfg.Secret.IsZero() {
+		return errors.New("pollrelay: Pool, URL (or Endpoints) and Secret are required")
 	}
 	cfg.Table = cmp.Or(cfg.Table, "bench_outbox")
 	cfg.Workers = cmp.Or(cfg.Workers, 64)
@@ -167,7 +177,11 @@ type peer struct {
 
 func (p *peer) poll(ctx context.Context) error {
 	table := pgx.Identifier{p.cfg.Table}.Sanitize()
-	claim := `SELECT id, payload::text FROM ` + table + ` ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT ` + strconv.Itoa(p.cfg.Batch)
+	cols := `id, payload::text`
+	if p.cfg.Endpoints != nil {
+		cols += `, endpoint_id`
+	}
+	claim := `SELECT ` + cols + ` FROM ` + table + ` ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT ` + strconv.Itoa(p.cfg.Batch)
 	del := `DELETE FROM ` + table + ` WHERE id = ANY($1)`
 	batch := make([]*job, 0, p.cfg.Batch)
 	var ids [][16]byte
@@ -203,11 +217,22 @@ func (p *peer) once(ctx context.Context, claim, del string, batch *[]*job, ids *
 	}
 	var wg sync.WaitGroup
 	b := (*batch)[:0]
+	var endpointID *string
 	for rows.Next() {
-		j := &job{wg: &wg}
-		if err := rows.Scan(&j.id, &j.payload); err != nil {
+		j := &job{wg: &wg, url: p.cfg.URL}
+		dst := []any{&j.id, &j.payload}
+		if p.cfg.Endpoints != nil {
+			dst = append(dst, &endpointID)
+		}
+		if err := rows.Scan(dst...); err != nil {
 			rows.Close()
 			return 0, err
+		}
+		if p.cfg.Endpoints != nil {
+			j.url = ""
+			if endpointID != nil {
+				j.url = p.cfg.Endpoints[*endpointID]
+			}
 		}
 		b = append(b, j)
 	}
@@ -247,8 +272,10 @@ func (p *peer) send(ctx context.Context) {
 	for j := range p.jobs {
 		hex.Encode(msgID[4:], j.id[:])
 		id := string(msgID[:])
-		var err error
-		sig, err = p.post(ctx, id, j.payload, sig)
+		err := errNoEndpoint
+		if j.url != "" {
+			sig, err = p.post(ctx, j.url, id, j.payload, sig)
+		}
 		j.ok = err == nil
 		if j.ok {
 			p.stats.Delivered.Add(1)
@@ -261,12 +288,14 @@ func (p *peer) send(ctx context.Context) {
 
 var contentTypeJSON = []string{"application/json"}
 
-func (p *peer) post(ctx context.Context, msgID string, body, sig []byte) ([]byte, error) {
+var errNoEndpoint = errors.New("row has no known endpoint_id")
+
+func (p *peer) post(ctx context.Context, url, msgID string, body, sig []byte) ([]byte, error) {
 	now := time.Now().Unix()
 	sig = p.signer.AppendSignature(sig[:0], msgID, now, body)
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.Timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, p.cfg.URL, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 	if err != nil {
 		return sig, err
 	}

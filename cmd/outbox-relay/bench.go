@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"runtime/pprof"
+	"strconv"
 	"strings"
 	"time"
 
@@ -13,9 +14,11 @@ import (
 )
 
 const benchSynopsis = `Measure the relay on this machine, side by side with a bare Go HTTP client posting the
-same bodies to the same loopback receiver, in one run: backlog drain (events/s and the
-ratio to the bare client), steady commit-to-delivery latency (p50/p99/p99.9/max), and
-the relay process's CPU per 10,000 events, peak RSS and WAL bytes per event.
+same bodies to the same loopback receiver and with a polling outbox relay (the peer), in
+one run: backlog drain (events/s and the ratios to the bare client and the peer, at one
+endpoint and, with drain-many, over many endpoints and tenants), steady commit-to-delivery
+latency (p50/p99/p99.9/max) at one or more rates, and the relay process's CPU per event,
+peak RSS and WAL bytes per event, next to the targets of the benchmark issues.
 It starts a durable throwaway PostgreSQL cluster (needs the server binaries) and runs
 this binary's 'run' as a child process. Opt-in phases kill the relay (restart, standby
 takeover), measure rate limits, and relay memory with the receiver down (see --phases).
@@ -32,22 +35,31 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	}
 	fs := newFlagSet("bench", benchSynopsis, stderr)
 	var cfg bench.Config
-	fs.IntVar(&cfg.Events, "events", 200_000, "backlog size: events inserted before the relay starts, and bare posts")
+	events, rates := intList{200_000}, intList{1000}
+	fs.Var(&events, "events", "backlog size: events inserted before the relay starts, and bare posts; a comma-separated list (e.g. 200000,1000000) runs the backlog phases once per size")
 	fs.IntVar(&cfg.BodyBytes, "body-bytes", 500, "size of each JSON body in bytes (at least 64)")
 	fs.IntVar(&cfg.TxnRows, "txn-rows", 500, "backlog rows per insert transaction")
-	fs.IntVar(&cfg.Workers, "workers", 64, "the relay's --workers, and the bare client's concurrency")
-	fs.IntVar(&cfg.Rate, "rate", 1000, "steady phase: events per second, one per transaction")
-	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "steady phase: how long the producer runs")
-	fs.IntVar(&cfg.Producers, "producers", 4, "steady phase: connections the producer commits on")
-	phases := fs.String("phases", "all", "comma-separated phases, run in a fixed order: bare (bare client drains), drain (relay drains the backlog), latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), peer-drain and peer-latency (the polling peer), which are \"all\"; opt-in: fairness, recovery (SIGKILL and restart under a steady producer), takeover (SIGKILL of the active relay with a standby), ratelimit (endpoint and tenant limits at the receiver), memory (relay RSS with the receiver down, spill and block); e.g. all,recovery")
+	fs.IntVar(&cfg.Workers, "workers", 64, "the relay's --workers, and the bare client's and the polling peer's concurrency")
+	fs.Var(&rates, "rate", "steady phases: events per second, one per transaction; a comma-separated list (e.g. 1000,2500,5000) runs latency, bare-latency and peer-latency once per rate (fairness uses the first)")
+	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "steady phases: how long the producer runs, at each rate")
+	fs.IntVar(&cfg.Producers, "producers", 0, "steady phases: connections the producer commits on; 0 = one per 250 events/s of the rate, at least 4")
+	phases := fs.String("phases", "all", "comma-separated phases: bare (bare client posts the backlog), drain (relay drains the backlog), drain-many (relay drains a backlog spread over --endpoints), "+
+		"latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), fairness (tenant B's latency beside tenant A's slow backlog), "+
+		"peer-drain and peer-drain-many (the polling peer drains the same backlogs), peer-latency (the peer at the steady rate); "+
+		"all = bare, drain, latency, bare-latency, peer-drain, peer-latency; opt-in besides drain-many, peer-drain-many and fairness: "+
+		"recovery (SIGKILL and restart under a steady producer), takeover (SIGKILL of the active relay with a standby), "+
+		"ratelimit (endpoint and tenant limits at the receiver), memory (relay RSS with the receiver down, spill and block); combine them, e.g. all,drain-many,recovery")
+	fs.IntVar(&cfg.Endpoints, "endpoints", 10_000, "drain-many and peer-drain-many: endpoints the backlog is spread over, round robin, each event naming its endpoint_id")
+	fs.IntVar(&cfg.Tenants, "tenants", 1_000, "drain-many and peer-drain-many: tenants owning those endpoints (endpoint n belongs to tenant n mod --tenants)")
 	fs.BoolVar(&cfg.VerifySignatures, "verify-signatures", false, "the receiver verifies every relay request's signature (costs receiver CPU, so off for throughput figures)")
-	fs.DurationVar(&cfg.Timeout, "timeout", 5*time.Minute, "give up a phase if its last event has not arrived by then")
+	fs.DurationVar(&cfg.Timeout, "timeout", 0, "give up a phase if its last event has not arrived by then; 0 = 5m, or 1ms per event of the largest backlog if longer")
 	relayArgs := fs.String("relay-args", "", "extra flags for the relay's 'run', space-separated (e.g. \"--overflow block\")")
 	cpuprofile := fs.String("relay-cpuprofile", "", "write a CPU profile of the relay process to this file (read it with go tool pprof)")
 	benchFaultFlags(fs, &cfg.Faults)
 	if err := parseFlags(fs, args); err != nil {
 		return flagExit(err, stderr)
 	}
+	cfg.EventCounts, cfg.Rates = events, rates
 	var err error
 	if cfg.Phases, err = bench.ParsePhases(*phases); err != nil {
 		return flagExit(fmt.Errorf("--phases: %w", err), stderr)
@@ -75,6 +87,30 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 		return 1
 	}
 	return 0
+}
+
+// intList is a flag holding a comma-separated list of positive integers.
+type intList []int
+
+func (l *intList) String() string {
+	s := make([]string, len(*l))
+	for i, v := range *l {
+		s[i] = strconv.Itoa(v)
+	}
+	return strings.Join(s, ",")
+}
+
+func (l *intList) Set(v string) error {
+	var out intList
+	for _, f := range strings.Split(v, ",") {
+		n, err := strconv.Atoi(strings.ReplaceAll(strings.TrimSpace(f), "_", ""))
+		if err != nil || n <= 0 {
+			return fmt.Errorf("want positive integers separated by commas (got %q)", f)
+		}
+		out = append(out, n)
+	}
+	*l = out
+	return nil
 }
 
 // runProfiled runs `run` with the remaining args under a CPU profile

@@ -30,6 +30,7 @@ const (
 	PhaseFairness    = "fairness"     // tenant B's latency with and without tenant A's slow backlog (relay)
 	PhasePeerDrain   = "peer-drain"   // the polling peer (bench/pollrelay) drains the backlog
 	PhasePeerLatency = "peer-latency" // steady producer, the polling peer delivers
+	// PhaseDrainMany and PhasePeerDrainMany are in scale.go.
 )
 
 // AllPhases is the default.
@@ -38,7 +39,7 @@ var AllPhases = []string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, 
 // KnownPhases is every phase, in the order Run runs them. The fairness
 // phase and the fault phases (faults.go) are opt-in: they take a minute
 // and more.
-var KnownPhases = append([]string{PhaseBare, PhaseDrain, PhaseLatency, PhaseBareLatency, PhaseFairness, PhasePeerDrain, PhasePeerLatency}, FaultPhases...)
+var KnownPhases = append([]string{PhaseBare, PhaseDrain, PhaseDrainMany, PhaseLatency, PhaseBareLatency, PhaseFairness, PhasePeerDrain, PhasePeerDrainMany, PhasePeerLatency}, FaultPhases...)
 
 // ParsePhases parses a comma-separated phase list.
 func ParsePhases(s string) ([]string, error) {
@@ -83,8 +84,13 @@ type Config struct {
 
 	// Phases to run, among AllPhases. Default all.
 	Phases []string
-	// Events is the backlog size. Default 200,000.
+	// Events is the backlog size. Default 200,000. EventCounts, when
+	// set, wins.
 	Events int
+	// EventCounts are backlog sizes: the backlog phases (bare, drain,
+	// drain-many, peer-drain, peer-drain-many) run once per size, in the
+	// order given. Default [Events].
+	EventCounts []int
 	// BodyBytes is the size of each JSON body. Default 500.
 	BodyBytes int
 	// TxnRows is how many backlog rows each insert transaction holds.
@@ -94,17 +100,24 @@ type Config struct {
 	// Default 64.
 	Workers int
 	// Rate is the steady producer's events per second. Default 1000.
+	// Rates, when set, wins.
 	Rate int
+	// Rates are steady rates: latency, bare-latency and peer-latency run
+	// once per rate, in the order given; fairness runs at the first.
+	// Default [Rate].
+	Rates []int
 	// Duration is how long the steady producer runs. Default 20s.
 	Duration time.Duration
 	// Producers is how many connections the steady producer commits on,
-	// so one slow commit does not delay the next. Default 4.
+	// so one slow commit does not delay the next. Default 0: auto, one
+	// per 250 events/s of the phase's rate, at least 4 (see producersFor).
 	Producers int
 	// VerifySignatures makes the receiver verify every relay request's
 	// signature (bare requests are unsigned). Default off: it costs
 	// receiver CPU the relay shares.
 	VerifySignatures bool
-	// Timeout bounds each phase's wait for the last delivery. Default 5m.
+	// Timeout bounds each phase's wait for the last delivery. Default 5m,
+	// or 1ms per event of the largest backlog if that is longer.
 	Timeout time.Duration
 	// FairBacklog is tenant A's backlog in the fairness phase. Default 100,000.
 	FairBacklog int
@@ -114,6 +127,12 @@ type Config struct {
 	// Faults configures the fault phases (recovery, takeover, ratelimit,
 	// memory).
 	Faults FaultConfig
+	// Endpoints is how many endpoints drain-many and peer-drain-many
+	// spread the backlog over, round robin. Default 10,000.
+	Endpoints int
+	// Tenants is how many tenants own those endpoints (endpoint i belongs
+	// to tenant i mod Tenants). Default 1,000.
+	Tenants int
 
 	// Progress receives one line per step. Default: discard.
 	Progress io.Writer
@@ -124,13 +143,12 @@ func (c Config) withDefaults() Config {
 		c.Phases = AllPhases
 	}
 	c.Events = cmp.Or(c.Events, 200_000)
+	c.Rate = cmp.Or(c.Rate, 1000)
+	c.scaleDefaults()
 	c.BodyBytes = cmp.Or(c.BodyBytes, 500)
 	c.TxnRows = cmp.Or(c.TxnRows, 500)
 	c.Workers = cmp.Or(c.Workers, 64)
-	c.Rate = cmp.Or(c.Rate, 1000)
 	c.Duration = cmp.Or(c.Duration, 20*time.Second)
-	c.Producers = cmp.Or(c.Producers, 4)
-	c.Timeout = cmp.Or(c.Timeout, 5*time.Minute)
 	c.FairBacklog = cmp.Or(c.FairBacklog, 100_000)
 	c.FairDelay = cmp.Or(c.FairDelay, 20*time.Millisecond)
 	c.Faults = c.Faults.withDefaults()
@@ -144,7 +162,7 @@ func (c Config) withDefaults() Config {
 func (c Config) Validate() error {
 	var errs []error
 	for name, v := range map[string]int{"Events": c.Events, "BodyBytes": c.BodyBytes, "TxnRows": c.TxnRows,
-		"Workers": c.Workers, "Rate": c.Rate, "Producers": c.Producers} {
+		"Workers": c.Workers, "Rate": c.Rate, "Producers": c.Producers, "Endpoints": c.Endpoints, "Tenants": c.Tenants} {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
 		}
@@ -155,6 +173,7 @@ func (c Config) Validate() error {
 	if c.Duration < 0 {
 		errs = append(errs, fmt.Errorf("negative Duration (got %s)", c.Duration))
 	}
+	errs = append(errs, c.validateScale()...)
 	for _, p := range c.Phases {
 		if !slices.Contains(KnownPhases, p) {
 			errs = append(errs, fmt.Errorf("unknown phase %q in Phases", p))
@@ -195,7 +214,8 @@ type run struct {
 	retired    bool // the relay was stopped for the peer's phases
 
 	// cluster is the bench's cluster; the fault phases add databases to it.
-	cluster *pgtemp.Cluster
+	cluster    *pgtemp.Cluster
+	scaleState // scale.go: the round of the step running, endpoints
 }
 
 // Run starts a durable throwaway cluster and a receiver, runs the phases,
@@ -223,7 +243,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if r.dbURL, err = cluster.CreateDatabase(ctx, "bench"); err != nil {
 		return nil, err
 	}
-	if r.pool, err = pgxpool.New(ctx, r.dbURL); err != nil {
+	if r.pool, err = newPool(ctx, r.dbURL, cfg); err != nil {
 		return nil, err
 	}
 	defer r.pool.Close()
@@ -238,9 +258,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := r.setup(ctx); err != nil {
 		return nil, err
 	}
-	for _, phase := range KnownPhases { // fixed order, whatever the flag's order
-		if !slices.Contains(cfg.Phases, phase) {
-			continue
+	for _, st := range r.plan() { // fixed order, whatever the flag's order
+		phase := st.phase
+		if err := r.at(ctx, st); err != nil {
+			return res, fmt.Errorf("%s: %w", st, err)
 		}
 		var err error
 		switch phase {
@@ -266,10 +287,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			err = r.ratelimit(ctx)
 		case PhaseMemory:
 			err = r.memory(ctx)
+		case PhaseDrainMany:
+			err = r.drainMany(ctx)
+		case PhasePeerDrainMany:
+			err = r.peerDrainMany(ctx)
 		}
 		if err != nil {
-			return res, fmt.Errorf("%s: %w", phase, err)
+			return res, fmt.Errorf("%s: %w", st, err)
 		}
+		r.record(st)
 	}
 	if r.relay != nil {
 		if err := r.relay.exited(); err != nil {
@@ -358,7 +384,7 @@ func (r *run) insertBacklog(ctx context.Context) error {
 		}
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			_, err := tx.CopyFrom(ctx, pgx.Identifier{"relay", "outbox"}, cols, pgx.CopyFromSlice(n, func(i int) ([]any, error) {
-				return []any{eventID(tagDrain, from+i), "bench", "bench.event", bodies[i]}, nil
+				return []any{eventID(r.tag(tagDrain), from+i), "bench", "bench.event", bodies[i]}, nil
 			}))
 			return err
 		})
@@ -380,11 +406,11 @@ func (r *run) insertBacklog(ctx context.Context) error {
 // bare posts the backlog's bodies with the bare client: the ceiling.
 func (r *run) bare(ctx context.Context) error {
 	r.progress("bare HTTP client: %d posts, %d concurrent", r.cfg.Events, r.cfg.Workers)
-	tl := newTally(tagBare, r.cfg.Events, r.cfg.BodyBytes, false, nil)
+	tl := newTally(r.tag(tagBare), r.cfg.Events, r.cfg.BodyBytes, false, nil)
 	r.rcv.expect(tl)
 	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes)
 	defer c.http.CloseIdleConnections()
-	took, err := c.drain(ctx, tagBare, r.cfg.Events, r.cfg.Workers)
+	took, err := c.drain(ctx, r.tag(tagBare), r.cfg.Events, r.cfg.Workers)
 	if err != nil {
 		return err
 	}
@@ -479,7 +505,7 @@ func (r *run) drain(ctx context.Context) error {
 	if r.relay != nil {
 		return errors.New("the relay must not run before the drain")
 	}
-	tl := newTally(tagDrain, r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
+	tl := newTally(r.tag(tagDrain), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
 	lsn0, err := r.walLSN(ctx)
 	if err != nil {
@@ -494,7 +520,7 @@ func (r *run) drain(ctx context.Context) error {
 		return err
 	}
 	received := time.Since(start)
-	other, err := r.succeeded(ctx, tagDrain, r.cfg.Events, r.cfg.Timeout)
+	other, err := r.succeeded(ctx, r.tag(tagDrain), r.cfg.Events, r.cfg.Timeout)
 	if err != nil {
 		return err
 	}
@@ -543,10 +569,10 @@ func (r *run) latency(ctx context.Context) error {
 		}
 	}
 	// One probe event end to end: the relay is connected and streaming.
-	probe := newTally(tagProbe, 1, r.cfg.BodyBytes, false, nil)
+	probe := newTally(r.tag(tagProbe), 1, r.cfg.BodyBytes, false, nil)
 	r.rcv.expect(probe)
 	if _, err := r.pool.Exec(ctx, `INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ($1, 'bench', 'bench.probe', $2)`,
-		eventID(tagProbe, 0), appendBody(nil, 0, time.Now().UnixNano(), r.cfg.BodyBytes)); err != nil {
+		eventID(r.tag(tagProbe), 0), appendBody(nil, 0, time.Now().UnixNano(), r.cfg.BodyBytes)); err != nil {
 		return fmt.Errorf("insert probe: %w", err)
 	}
 	if err := r.wait(ctx, probe, time.Minute); err != nil {
@@ -554,7 +580,7 @@ func (r *run) latency(ctx context.Context) error {
 	}
 
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
-	tl := newTally(tagLatency, n, r.cfg.BodyBytes, true, r.verifier())
+	tl := newTally(r.tag(tagLatency), n, r.cfg.BodyBytes, true, r.verifier())
 	r.rcv.expect(tl)
 	cpu0, err := r.relay.cpu()
 	if err != nil {
@@ -566,14 +592,14 @@ func (r *run) latency(ctx context.Context) error {
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, relay delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
 	const insert = `INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ($1, 'bench', 'bench.event', $2)`
-	sent, rate, err := r.produceSteady(ctx, insert, tagLatency)
+	sent, rate, err := r.produceSteady(ctx, insert, r.tag(tagLatency))
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
 	if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
 		return err
 	}
-	if _, err := r.succeeded(ctx, tagLatency, n, r.cfg.Timeout); err != nil {
+	if _, err := r.succeeded(ctx, r.tag(tagLatency), n, r.cfg.Timeout); err != nil {
 		return err
 	}
 	cpu1, err := r.relay.cpu()
@@ -595,7 +621,7 @@ func (r *run) latency(ctx context.Context) error {
 // commit-to-delivery, with no database and no relay.
 func (r *run) bareLatency(ctx context.Context) error {
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
-	tl := newTally(tagBareLatency, n, r.cfg.BodyBytes, true, nil)
+	tl := newTally(r.tag(tagBareLatency), n, r.cfg.BodyBytes, true, nil)
 	r.rcv.expect(tl)
 	r.progress("bare HTTP client: %d posts/s for %s", r.cfg.Rate, r.cfg.Duration)
 	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes)
@@ -608,7 +634,7 @@ func (r *run) bareLatency(ctx context.Context) error {
 		buf := <-bufs
 		defer func() { bufs <- buf }()
 		var err error
-		buf, err = c.post(ctx, tagBareLatency, seq, time.Now().UnixNano(), buf)
+		buf, err = c.post(ctx, r.tag(tagBareLatency), seq, time.Now().UnixNano(), buf)
 		return err
 	})
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 )
@@ -153,6 +154,146 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if _, err := ParsePhases("drain,nope"); err == nil {
 		t.Error("unknown phase: want an error")
+	}
+}
+
+func TestTallyChecksRoutes(t *testing.T) {
+	tl := newTally(tagDrainMany, 4, 0, false, nil)
+	tl.routes = 3
+	h := func(seq int) map[string][]string {
+		return map[string][]string{"Webhook-Id": {webhookID(eventID(tagDrainMany, seq))}}
+	}
+	now := time.Now()
+	for _, c := range []struct {
+		seq  int
+		path string
+	}{{0, "/ep/0"}, {1, "/ep/1"}, {2, "/ep/0"}, {3, "/ep/0"}, {3, "/hook"}} {
+		tl.checkRoute(c.path, h(c.seq))
+		tl.record(h(c.seq), nil, now)
+	}
+	var c Counts
+	c.count(tl)
+	want := Counts{Requests: 5, Distinct: 4, Duplicates: 1, Misrouted: 2}
+	if c != want {
+		t.Fatalf("counts = %+v, want %+v", c, want)
+	}
+	if c.Clean() {
+		t.Fatal("a tally with misrouted events is clean")
+	}
+}
+
+func TestPlanRoundsAndTags(t *testing.T) {
+	cfg := Config{RelayExe: "x", Phases: []string{PhaseBare, PhaseDrain, PhaseDrainMany, PhaseLatency, PhaseFairness, PhasePeerLatency},
+		EventCounts: []int{10, 20}, Rates: []int{100, 5000}}.withDefaults()
+	r := &run{cfg: cfg, res: &Result{}}
+	var got []string
+	tags := map[uint32]bool{}
+	for _, st := range r.plan() {
+		r.round = st.round
+		got = append(got, st.String())
+		for _, base := range []uint32{tagBare, tagDrain, tagDrainMany, tagLatency, tagProbe, tagPeerLatency} {
+			if base == map[string]uint32{PhaseBare: tagBare, PhaseDrain: tagDrain, PhaseDrainMany: tagDrainMany, PhaseLatency: tagLatency, PhasePeerLatency: tagPeerLatency}[st.phase] {
+				if tags[r.tag(base)] {
+					t.Errorf("%s: tag %#x used twice", st, r.tag(base))
+				}
+				tags[r.tag(base)] = true
+			}
+		}
+	}
+	want := []string{"bare (10 events)", "bare (20 events)", "drain (10 events)", "drain (20 events)", "drain-many (10 events)", "drain-many (20 events)",
+		"latency (100/s)", "latency (5,000/s)", "fairness", "peer-latency (100/s)", "peer-latency (5,000/s)"}
+	if !slices.Equal(got, want) {
+		t.Errorf("plan = %q\nwant   %q", got, want)
+	}
+	if p := producersFor(0, 5000); p != 20 {
+		t.Errorf("producers at 5,000/s = %d, want 20", p)
+	}
+	if p := producersFor(0, 1000); p != 4 {
+		t.Errorf("producers at 1,000/s = %d, want 4", p)
+	}
+	if cfg.Timeout != 5*time.Minute {
+		t.Errorf("timeout = %s", cfg.Timeout)
+	}
+	if c := (Config{EventCounts: []int{1_000_000}}).withDefaults(); c.Timeout != 1000*time.Second || c.Events != 1_000_000 {
+		t.Errorf("1M events: timeout %s, events %d", c.Timeout, c.Events)
+	}
+	if err := (Config{RelayExe: "x", Endpoints: 10, Tenants: 20}).Validate(); err == nil {
+		t.Error("more tenants than endpoints: want an error")
+	}
+}
+
+// The scale phases at tiny sizes: two backlog sizes and two rates in one
+// run, the backlog spread over 200 endpoints of 20 tenants for the relay
+// and the peer; every event arrives exactly once at its own endpoint.
+func TestRunTinyScale(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a cluster and the relay")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var progress bytes.Buffer
+	phases, err := ParsePhases("bare,drain,drain-many,peer-drain,peer-drain-many,latency,peer-latency")
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := Run(ctx, Config{
+		RelayExe:         relayExe,
+		Phases:           phases,
+		EventCounts:      []int{2000, 1000},
+		Rates:            []int{200, 300},
+		Endpoints:        200,
+		Tenants:          20,
+		TxnRows:          250,
+		Workers:          16,
+		Duration:         2 * time.Second,
+		VerifySignatures: true,
+		Timeout:          time.Minute,
+		Progress:         &progress,
+	})
+	if err != nil {
+		t.Fatalf("Run: %v\n%s", err, progress.String())
+	}
+	var table bytes.Buffer
+	res.Table(&table)
+	t.Logf("%s\n%s", table.String(), res.Line())
+	if !res.Clean() {
+		t.Fatal("an event was lost, duplicated, misrouted or altered")
+	}
+	s := res.ScaleResult
+	if len(s.Backlogs) != 2 || len(s.Steady) != 2 || s.Endpoints != 200 || s.Tenants != 20 {
+		t.Fatalf("rounds: %d backlogs, %d rates, %d endpoints, %d tenants", len(s.Backlogs), len(s.Steady), s.Endpoints, s.Tenants)
+	}
+	for _, b := range s.Backlogs {
+		n := int64(b.Events)
+		for name, c := range map[string]*Counts{"bare": &b.Bare.Counts, "drain": &b.Drain.Counts, "drain-many": &b.DrainMany.Counts,
+			"peer-drain": &b.PeerDrain.Counts, "peer-drain-many": &b.PeerDrainMany.Counts} {
+			if c.Distinct != n || c.Requests != n || !c.Clean() {
+				t.Errorf("%s at %d events: %+v", name, n, *c)
+			}
+		}
+		if b.ManyOverSingle <= 0 || b.ManyOverPeerMany <= 0 || b.RelayOverBare <= 0 {
+			t.Errorf("%d events: ratios %+v", n, b)
+		}
+		if d := b.DrainMany; d.CPUSecs <= 0 || d.PeakRSS <= 0 || d.OtherRows != 0 || d.Spilled < 0 {
+			t.Errorf("drain-many at %d events: %+v", n, d)
+		}
+	}
+	if res.Drain != s.Backlogs[0].Drain || res.Bare != s.Backlogs[0].Bare || res.Events != 2000 {
+		t.Error("top-level figures are not the first size's")
+	}
+	for i, l := range s.Steady {
+		want := int64([]int{400, 600}[i])
+		for name, x := range map[string]*Latency{"relay": l.Latency, "peer": l.PeerLatency} {
+			if x == nil || x.Distinct != want || x.P99 <= 0 {
+				t.Errorf("%s at %d/s: %+v", name, l.Rate, x)
+			}
+		}
+	}
+	if res.Latency != s.Steady[0].Latency || res.Rate != 200 {
+		t.Error("top-level latency is not the first rate's")
+	}
+	if s.RelaySettings["endpoint-max-in-flight"] == "" || s.RelaySettings["queue-events"] == "" {
+		t.Errorf("relay settings: %v", s.RelaySettings)
 	}
 }
 

@@ -17,6 +17,11 @@
 //     database), which is the floor of what any relay can reach.
 //   - Cost: the relay process's CPU time and peak RSS from /proc, and the
 //     WAL bytes per event from pg_current_wal_lsn deltas.
+//   - Scale (scale.go): backlogs spread over many endpoints of many tenants
+//     (drain-many for the relay, peer-drain-many for the polling peer of
+//     bench/pollrelay), with the receiver checking that each event arrived
+//     at its own endpoint; several backlog sizes and steady rates in one
+//     run ([Config.EventCounts], [Config.Rates]); issue 4's and 6's targets.
 //
 // The receiver counts requests per webhook-id (ids are built from a run tag
 // and a sequence number), so a duplicate or a miss is visible in the

@@ -59,10 +59,15 @@ func (r *run) peerConfig() pollrelay.Config {
 
 // startPeer runs the peer until the returned stop is called.
 func (r *run) startPeer(ctx context.Context) (stats *pollrelay.Stats, stop func() error) {
+	return r.startPeerWith(ctx, r.peerConfig())
+}
+
+// startPeerWith runs the peer with cfg until the returned stop is called.
+func (r *run) startPeerWith(ctx context.Context, cfg pollrelay.Config) (stats *pollrelay.Stats, stop func() error) {
 	ctx, cancel := context.WithCancel(ctx)
 	stats = new(pollrelay.Stats)
 	done := make(chan error, 1)
-	go func() { done <- pollrelay.Run(ctx, r.peerConfig(), stats) }()
+	go func() { done <- pollrelay.Run(ctx, cfg, stats) }()
 	var once sync.Once
 	var err error
 	return stats, func() error { once.Do(func() { cancel(); err = <-done }); return err }
@@ -105,7 +110,7 @@ func (r *run) peerDrain(ctx context.Context) error {
 		}
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 			_, err := tx.CopyFrom(ctx, pgx.Identifier{peerTable}, cols, pgx.CopyFromSlice(n, func(i int) ([]any, error) {
-				return []any{eventID(tagPeerDrain, from+i), "bench", "bench.event", bodies[i]}, nil
+				return []any{eventID(r.tag(tagPeerDrain), from+i), "bench", "bench.event", bodies[i]}, nil
 			}))
 			return err
 		})
@@ -122,7 +127,7 @@ func (r *run) peerDrain(ctx context.Context) error {
 		return err
 	}
 
-	tl := newTally(tagPeerDrain, r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
+	tl := newTally(r.tag(tagPeerDrain), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
 	lsn0, err := r.walLSN(ctx)
 	if err != nil {
@@ -181,9 +186,9 @@ func (r *run) peerLatency(ctx context.Context) error {
 	table := pgx.Identifier{peerTable}.Sanitize()
 	insert := `INSERT INTO ` + table + ` (id, tenant_id, event_type, payload) VALUES ($1, 'bench', 'bench.event', $2)`
 
-	probe := newTally(tagPeerProbe, 1, r.cfg.BodyBytes, false, nil)
+	probe := newTally(r.tag(tagPeerProbe), 1, r.cfg.BodyBytes, false, nil)
 	r.rcv.expect(probe)
-	if _, err := r.pool.Exec(ctx, insert, eventID(tagPeerProbe, 0), appendBody(nil, 0, time.Now().UnixNano(), r.cfg.BodyBytes)); err != nil {
+	if _, err := r.pool.Exec(ctx, insert, eventID(r.tag(tagPeerProbe), 0), appendBody(nil, 0, time.Now().UnixNano(), r.cfg.BodyBytes)); err != nil {
 		return fmt.Errorf("insert probe: %w", err)
 	}
 	if err := r.wait(ctx, probe, time.Minute); err != nil {
@@ -191,19 +196,33 @@ func (r *run) peerLatency(ctx context.Context) error {
 	}
 
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
-	tl := newTally(tagPeerLatency, n, r.cfg.BodyBytes, true, r.verifier())
+	tl := newTally(r.tag(tagPeerLatency), n, r.cfg.BodyBytes, true, r.verifier())
 	r.rcv.expect(tl)
 	lsn0, err := r.walLSN(ctx)
 	if err != nil {
 		return err
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, polling peer delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
-	sent, rate, err := r.produceSteady(ctx, insert, tagPeerLatency)
+	sent, rate, err := r.produceSteady(ctx, insert, r.tag(tagPeerLatency))
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
 	if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
 		return err
+	}
+	// Stop only once the delivered rows are deleted: a batch cut short is
+	// rolled back, and the next run of the peer would deliver it again.
+	for deadline := time.Now().Add(r.cfg.Timeout); ; time.Sleep(10 * time.Millisecond) {
+		left, err := r.peerRows(ctx)
+		if err != nil {
+			return err
+		}
+		if left == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s: %d rows left in %s", r.cfg.Timeout, left, peerTable)
+		}
 	}
 	if err := stop(); err != nil {
 		return err

@@ -108,6 +108,8 @@ type tally struct {
 	unexpected atomic.Int64 // webhook-id not of this phase
 	badBody    atomic.Int64 // wrong length: the body was altered on the way
 	badSig     atomic.Int64
+	misrouted  atomic.Int64 // scale.go: arrived at another endpoint's path
+	routes     int          // scale.go: event seq belongs at /ep/<seq mod routes>; 0 = no check
 	first      atomic.Int64 // Unix ns of the first arrival
 	last       atomic.Int64 // Unix ns of the last first-arrival
 	done       chan struct{}
@@ -220,6 +222,9 @@ func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, err := readAll(r.Body, (*bp)[:0])
 	if err == nil {
 		if tl := rc.cur.Load(); tl != nil {
+			if tl.routes > 0 {
+				tl.checkRoute(r.URL.Path, r.Header)
+			}
 			tl.record(r.Header, body, now)
 		}
 	}

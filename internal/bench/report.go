@@ -47,6 +47,8 @@ type Result struct {
 
 	DrainRSS     int64 `json:"relay_peak_rss_after_drain_bytes,omitempty"`
 	RelayPeakRSS int64 `json:"relay_peak_rss_bytes,omitempty"`
+
+	*ScaleResult // scale.go: every backlog size and rate, many endpoints
 }
 
 // Counts is what the receiver saw in one phase.
@@ -58,6 +60,7 @@ type Counts struct {
 	Unexpected int64 `json:"unexpected"`
 	BadBodies  int64 `json:"bad_bodies"`
 	BadSigs    int64 `json:"bad_signatures"`
+	Misrouted  int64 `json:"misrouted"` // arrived at another endpoint's path (drain-many, peer-drain-many)
 }
 
 func (c *Counts) count(tl *tally) {
@@ -68,11 +71,12 @@ func (c *Counts) count(tl *tally) {
 	c.Unexpected = tl.unexpected.Load()
 	c.BadBodies = tl.badBody.Load()
 	c.BadSigs = tl.badSig.Load()
+	c.Misrouted = tl.misrouted.Load()
 }
 
 // Clean reports whether every event arrived exactly once, intact.
 func (c Counts) Clean() bool {
-	return c.Duplicates == 0 && c.Missing == 0 && c.Unexpected == 0 && c.BadBodies == 0 && c.BadSigs == 0
+	return c.Duplicates == 0 && c.Missing == 0 && c.Unexpected == 0 && c.BadBodies == 0 && c.BadSigs == 0 && c.Misrouted == 0
 }
 
 // Throughput is a backlog run.
@@ -159,7 +163,7 @@ func (r *Result) Clean() bool {
 	if r.PeerLatency != nil {
 		ok = ok && r.PeerLatency.Counts.Clean()
 	}
-	return ok && r.faultsClean()
+	return ok && r.faultsClean() && r.ScaleResult.clean()
 }
 
 // Ratio is the relay's drain rate over the bare client's, or 0.
@@ -280,8 +284,13 @@ func (r *Result) Table(w io.Writer) {
 		if l := r.Latency; l != nil && l.Cost != nil {
 			fmt.Fprintf(w, "  steady %5d/s            %16.2f %9.1f %9.0f (inserts and relay)\n", r.Rate, l.Cost.CPUPer10k, l.Cost.CPUPerEvent, l.Cost.WALPerEvent)
 		}
-		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (after drain %.1f MiB)\n", float64(r.RelayPeakRSS)/(1<<20), float64(r.DrainRSS)/(1<<20))
+		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (the last relay process)", float64(r.RelayPeakRSS)/(1<<20))
+		if r.DrainRSS > 0 {
+			fmt.Fprintf(w, "; the drain's relay after the drain: %.1f MiB", float64(r.DrainRSS)/(1<<20))
+		}
+		fmt.Fprintln(w)
 	}
+	r.scaleTable(w)
 	r.faultsTable(w)
 }
 
