@@ -443,22 +443,25 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 			r.sched.waitRoom(1, ctx.Done(), time.Second)
 			continue
 		}
-		// With several endpoints busy lately, one that holds more than its
-		// share of the queue must not keep the others' events waiting in
-		// the WAL behind its own: its excess spills now. With one endpoint
-		// (a plain backlog), waiting costs nothing; spill only if the
-		// queue stays full for spillAfter.
+		// With several endpoints busy lately, one that holds far more than
+		// its share of the queue must not keep the others' events waiting
+		// in the WAL behind its own: its excess spills now. A backlog that
+		// the workers are draining (one endpoint, or many evenly) waits
+		// instead, which costs nothing; if the queue stays full for
+		// spillAfter, whatever is over its share spills.
 		busy := r.recent.count(time.Now())
-		if left := spillAfter - time.Since(fullSince); busy <= 1 && left > 0 {
+		left := spillAfter - time.Since(fullSince)
+		if busy <= 1 && left > 0 {
 			r.sched.waitRoom(1, ctx.Done(), left)
 			continue
 		}
-		rest := r.sched.pushShare(ds, busy)
-		ds = nil
-		if len(rest) == 0 {
-			return
+		spill, wait := r.sched.pushShare(ds, busy, left <= 0)
+		if len(spill) > 0 {
+			r.writer.add(r.toPending(spill, r.now())...)
 		}
-		r.writer.add(r.toPending(rest, r.now())...)
+		if ds = wait; len(ds) > 0 {
+			r.sched.waitRoom(1, ctx.Done(), max(10*time.Millisecond, left))
+		}
 	}
 }
 

@@ -314,10 +314,14 @@ func (s *scheduler) popLocked(q *endpointQueue) *delivery {
 // pushShare queues deliveries when the queues are full: a delivery whose
 // endpoint holds less than its share of the bound (the bound divided by
 // the endpoints with work waiting, or busy lately, whichever is more) is
-// queued anyway, up to twice the bound in all; the others are returned,
-// to be spilled. So an endpoint that does not drain cannot keep others'
-// events in the WAL, and memory stays bounded.
-func (s *scheduler) pushShare(ds []*delivery, busy int) (spill []*delivery) {
+// queued anyway, up to twice the bound in all. The others are returned:
+// to be spilled (spill) when their endpoint holds far more than the
+// others do on average, so an endpoint that does not drain cannot keep
+// others' events in the WAL; to wait for room (wait) otherwise, because a
+// backlog spread evenly over many endpoints puts every one of them at its
+// share, and spilling it would only write it twice while the workers
+// drain it anyway. With force, every delivery that is not queued spills.
+func (s *scheduler) pushShare(ds []*delivery, busy int, force bool) (spill, wait []*delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	added := false
@@ -327,28 +331,41 @@ func (s *scheduler) pushShare(ds []*delivery, busy int) (spill []*delivery) {
 			q = s.newQueueLocked(d.ep, d.tenantID)
 			s.endpoints[d.endpointID] = q
 		}
-		if q.lane != nil {
-			s.offLaneLocked(d)
-			continue
-		}
+		n := q.items.len()
 		active := s.active
-		if q.items.len() == 0 {
+		if n == 0 {
 			active++
 		}
 		share := max(1, s.maxCount/max(1, active, busy))
-		if q.items.len() >= share || s.count >= 2*s.maxCount || s.bytes >= 2*s.maxBytes {
-			spill = append(spill, d)
+		if n < share && s.count < 2*s.maxCount && s.bytes < 2*s.maxBytes {
+			s.pushLocked(q, d)
+			s.makeReadyLocked(q)
+			added = true
 			continue
 		}
-		s.pushLocked(q, d)
-		s.makeReadyLocked(q)
-		added = true
+		otherActive := s.active
+		if n > 0 {
+			otherActive--
+		}
+		average := (s.count - n) / max(1, otherActive)
+		if force || n > heavyFactor*average+heavySlack {
+			spill = append(spill, d)
+		} else {
+			wait = append(wait, d)
+		}
 	}
 	if added && s.idle > 0 {
 		s.work.Signal()
 	}
-	return spill
+	return spill, wait
 }
+
+// An endpoint holding more than heavyFactor times the others' average
+// queue, plus heavySlack, is the reason the queues are full.
+const (
+	heavyFactor = 4
+	heavySlack  = 16
+)
 
 // makeReadyLocked puts q on its tenant's ready list if it can be served.
 func (s *scheduler) makeReadyLocked(q *endpointQueue) bool {

@@ -248,3 +248,43 @@ func TestSchedulerTenantMaxInFlight(t *testing.T) {
 		t.Fatalf("slow's in-flight count is %d after every attempt is done", n)
 	}
 }
+
+// When the queues are full, only an endpoint that holds far more than the
+// others spills; a backlog spread evenly waits for room, since spilling
+// it would write it twice for nothing; force spills whatever is over its
+// share.
+func TestSchedulerPushShareSpillsOnlyTheHeavy(t *testing.T) {
+	batch := func(tenant, endpoint string, n int) []*delivery {
+		ep := &Endpoint{ID: endpoint, TenantID: tenant, Enabled: true}
+		ds := make([]*delivery, n)
+		for i := range ds {
+			ds[i] = &delivery{endpointID: endpoint, tenantID: tenant, ep: ep}
+		}
+		return ds
+	}
+	// Even: 100 endpoints with 10 each fill a queue of 1,000.
+	s := newScheduler(1000, 1<<40, 1000)
+	for i := range 100 {
+		if rest := s.push(batch("t", fmt.Sprint("e", i), 10), true); len(rest) != 0 {
+			t.Fatalf("setup: %d did not fit", len(rest))
+		}
+	}
+	spill, wait := s.pushShare(batch("t", "e7", 5), 100, false)
+	if len(spill) != 0 || len(wait) != 5 {
+		t.Fatalf("even backlog: %d spilled, %d wait; want 0 and 5", len(spill), len(wait))
+	}
+	if spill, wait = s.pushShare(batch("t", "e7", 5), 100, true); len(spill) != 5 || len(wait) != 0 {
+		t.Fatalf("even backlog, forced: %d spilled, %d wait; want 5 and 0", len(spill), len(wait))
+	}
+	// Heavy: one endpoint holds 990, another 10.
+	s = newScheduler(1000, 1<<40, 1000)
+	s.push(batch("a", "slow", 990), true)
+	s.push(batch("b", "fast", 10), true)
+	spill, wait = s.pushShare(append(batch("a", "slow", 20), batch("b", "fast", 3)...), 2, false)
+	if len(spill) != 20 || len(wait) != 0 {
+		t.Fatalf("heavy endpoint: %d spilled, %d wait; want 20 and 0", len(spill), len(wait))
+	}
+	if n := s.endpoints["fast"].items.len(); n != 13 {
+		t.Fatalf("the light endpoint's deliveries were not queued: it holds %d, want 13", n)
+	}
+}
