@@ -3,6 +3,7 @@ package signer
 import (
 	"crypto/hmac"
 	"crypto/sha256"
+	"encoding"
 	"encoding/base64"
 	"hash"
 	"strconv"
@@ -52,16 +53,61 @@ func Sign(msgID string, ts time.Time, body []byte, secrets ...Secret) string {
 // between calls. It is safe for concurrent use. To rotate secrets, build a
 // new Signer holding both the new and the old secret, then one holding only
 // the new secret once receivers have switched.
+//
+// A Signer keeps, per secret, the SHA-256 states after the HMAC key pads
+// (RFC 2104), so a signature costs the message's blocks and one more, with
+// no per-Signer caches: a relay with thousands of endpoints signs each
+// with state from one shared pool.
 type Signer struct {
 	n    int
-	pool sync.Pool // of *macState
+	keys []keyedState
 }
 
-// macState is what one goroutine needs to sign one message: a keyed HMAC per
-// secret and a scratch buffer, so that signing does not allocate.
-type macState struct {
-	macs    []hash.Hash
-	scratch []byte
+// keyedState is one secret's HMAC-SHA256 prefix: the marshaled SHA-256
+// states after hashing key XOR ipad and key XOR opad.
+type keyedState struct {
+	inner, outer []byte
+}
+
+func newKeyedState(key []byte) keyedState {
+	if len(key) > sha256.BlockSize {
+		sum := sha256.Sum256(key)
+		key = sum[:]
+	}
+	var ipad, opad [sha256.BlockSize]byte
+	copy(ipad[:], key)
+	copy(opad[:], key)
+	for i := range ipad {
+		ipad[i] ^= 0x36
+		opad[i] ^= 0x5c
+	}
+	marshal := func(pad []byte) []byte {
+		h := sha256.New()
+		h.Write(pad)
+		b, err := h.(encoding.BinaryMarshaler).MarshalBinary()
+		if err != nil {
+			panic("signer: sha256 state cannot be saved: " + err.Error())
+		}
+		return b
+	}
+	return keyedState{inner: marshal(ipad[:]), outer: marshal(opad[:])}
+}
+
+// shaState is what one goroutine needs to sign one message: two SHA-256
+// hashes to restore the keyed states into, and scratch space.
+type shaState struct {
+	inner, outer hash.Hash
+	scratch      []byte
+}
+
+var shaStates = sync.Pool{New: func() any {
+	return &shaState{inner: sha256.New(), outer: sha256.New(), scratch: make([]byte, 0, 128)}
+}}
+
+func restore(h hash.Hash, state []byte) {
+	if err := h.(encoding.BinaryUnmarshaler).UnmarshalBinary(state); err != nil {
+		panic("signer: sha256 state cannot be restored: " + err.Error())
+	}
 }
 
 // NewSigner returns a Signer that signs with each of secrets, in order. It
@@ -72,18 +118,10 @@ func NewSigner(secrets ...Secret) *Signer {
 	if len(secrets) == 0 {
 		panic("signer: NewSigner needs at least one secret")
 	}
-	keys := make([][]byte, len(secrets))
+	sg := &Signer{n: len(secrets), keys: make([]keyedState, len(secrets))}
 	for i, s := range secrets {
 		mustKey(s)
-		keys[i] = s.key // Secrets are immutable once built; sharing is safe.
-	}
-	sg := &Signer{n: len(keys)}
-	sg.pool.New = func() any {
-		st := &macState{macs: make([]hash.Hash, len(keys)), scratch: make([]byte, 0, 128)}
-		for i, k := range keys {
-			st.macs[i] = hmac.New(sha256.New, k)
-		}
-		return st
+		sg.keys[i] = newKeyedState(s.key)
 	}
 	return sg
 }
@@ -93,15 +131,26 @@ func NewSigner(secrets ...Secret) *Signer {
 // webhook-timestamp. Pass a reused buffer (sig[:0]) to sign without
 // allocating.
 func (sg *Signer) AppendSignature(dst []byte, msgID string, ts int64, body []byte) []byte {
-	st := sg.pool.Get().(*macState)
-	for i, mac := range st.macs {
+	st := shaStates.Get().(*shaState)
+	for i, k := range sg.keys {
 		if i > 0 {
 			dst = append(dst, ' ')
 		}
-		mac.Reset()
-		dst, st.scratch = appendOne(dst, st.scratch, mac, msgID, ts, body)
+		st.scratch = append(st.scratch[:0], msgID...)
+		st.scratch = append(st.scratch, '.')
+		st.scratch = strconv.AppendInt(st.scratch, ts, 10)
+		st.scratch = append(st.scratch, '.')
+		restore(st.inner, k.inner)
+		st.inner.Write(st.scratch)
+		st.inner.Write(body)
+		st.scratch = st.inner.Sum(st.scratch[:0])
+		restore(st.outer, k.outer)
+		st.outer.Write(st.scratch)
+		st.scratch = st.outer.Sum(st.scratch[:0])
+		dst = append(dst, sigVersion+","...)
+		dst = base64.StdEncoding.AppendEncode(dst, st.scratch)
 	}
-	sg.pool.Put(st)
+	shaStates.Put(st)
 	return dst
 }
 

@@ -238,3 +238,48 @@ func BenchmarkSign(b *testing.B) {
 		_ = signer.Sign("msg_2mXyZ0a1b2c3d4e5f6g7h8i9", ts, body, sec)
 	}
 }
+
+// The Signer's saved key states give the same MAC as crypto/hmac for keys
+// shorter than, equal to and longer than SHA-256's block (which HMAC
+// hashes first), alone and rotated together.
+func TestSignerMatchesHMACForEveryKeyLength(t *testing.T) {
+	var secrets []signer.Secret
+	for _, n := range []int{24, 32, 63, 64, 65, 100, 200} {
+		key := bytes.Repeat([]byte{byte(n)}, n)
+		key[0] ^= 0xa5
+		s, err := signer.NewSecret(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		secrets = append(secrets, s)
+		ts := time.Unix(1614265330, 0)
+		body := []byte(strings.Repeat(`{"k":"v"}`, n))
+		want := signer.Sign("msg_p5jXN8AQM9LWM0D4loKWxJek", ts, body, s) // fresh crypto/hmac state
+		if got := signer.NewSigner(s).Sign("msg_p5jXN8AQM9LWM0D4loKWxJek", ts, body); got != want {
+			t.Errorf("%d-byte key: Signer gives %s, crypto/hmac %s", n, got, want)
+		}
+	}
+	ts := time.Unix(1700000000, 0)
+	if got, want := signer.NewSigner(secrets...).Sign("msg_x", ts, []byte("{}")), signer.Sign("msg_x", ts, []byte("{}"), secrets...); got != want {
+		t.Errorf("all keys together: %s, want %s", got, want)
+	}
+}
+
+// 10,000 endpoints each with its own Signer, signed round robin, as a relay
+// with many endpoints does.
+func BenchmarkManySigners(b *testing.B) {
+	sgs := make([]*signer.Signer, 10_000)
+	for i := range sgs {
+		s, err := signer.NewSecret([]byte(fmt.Sprintf("key-%028d", i)))
+		if err != nil {
+			b.Fatal(err)
+		}
+		sgs[i] = signer.NewSigner(s)
+	}
+	body := bytes.Repeat([]byte("x"), 500)
+	var sig []byte
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		sig = sgs[i%len(sgs)].AppendSignature(sig[:0], "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+	}
+}
