@@ -123,6 +123,12 @@ type Config struct {
 	// before they are cut short and recorded as pending. Default 10s.
 	ShutdownGrace time.Duration
 
+	// EndpointsChanged, when set, is called with the number of endpoints
+	// in the relay's config once it is loaded and whenever a change
+	// through the stream alters it (from the dispatch goroutine; it must
+	// not block). The binary sizes the Go heap's soft limit with it.
+	EndpointsChanged func(n int)
+
 	// Logger receives the relay's logs. Default: discard.
 	Logger *slog.Logger
 	// Now is the clock. Default time.Now.

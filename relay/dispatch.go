@@ -318,6 +318,7 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 			ordered = old.Ordered
 		}
 		r.config.deleteEndpoint(*idp)
+		r.endpointsChanged()
 		// Deliveries already queued for it end here, with the reason.
 		for _, d := range r.sched.removeEndpoint(*idp) {
 			d.state, d.errText, d.completed = StateRejected, "endpoint "+*idp+" was deleted", r.now()
@@ -334,7 +335,9 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 			}
 		}
 	}
-	if ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log); ep != nil {
+	ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log)
+	r.endpointsChanged()
+	if ep != nil {
 		r.installEndpoint(ep)
 		r.log.Info("endpoint config changed", slog.String("endpoint_id", ep.ID), slog.Bool("enabled", ep.Enabled),
 			slog.Bool("ordered", ep.Ordered), slog.String("commit_lsn", txn.CommitLSN.String()))

@@ -44,6 +44,8 @@ type Relay struct {
 	spilled  atomic.Bool // rows were spilled: the loader should look soon
 	recent   recentSet   // endpoints routed to lately; dispatch goroutine only
 
+	reportedEndpoints int // last count given to Config.EndpointsChanged
+
 	metrics *metrics
 	health  *health
 	state   atomic.Value // string: "starting", "standby", "active", "stopped"
@@ -423,7 +425,17 @@ rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_
 		r.installTenant(r.config.upsertTenant(row))
 	}
 	r.log.Info("config loaded", slog.Int("endpoints", len(eps)), slog.Int("tenants", len(tenants)))
+	r.endpointsChanged()
 	return r.loadHealth(ctx)
+}
+
+// endpointsChanged reports the endpoint count to Config.EndpointsChanged
+// when it differs from the last one reported.
+func (r *Relay) endpointsChanged() {
+	if n := len(r.config.endpoints); r.cfg.EndpointsChanged != nil && n != r.reportedEndpoints {
+		r.reportedEndpoints = n
+		r.cfg.EndpointsChanged(n)
+	}
 }
 
 // installEndpoint hands a new endpoint version to the scheduler and
