@@ -25,18 +25,22 @@ const (
 
 // Fairness is the fairness phase's figures.
 type Fairness struct {
-	Backlog     int      `json:"a_backlog"`
-	SlowMillis  float64  `json:"a_receiver_delay_ms"`
-	Idle        *Latency `json:"b_with_a_idle"`
-	Busy        *Latency `json:"b_with_a_backlog"`
-	AAtStart    int64    `json:"a_delivered_at_busy_start"`
-	AAtEnd      int64    `json:"a_delivered_at_busy_end"`
-	ADrainSecs  float64  `json:"a_drain_s"` // backlog insert done to A's last delivery
-	A           Counts   `json:"a"`
-	P99Ratio    float64  `json:"b_p99_ratio"` // busy / idle
-	Spilled     float64  `json:"spilled"`     // relay metric over the phase; -1 if unread
-	Loaded      float64  `json:"loaded"`
-	TargetRatio float64  `json:"target_ratio"`
+	Backlog    int      `json:"a_backlog"`
+	SlowMillis float64  `json:"a_receiver_delay_ms"`
+	Idle       *Latency `json:"b_with_a_idle"`
+	Busy       *Latency `json:"b_with_a_backlog"`
+	AAtStart   int64    `json:"a_delivered_at_busy_start"`
+	AAtEnd     int64    `json:"a_delivered_at_busy_end"`
+	ADrainSecs float64  `json:"a_drain_s"` // backlog insert done to A's last delivery
+	// AReadSecs: from the end of A's backlog insert until the relay had
+	// read all of it from the WAL (outbox_relay_events_received_total);
+	// B's measured run starts then, with A's backlog queued. -1 if unread.
+	AReadSecs   float64 `json:"a_read_s"`
+	A           Counts  `json:"a"`
+	P99Ratio    float64 `json:"b_p99_ratio"` // busy / idle
+	Spilled     float64 `json:"spilled"`     // relay metric over the phase; -1 if unread
+	Loaded      float64 `json:"loaded"`
+	TargetRatio float64 `json:"target_ratio"`
 }
 
 // TargetFairnessRatio: B's p99 with A's backlog within 2x of A idle (issue 4).
@@ -128,6 +132,7 @@ func (r *run) fairness(ctx context.Context) error {
 	r.progress("fairness: inserting tenant A's backlog of %d events for a receiver answering in %s", r.cfg.FairBacklog, delay)
 	ta := newTally(tagFairA, r.cfg.FairBacklog, r.cfg.BodyBytes, false, nil)
 	slow.expect(ta)
+	received0 := r.relay.metric(ctx, "outbox_relay_events_received_total")
 	conn, err := r.pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -161,6 +166,26 @@ func (r *run) fairness(ctx context.Context) error {
 			return fmt.Errorf("no delivery of A's backlog within a minute")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	// "A has 100,000 events queued" (issue 4): B's run starts once the
+	// relay has read A's whole backlog. Until then B's events are in the
+	// WAL behind A's, and one slot's walsender decodes them in commit
+	// order whatever the relay does; AReadSecs says how long that took.
+	f.AReadSecs = -1
+	if received0 >= 0 {
+		for {
+			if got := r.relay.metric(ctx, "outbox_relay_events_received_total"); got >= received0+float64(r.cfg.FairBacklog) {
+				f.AReadSecs = time.Since(inserted).Seconds()
+				break
+			}
+			if err := r.relay.exited(); err != nil {
+				return err
+			}
+			if time.Since(inserted) > time.Minute {
+				return fmt.Errorf("the relay did not read A's backlog within a minute")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 	f.AAtStart = ta.distinct.Load()
 	r.progress("fairness: tenant B at %d/s for %s, tenant A's backlog draining (%d of %d delivered)", r.cfg.Rate, r.cfg.Duration, f.AAtStart, r.cfg.FairBacklog)

@@ -271,6 +271,9 @@ func (r *Result) Table(w io.Writer) {
 		row("B, A's backlog draining", f.Busy)
 		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
 			f.AAtStart, f.AAtEnd, f.Backlog, f.ADrainSecs, f.A.Duplicates, f.A.Missing)
+		if f.AReadSecs >= 0 {
+			fmt.Fprintf(w, "  B's run began once the relay had read all of A's backlog from the WAL, %.2fs after its insert ended\n", f.AReadSecs)
+		}
 		if f.Spilled >= 0 {
 			fmt.Fprintf(w, "  spilled to relay.deliveries and loaded back during the phase: %.0f / %.0f\n", f.Spilled, f.Loaded)
 		}
