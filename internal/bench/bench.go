@@ -507,45 +507,56 @@ func (r *run) drain(ctx context.Context) error {
 	}
 	tl := newTally(r.tag(tagDrain), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
+	r.progress("relay drains %d events (%s)", r.cfg.Events, strings.Join(r.relayArgs("<ops>"), " "))
+	d, err := r.timeRelayDrain(ctx, tl, r.tag(tagDrain), r.cfg.Events)
+	if err != nil {
+		return err
+	}
+	r.res.Drain = d
+	r.res.DrainRSS, _, _ = r.relay.memory()
+	return nil
+}
+
+// timeRelayDrain starts the relay and times it from exec until the
+// receiver has every event of tl and the n status rows of tag are
+// succeeded; it returns the drain's figures.
+func (r *run) timeRelayDrain(ctx context.Context, tl *tally, tag uint32, n int) (*Drain, error) {
 	lsn0, err := r.walLSN(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	r.progress("relay drains %d events (%s)", r.cfg.Events, strings.Join(r.relayArgs("<ops>"), " "))
 	start := time.Now()
 	if err := r.startRelay(); err != nil {
-		return err
+		return nil, err
 	}
 	if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
-		return err
+		return nil, err
 	}
 	received := time.Since(start)
-	other, err := r.succeeded(ctx, r.tag(tagDrain), r.cfg.Events, r.cfg.Timeout)
+	other, err := r.succeeded(ctx, tag, n, r.cfg.Timeout)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	took := time.Since(start)
 	cpu, err := r.relay.cpu()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	lsn1, err := r.walLSN(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d := &Drain{
-		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(r.cfg.Events) / took.Seconds()},
+		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
 		ReceivedSecs:     received.Seconds(),
 		FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
 		OtherRows:        other,
-		Cost:             cost(cpu, r.cfg.Events, lsn1-lsn0),
+		Cost:             cost(cpu, n, lsn1-lsn0),
 		Spilled:          r.relay.metric(ctx, "outbox_relay_spilled_total"),
 		Loaded:           r.relay.metric(ctx, "outbox_relay_loaded_total"),
 	}
 	d.count(tl)
-	r.res.Drain = d
-	r.res.DrainRSS, _, _ = r.relay.memory()
-	return nil
+	return d, nil
 }
 
 func cost(cpu time.Duration, events int, wal int64) Cost {

@@ -129,13 +129,25 @@ func (r *run) peerDrain(ctx context.Context) error {
 
 	tl := newTally(r.tag(tagPeerDrain), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
-	lsn0, err := r.walLSN(ctx)
+	r.progress("polling peer drains %d events (%d workers)", r.cfg.Events, r.cfg.Workers)
+	d, err := r.timePeerDrain(ctx, tl, r.peerConfig(), r.cfg.Events, insertRate)
 	if err != nil {
 		return err
 	}
-	r.progress("polling peer drains %d events (%d workers)", r.cfg.Events, r.cfg.Workers)
-	start = time.Now()
-	stats, stop := r.startPeer(ctx)
+	r.res.PeerDrain = d
+	return nil
+}
+
+// timePeerDrain runs the peer with cfg from now until the receiver has
+// every event of tl and the peer's table is empty, and returns the
+// figures of the drain of n events.
+func (r *run) timePeerDrain(ctx context.Context, tl *tally, cfg pollrelay.Config, n int, insertRate float64) (*PeerDrain, error) {
+	lsn0, err := r.walLSN(ctx)
+	if err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	stats, stop := r.startPeerWith(ctx, cfg)
 	werr := r.wait(ctx, tl, r.cfg.Timeout)
 	received := time.Since(start)
 	left := -1
@@ -153,25 +165,24 @@ func (r *run) peerDrain(ctx context.Context) error {
 		werr = err
 	}
 	if werr != nil {
-		return werr
+		return nil, werr
 	}
 	lsn1, err := r.walLSN(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	d := &PeerDrain{
-		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(r.cfg.Events) / took.Seconds()},
+		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
 		ReceivedSecs:     received.Seconds(),
 		FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
 		LeftRows:         left,
 		InsertPerSec:     insertRate,
-		WALPerEvent:      float64(lsn1-lsn0) / float64(max(1, r.cfg.Events)),
+		WALPerEvent:      float64(lsn1-lsn0) / float64(max(1, n)),
 		Claims:           stats.Claims.Load(),
 		FailedPosts:      stats.Failed.Load(),
 	}
 	d.count(tl)
-	r.res.PeerDrain = d
-	return nil
+	return d, nil
 }
 
 // peerLatency is the latency phase with the peer delivering: the same

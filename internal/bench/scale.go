@@ -575,49 +575,19 @@ func (r *run) drainMany(ctx context.Context) error {
 	tl := newTally(tag, n, r.cfg.BodyBytes, false, r.verifier())
 	tl.routes = r.cfg.Endpoints
 	r.rcv.expect(tl)
-	lsn0, err := r.walLSN(ctx)
-	if err != nil {
-		return err
-	}
 	r.progress("relay drains %s events over %s endpoints (%s)", thousands(n), thousands(r.cfg.Endpoints), strings.Join(r.relayArgs("<ops>"), " "))
-	start := time.Now()
-	if err := r.startRelay(); err != nil {
-		return err
-	}
-	if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
-		return err
-	}
-	received := time.Since(start)
-	other, err := r.succeeded(ctx, tag, n, r.cfg.Timeout)
-	if err != nil {
-		return err
-	}
-	took := time.Since(start)
-	cpu, err := r.relay.cpu()
-	if err != nil {
-		return err
-	}
-	lsn1, err := r.walLSN(ctx)
+	drain, err := r.timeRelayDrain(ctx, tl, tag, n)
 	if err != nil {
 		return err
 	}
 	d := &ManyDrain{
-		Drain: Drain{
-			Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
-			ReceivedSecs:     received.Seconds(),
-			FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
-			OtherRows:        other,
-			Cost:             cost(cpu, n, lsn1-lsn0),
-			Spilled:          r.relay.metric(ctx, "outbox_relay_spilled_total"),
-			Loaded:           r.relay.metric(ctx, "outbox_relay_loaded_total"),
-		},
+		Drain:          *drain,
 		Endpoints:      r.cfg.Endpoints,
 		Tenants:        r.cfg.Tenants,
 		InsertPerSec:   insertRate,
 		RestartSkipped: r.relay.metric(ctx, "outbox_relay_restart_skipped_total"),
 	}
 	d.PeakRSS, _, _ = r.relay.memory()
-	d.count(tl)
 	r.res.ScaleResult.backlogRound(r.round).DrainMany = d
 	return nil
 }
@@ -654,49 +624,13 @@ func (r *run) peerDrainMany(ctx context.Context) error {
 	tl := newTally(tag, n, r.cfg.BodyBytes, false, r.verifier())
 	tl.routes = r.cfg.Endpoints
 	r.rcv.expect(tl)
-	lsn0, err := r.walLSN(ctx)
-	if err != nil {
-		return err
-	}
 	r.progress("polling peer drains %s events over %s endpoints (%d workers)", thousands(n), thousands(r.cfg.Endpoints), r.cfg.Workers)
 	cfg := r.peerConfig()
 	cfg.URL, cfg.Endpoints = "", urls
-	start := time.Now()
-	stats, stop := r.startPeerWith(ctx, cfg)
-	werr := r.wait(ctx, tl, r.cfg.Timeout)
-	received := time.Since(start)
-	left := -1
-	if werr == nil {
-		deadline := time.Now().Add(r.cfg.Timeout)
-		for {
-			if left, werr = r.peerRows(ctx); werr != nil || left == 0 || time.Now().After(deadline) {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
-	took := time.Since(start)
-	if err := stop(); err != nil && werr == nil {
-		werr = err
-	}
-	if werr != nil {
-		return werr
-	}
-	lsn1, err := r.walLSN(ctx)
+	d, err := r.timePeerDrain(ctx, tl, cfg, n, insertRate)
 	if err != nil {
 		return err
 	}
-	d := &PeerDrain{
-		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
-		ReceivedSecs:     received.Seconds(),
-		FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
-		LeftRows:         left,
-		InsertPerSec:     insertRate,
-		WALPerEvent:      float64(lsn1-lsn0) / float64(max(1, n)),
-		Claims:           stats.Claims.Load(),
-		FailedPosts:      stats.Failed.Load(),
-	}
-	d.count(tl)
 	r.res.ScaleResult.backlogRound(r.round).PeerDrainMany = d
 	return nil
 }
