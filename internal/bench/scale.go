@@ -105,17 +105,17 @@ func (c Config) validateScale() []error {
 	}
 	for i, n := range c.Rates {
 		if n <= 0 {
-			errs = append(errs, fmt.Errorf("Rates[%d] must be positive (got %d)", i, n))
+			errs = append(errs, fmt.Errorf("%s[%d] must be positive (got %d)", "Rates", i, n))
 		}
 	}
 	if len(c.EventCounts) > 256 || len(c.Rates) > 256 {
 		errs = append(errs, errors.New("EventCounts and Rates hold 256 entries at most"))
 	}
 	if c.Endpoints > 0 && c.Tenants > c.Endpoints {
-		errs = append(errs, fmt.Errorf("Tenants must not exceed Endpoints (got %d tenants, %d endpoints)", c.Tenants, c.Endpoints))
+		errs = append(errs, fmt.Errorf("%s must not exceed Endpoints (got %d tenants, %d endpoints)", "Tenants", c.Tenants, c.Endpoints))
 	}
 	if c.Endpoints == 0 && c.Tenants > 10_000 {
-		errs = append(errs, fmt.Errorf("Tenants must not exceed Endpoints (got %d tenants, default 10,000 endpoints)", c.Tenants))
+		errs = append(errs, fmt.Errorf("%s must not exceed Endpoints (got %d tenants, default 10,000 endpoints)", "Tenants", c.Tenants))
 	}
 	return errs
 }
