@@ -44,8 +44,9 @@ import (
 //  5. A retryable failure keeps the head the head: the rest of the batch
 //     leaves memory (it is in the table), and the lane loads again when
 //     the head's next_attempt_at has come, holding no worker meanwhile. A
-//     head the breaker or a rate limit holds back for long leaves memory
-//     the same way (evictLaneLocked).
+//     head an open circuit holds back leaves memory the same way
+//     (evictLaneLocked); one a rate limit holds back stays, parked until
+//     the next token.
 //  6. A head that ends failed (a final 4xx), dead (attempts exhausted) or
 //     rejected is final: it is in relay.dead_letters and the lane moves
 //     on to the next delivery. Replaying it later puts it back at the head
@@ -204,7 +205,7 @@ func (s *scheduler) finish(d *delivery) {
 }
 
 // evictLaneLocked: the lane's head is held back until until (an open
-// circuit, a rate limit far from a token). The loaded rows leave memory
+// circuit). The loaded rows leave memory
 // and the lane loads them again then.
 func (s *scheduler) evictLaneLocked(q *endpointQueue, until time.Time) {
 	s.dropLaneItemsLocked(q)
