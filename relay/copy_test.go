@@ -145,3 +145,47 @@ FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.
 		t.Errorf("%d attempt rows, want 1", n)
 	}
 }
+
+// Two outcomes of one delivery in one batch (which the relay means never
+// to produce) must not stall the writer: the later one is written, on
+// either write path.
+func TestWriterKeepsTheLaterOfTwoOutcomes(t *testing.T) {
+	t.Parallel()
+	for _, padding := range []int{0, 100} {
+		t.Run(fmt.Sprint(padding), func(t *testing.T) {
+			t.Parallel()
+			e := relaytest.New(t, cluster, "dup")
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			pool, err := openPool(ctx, e.URL, 2)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer pool.Close()
+			w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
+			w.space = sync.NewCond(&w.mu)
+			at := time.Now()
+			first := &delivery{eventID: [16]byte{9}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{}`),
+				state: StateRetrying, attempts: 1, httpStatus: 503, lastAttempt: at, nextAttempt: at.Add(time.Second), failClass: "http_5xx"}
+			later := *first
+			later.state, later.attempts, later.httpStatus, later.completed, later.failClass = StateSucceeded, 2, 204, at, ""
+			rows := []*delivery{first, &later}
+			for i := range padding {
+				rows = append(rows, &delivery{eventID: [16]byte{8, byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
+					payload: []byte(`{}`), state: StateSucceeded, completed: at})
+			}
+			if err := w.writeRetry(ctx, rows); err != nil {
+				t.Fatalf("writeRetry: %v", err)
+			}
+			if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_id = $1 AND state = 'succeeded' AND attempts = 2`, first.eventID); n != 1 {
+				t.Errorf("the later outcome is not the row")
+			}
+			if n := e.Count(`SELECT count(*) FROM relay.attempts WHERE event_id = $1`, first.eventID); n != 1 {
+				t.Errorf("%d attempt rows, want the failed attempt's 1", n)
+			}
+			if n := e.Count(`SELECT count(*) FROM relay.deliveries`); n != 1+padding {
+				t.Errorf("%d rows, want %d", n, 1+padding)
+			}
+		})
+	}
+}

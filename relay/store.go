@@ -323,21 +323,27 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 }
 
 func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error {
-	fresh := make([]*delivery, 0, len(rows))
-	var other []*delivery
 	var maxLSN cdc.LSN
 	for _, d := range rows {
 		if d.mark != nil && d.endLSN > maxLSN {
 			maxLSN = d.endLSN
 		}
+	}
+	if len(rows) <= smallWrite {
+		upserts := rows
+		if dedupe {
+			upserts = lastPerDelivery(rows)
+		}
+		return w.writeSmall(ctx, upserts, failedAttempts(rows), maxLSN)
+	}
+	fresh := make([]*delivery, 0, len(rows))
+	var other []*delivery
+	for _, d := range rows {
 		if d.persisted || d.maybeDup {
 			other = append(other, d)
 		} else {
 			fresh = append(fresh, d)
 		}
-	}
-	if len(rows) <= smallWrite {
-		return w.writeSmall(ctx, rows, maxLSN)
 	}
 	tx, err := w.pool.Begin(ctx)
 	if err != nil {
@@ -387,12 +393,14 @@ ON CONFLICT (slot_name) DO UPDATE SET recorded_lsn = GREATEST(relay_state.record
 const insertAttemptsSQL = `INSERT INTO relay.attempts (event_id, endpoint_id, attempt, attempted_at, duration_ms, http_status, error_class, error)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::timestamptz[], $5::float8[], $6::int4[], $7::text[], $8::text[])`
 
-// writeSmall writes a small batch in one round trip. The upsert keeps a
-// final state that is already recorded, as the COPY path's fallback does.
-func (w *writer) writeSmall(ctx context.Context, rows []*delivery, maxLSN cdc.LSN) error {
+// writeSmall writes a small batch in one round trip: the status rows
+// (each delivery at most once), and the attempt rows of failed attempts.
+// The upsert keeps a final state that is already recorded, as the COPY
+// path's fallback does.
+func (w *writer) writeSmall(ctx context.Context, rows, failed []*delivery, maxLSN cdc.LSN) error {
 	b := &pgx.Batch{}
 	b.Queue(upsertSQL, upsertArgs(rows)...)
-	if failed := failedAttempts(rows); len(failed) > 0 {
+	if len(failed) > 0 {
 		b.Queue(insertAttemptsSQL, attemptArgs(failed)...)
 	}
 	if maxLSN != 0 {
