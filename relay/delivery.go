@@ -65,8 +65,7 @@ type delivery struct {
 	duration     time.Duration
 	failClass    string // error class of the last attempt if it failed: it gets a relay.attempts row
 
-	breakerDone func(error)  // reports the attempt to the endpoint's breaker; nil without one
-	tenantQ     *tenantQueue // the tenant whose in-flight slot the attempt holds; scheduler only
+	breakerDone func(error) // reports the attempt to the endpoint's breaker; nil without one
 }
 
 // webhookID is the Standard Webhooks message id: stable across attempts,

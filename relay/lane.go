@@ -176,15 +176,8 @@ func (s *scheduler) splitLanes(ds []*delivery, now time.Time) (rest, rows []*del
 func (s *scheduler) finish(d *delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.busy--
-	if s.releaseLocked(d) && s.idle > 0 {
-		s.work.Signal()
-	}
 	q := s.endpoints[d.endpointID]
-	if q == nil {
-		return
-	}
-	q.inFlight--
+	woke := s.releaseLocked(q)
 	if l := q.lane; l != nil {
 		if !d.state.Final() {
 			// Invariant 5: the head stays the head.
@@ -199,14 +192,14 @@ func (s *scheduler) finish(d *delivery) {
 			s.kickLanesLocked()
 		}
 	}
-	if s.makeReadyLocked(q) && s.idle > 0 {
+	if (s.makeReadyLocked(q) || woke) && s.idle > 0 {
 		s.work.Signal()
 	}
 }
 
 // evictLaneLocked: the lane's head is held back until until (an open
-// circuit). The loaded rows leave memory
-// and the lane loads them again then.
+// circuit). The loaded rows leave memory and the lane loads them again
+// then.
 func (s *scheduler) evictLaneLocked(q *endpointQueue, until time.Time) {
 	s.dropLaneItemsLocked(q)
 	q.lane.notBefore = until

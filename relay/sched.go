@@ -397,14 +397,14 @@ func (s *scheduler) tenantHasRoomLocked(t *tenantQueue) bool {
 	return s.tenantMaxInFlight <= 0 || t.inFlight < s.tenantMaxInFlight
 }
 
-// releaseLocked returns a delivery's tenant in-flight slot; it reports
-// whether that made the tenant ready again.
-func (s *scheduler) releaseLocked(d *delivery) bool {
-	t := d.tenantQ
-	if t == nil {
-		return false
-	}
-	d.tenantQ = nil
+// releaseLocked returns the in-flight slots an attempt at q held (the
+// worker's, q's and q's tenant's); it reports whether that made the
+// tenant ready again. q is never forgotten while an attempt is in flight
+// (removeEndpoint keeps it), and its tenant never changes.
+func (s *scheduler) releaseLocked(q *endpointQueue) bool {
+	s.busy--
+	q.inFlight--
+	t := q.tenant
 	atBound := !s.tenantHasRoomLocked(t)
 	t.inFlight--
 	return atBound && !t.queued && s.tenantReadyLocked(t)
@@ -467,8 +467,7 @@ func (s *scheduler) pickLocked() *delivery {
 		d := s.popLocked(q)
 		d.ep = q.ep // the config in force for this attempt
 		d.breakerDone = done
-		d.tenantQ = t
-		t.inFlight++
+		t.inFlight++ // t is q.tenant: q came off its ready list
 		q.inFlight++
 		s.busy++
 		s.credit--
@@ -487,16 +486,11 @@ func (s *scheduler) done(d *delivery) (finishLater bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	q := s.endpoints[d.endpointID]
-	if q != nil && q.lane != nil {
+	if q.lane != nil {
 		return true
 	}
-	s.busy--
-	woke := s.releaseLocked(d)
-	if q != nil {
-		q.inFlight--
-		woke = s.makeReadyLocked(q) || woke
-	}
-	if woke && s.idle > 0 {
+	woke := s.releaseLocked(q)
+	if (s.makeReadyLocked(q) || woke) && s.idle > 0 {
 		s.work.Signal()
 	}
 	return false
