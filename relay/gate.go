@@ -214,22 +214,46 @@ func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
 	s.evicted(out, until)
 }
 
+// breakerChange is every breaker's state callback: it keeps the tripped
+// set and passes the change on.
+func (s *scheduler) breakerChange(epID string, from, to gobreaker.State) {
+	s.setTripped(epID, to != gobreaker.StateClosed)
+	s.breakerChanged(epID, from, to)
+}
+
+func (s *scheduler) setTripped(epID string, tripped bool) {
+	s.trippedMu.Lock()
+	if tripped {
+		s.tripped[epID] = true
+	} else {
+		delete(s.tripped, epID)
+	}
+	s.trippedMu.Unlock()
+}
+
 // loadExcluded lists the endpoints whose rows the general loader must
 // leave alone: ordered endpoints (their lanes load them) and endpoints
 // whose circuit is open or probing, unless nothing of theirs is in memory
 // or in flight and the cooldown is over: then a loaded row is the probe.
 func (s *scheduler) loadExcluded(now time.Time) []string {
+	s.trippedMu.Lock()
+	tripped := make([]string, 0, len(s.tripped))
+	for id := range s.tripped {
+		tripped = append(tripped, id)
+	}
+	s.trippedMu.Unlock()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ids := make([]string, 0, len(s.lanes))
+	ids := make([]string, 0, len(s.lanes)+len(tripped))
 	for id := range s.lanes {
 		ids = append(ids, id)
 	}
-	for id, q := range s.endpoints {
-		b := q.breaker
-		if b == nil || q.lane != nil {
+	for _, id := range tripped {
+		q := s.endpoints[id]
+		if q == nil || q.breaker == nil || q.lane != nil {
 			continue
 		}
+		b := q.breaker
 		switch b.cb.State() {
 		case gobreaker.StateClosed:
 			continue

@@ -102,7 +102,14 @@ type scheduler struct {
 	parked         parkHeap
 	parkKick       chan struct{}
 	breakerChanged func(epID string, from, to gobreaker.State) // nil = no breakers
-	evicted        func(ds []*delivery, until time.Time)       // nil = keep parked deliveries in memory
+
+	// tripped holds the endpoints whose breaker is not closed, kept by
+	// the breakers' state callbacks, so the loader looks at those and not
+	// at every endpoint. Its lock is taken last (callbacks run under a
+	// breaker's lock, the loader under mu).
+	trippedMu sync.Mutex
+	tripped   map[string]bool
+	evicted   func(ds []*delivery, until time.Time) // nil = keep parked deliveries in memory
 
 	// Ordered endpoints (lane.go).
 	lanes     map[string]*endpointQueue // the queues with a lane
@@ -124,6 +131,7 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 		parkKick:    make(chan struct{}, 1),
 		lanes:       make(map[string]*endpointQueue),
 		laneKick:    make(chan struct{}, 1),
+		tripped:     make(map[string]bool),
 	}
 	s.work = sync.NewCond(&s.mu)
 	return s
@@ -132,7 +140,7 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 func (s *scheduler) newQueueLocked(ep *Endpoint, tenant string) *endpointQueue {
 	q := &endpointQueue{ep: ep, tenant: s.tenantLocked(tenant), parkIdx: -1}
 	if s.breakerChanged != nil && ep != nil {
-		q.breaker = newBreaker(ep, s.breakerChanged)
+		q.breaker = newBreaker(ep, s.breakerChange)
 	}
 	if ep != nil && ep.Ordered {
 		s.startLaneLocked(q)
@@ -166,7 +174,8 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	}
 	q.ep = ep
 	if s.breakerChanged != nil && (q.breaker == nil || !q.breaker.sameSettings(ep)) {
-		q.breaker = newBreaker(ep, s.breakerChanged)
+		q.breaker = newBreaker(ep, s.breakerChange)
+		s.setTripped(ep.ID, false) // a new breaker starts closed
 	}
 	switch {
 	case ep.Ordered && q.lane == nil:
@@ -207,6 +216,7 @@ func (s *scheduler) removeEndpoint(id string) []*delivery {
 	}
 	if q.inFlight == 0 {
 		delete(s.endpoints, id)
+		s.setTripped(id, false)
 	}
 	if q.lane != nil {
 		// The rows left in the table are the general loader's now, which

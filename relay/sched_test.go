@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/sony/gobreaker/v2"
 )
 
 func queued(s *scheduler, tenant, endpoint string, n int) {
@@ -286,5 +288,50 @@ func TestSchedulerPushShareSpillsOnlyTheHeavy(t *testing.T) {
 	}
 	if n := s.endpoints["fast"].items.len(); n != 13 {
 		t.Fatalf("the light endpoint's deliveries were not queued: it holds %d, want 13", n)
+	}
+}
+
+// The loader leaves an endpoint with an open circuit alone while it has a
+// delivery in memory (the probe) or the cooldown runs; then its rows are
+// loadable again, for the probe. Only tripped endpoints are looked at.
+func TestSchedulerLoadExcludesTrippedEndpoints(t *testing.T) {
+	s := newScheduler(1000, 1<<40, 10)
+	s.breakerChanged = func(string, gobreaker.State, gobreaker.State) {}
+	push := func(id string, n int) {
+		ep := &Endpoint{ID: id, TenantID: "t", Enabled: true, BreakerFailures: 1, BreakerCooldown: time.Minute}
+		ds := make([]*delivery, n)
+		for i := range ds {
+			ds[i] = &delivery{endpointID: id, tenantID: "t", ep: ep}
+		}
+		s.push(ds, false)
+	}
+	push("dead", 2)
+	push("fine", 2)
+	if ex := s.loadExcluded(time.Now()); len(ex) != 0 {
+		t.Fatalf("nothing tripped, yet excluded %v", ex)
+	}
+	for {
+		d := s.pickLocked()
+		if d.endpointID == "dead" {
+			d.breakerDone(errAttemptFailed)
+			d.breakerDone = nil
+			s.done(d)
+			break
+		}
+		d.breakerDone(nil)
+		s.done(d)
+	}
+	if ex := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) {
+		t.Fatalf("open circuit with its probe queued: excluded %v, want [dead]", ex)
+	}
+	// The queued delivery leaves memory (as an eviction would take it).
+	s.mu.Lock()
+	s.popLocked(s.endpoints["dead"])
+	s.mu.Unlock()
+	if ex := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) {
+		t.Fatalf("open circuit in its cooldown: excluded %v, want [dead]", ex)
+	}
+	if ex := s.loadExcluded(time.Now().Add(2 * time.Minute)); len(ex) != 0 {
+		t.Fatalf("cooldown over, nothing in memory: excluded %v, want none (a loaded row is the probe)", ex)
 	}
 }
