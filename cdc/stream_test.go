@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -590,5 +591,37 @@ func TestConfigValidate(t *testing.T) {
 	if s.cfg.SlotName != "outbox_relay" || s.cfg.Publication != "outbox_relay" || len(s.cfg.Tables) != 3 ||
 		s.cfg.StatusInterval != 100*time.Millisecond || s.cfg.HeartbeatInterval != 10*time.Second || s.cfg.MaxBatchTxns != 256 {
 		t.Fatalf("defaults: %+v", s.cfg)
+	}
+}
+
+// A Batch closes once its transactions' WAL messages reach MaxBatchBytes
+// (one transaction is never split), so what waits between the stream and
+// a consumer stays bounded however much WAL is buffered. Without the bound
+// the same backlog comes in batches of many transactions.
+func TestStreamBatchBytesBound(t *testing.T) {
+	t.Parallel()
+	maxTxns := func(t *testing.T, bound int) int {
+		u := newDB(t, cluster)
+		s := newStream(t, u, func(c *Config) { c.MaxBatchBytes = bound; c.MaxBatchDelay = time.Second })
+		insertOutbox(t, u, 0, 200) // a backlog of single-row transactions, buffered together
+		c := &consumer{ack: true}
+		c.run(t, s)
+		waitFor(t, 20*time.Second, "200 rows", func() bool { return len(outboxRows(c.snapshot())) == 200 })
+		if got, want := outboxRows(c.snapshot()), payloads(0, 200); !slices.Equal(got, want) {
+			t.Fatalf("rows out of order or altered")
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		most := 0
+		for _, b := range c.batches {
+			most = max(most, len(b.Txns))
+		}
+		return most
+	}
+	if n := maxTxns(t, 1); n != 1 {
+		t.Errorf("MaxBatchBytes 1: a Batch held %d transactions, want 1", n)
+	}
+	if n := maxTxns(t, 1<<30); n < 2 {
+		t.Errorf("without a byte bound every Batch held one transaction: the test cannot tell the bound works")
 	}
 }
