@@ -152,6 +152,33 @@ func (s *faultSetup) insert(name string) string {
 
 // jitter is a uniform random 0–1 s, added to the time between kills so a
 // kill does not fall at the same point of a standby's 1 s poll every time.
+// timeKill times what follows a SIGKILL sent at sent (its process reaped
+// at dead) while p takes over: the first delivery on a new connection, the
+// first of an event committed after the kill, and p's /readyz saying
+// streaming. It returns the figures and the first delivery's time.
+func (s *faultSetup) timeKill(ctx context.Context, p *relayProc, sent, dead time.Time, timeout time.Duration, alive func() error) (Kill, time.Time, error) {
+	streaming, stopWatch := watchStreaming(ctx, p)
+	defer stopWatch()
+	first, err := s.rc.waitFirst(ctx, false, timeout, alive)
+	if err != nil {
+		return Kill{}, first, err
+	}
+	fresh, err := s.rc.waitFirst(ctx, true, timeout, alive)
+	if err != nil {
+		return Kill{}, first, err
+	}
+	// /readyz may lag the first delivery by its 10 ms poll.
+	deadline := time.Now().Add(time.Second)
+	for streaming().IsZero() && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	k := Kill{ReapedMS: msSince(sent, dead), FirstMS: msSince(sent, first), FirstNewMS: msSince(sent, fresh)}
+	if st := streaming(); !st.IsZero() {
+		k.StreamingMS = msSince(sent, st)
+	}
+	return k, first, nil
+}
+
 func jitter() time.Duration { return rand.N(time.Second) }
 
 // pause waits d while the producer and the relays stay healthy.
@@ -244,28 +271,12 @@ func (r *run) recovery(ctx context.Context) error {
 			prod.stop() //nolint:errcheck // the phase failed already
 			return err
 		}
-		streaming, stopWatch := watchStreaming(ctx, p)
-		first, err := s.rc.waitFirst(ctx, false, fc.RestartTimeout, alive)
-		var fresh time.Time
-		if err == nil {
-			fresh, err = s.rc.waitFirst(ctx, true, fc.RestartTimeout, alive)
-		}
-		if err == nil {
-			// /readyz may lag the first delivery by its 10 ms poll.
-			deadline := time.Now().Add(time.Second)
-			for streaming().IsZero() && time.Now().Before(deadline) {
-				time.Sleep(5 * time.Millisecond)
-			}
-		}
-		stopWatch()
+		k, first, err := s.timeKill(ctx, p, sent, dead, fc.RestartTimeout, alive)
 		if err != nil {
 			prod.stop() //nolint:errcheck // the phase failed already
 			return fmt.Errorf("kill %d: %w", i+1, err)
 		}
-		k := Kill{ReapedMS: msSince(sent, dead), RestartToFirstMS: msSince(restarted, first), FirstMS: msSince(sent, first), FirstNewMS: msSince(sent, fresh)}
-		if st := streaming(); !st.IsZero() {
-			k.StreamingMS = msSince(sent, st)
-		}
+		k.RestartToFirstMS = msSince(restarted, first)
 		f.Kills = append(f.Kills, k)
 		r.progress("recovery: kill %d: first delivery %.0f ms after SIGKILL (%.0f ms after the restart), first new event %.0f ms", i+1, k.FirstMS, k.RestartToFirstMS, k.FirstNewMS)
 	}
@@ -330,32 +341,16 @@ func (r *run) takeover(ctx context.Context) error {
 			prod.stop() //nolint:errcheck // the phase failed already
 			return fmt.Errorf("takeover %d: the standby's /readyz says %d %q", i+1, code, body)
 		}
-		streaming, stopWatch := watchStreaming(ctx, standby)
 		sent := time.Now()
 		s.rc.arm(sent)
 		_, dead := active.kill9()
 		s.rc.addKill(kill{sent: sent, dead: dead})
 		active, standby = standby, nil
 		aliveNow := func() error { return errors.Join(prod.failed(), active.exited()) }
-		first, err := s.rc.waitFirst(ctx, false, fc.RestartTimeout, aliveNow)
-		var fresh time.Time
-		if err == nil {
-			fresh, err = s.rc.waitFirst(ctx, true, fc.RestartTimeout, aliveNow)
-		}
-		if err == nil {
-			deadline := time.Now().Add(time.Second)
-			for streaming().IsZero() && time.Now().Before(deadline) {
-				time.Sleep(5 * time.Millisecond)
-			}
-		}
-		stopWatch()
+		k, _, err := s.timeKill(ctx, active, sent, dead, fc.RestartTimeout, aliveNow)
 		if err != nil {
 			prod.stop() //nolint:errcheck // the phase failed already
 			return fmt.Errorf("takeover %d: %w", i+1, err)
-		}
-		k := Kill{ReapedMS: msSince(sent, dead), FirstMS: msSince(sent, first), FirstNewMS: msSince(sent, fresh)}
-		if st := streaming(); !st.IsZero() {
-			k.StreamingMS = msSince(sent, st)
 		}
 		f.Kills = append(f.Kills, k)
 		r.progress("takeover %d: standby streaming %.0f ms after SIGKILL, first delivery %.0f ms, first new event %.0f ms", i+1, k.StreamingMS, k.FirstMS, k.FirstNewMS)
