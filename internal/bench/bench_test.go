@@ -87,10 +87,7 @@ func TestRunTiny(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a cluster and the relay")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var progress bytes.Buffer
-	res, err := Run(ctx, Config{
+	res := runTiny(t, Config{
 		RelayExe:         relayExe,
 		Events:           2000,
 		TxnRows:          250,
@@ -99,14 +96,7 @@ func TestRunTiny(t *testing.T) {
 		Duration:         2 * time.Second,
 		VerifySignatures: true,
 		Timeout:          time.Minute,
-		Progress:         &progress,
 	})
-	if err != nil {
-		t.Fatalf("Run: %v\n%s", err, progress.String())
-	}
-	var table bytes.Buffer
-	res.Table(&table)
-	t.Logf("%s\n%s", table.String(), res.Line())
 	if !res.Clean() {
 		t.Fatal("an event was lost, duplicated or altered")
 	}
@@ -229,14 +219,11 @@ func TestRunTinyScale(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a cluster and the relay")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var progress bytes.Buffer
 	phases, err := ParsePhases("bare,drain,drain-many,peer-drain,peer-drain-many,latency,peer-latency")
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := Run(ctx, Config{
+	res := runTiny(t, Config{
 		RelayExe:         relayExe,
 		Phases:           phases,
 		EventCounts:      []int{2000, 1000},
@@ -248,14 +235,7 @@ func TestRunTinyScale(t *testing.T) {
 		Duration:         2 * time.Second,
 		VerifySignatures: true,
 		Timeout:          time.Minute,
-		Progress:         &progress,
 	})
-	if err != nil {
-		t.Fatalf("Run: %v\n%s", err, progress.String())
-	}
-	var table bytes.Buffer
-	res.Table(&table)
-	t.Logf("%s\n%s", table.String(), res.Line())
 	if !res.Clean() {
 		t.Fatal("an event was lost, duplicated, misrouted or altered")
 	}
@@ -304,10 +284,7 @@ func TestFaultPhasesTiny(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a cluster and several relays")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	var progress bytes.Buffer
-	res, err := Run(ctx, Config{
+	res := runTiny(t, Config{
 		RelayExe:  relayExe,
 		Phases:    FaultPhases,
 		TxnRows:   250,
@@ -318,21 +295,14 @@ func TestFaultPhasesTiny(t *testing.T) {
 		RelayArgs:        []string{"--queue-events", "1000"},
 		VerifySignatures: true,
 		Timeout:          time.Minute,
-		Progress:         &progress,
 		Faults: FaultConfig{
 			Rate: 200, Kills: 2, Takeovers: 2, KillEvery: time.Second, RestartTimeout: 20 * time.Second,
 			RateDuration: 3 * time.Second, EndpointRate: 50, TenantRate: 80, UnthrottledBacklog: 5000,
 			MemoryEvents: 5000, MemorySettle: 2 * time.Second,
 		},
 	})
-	if err != nil {
-		t.Fatalf("Run: %v\n%s", err, progress.String())
-	}
-	var table bytes.Buffer
-	res.Table(&table)
-	t.Logf("%s\n%s", table.String(), res.Line())
 	if !res.Clean() {
-		t.Fatalf("an event was lost, altered or mis-recorded\n%s", progress.String())
+		t.Fatal("an event was lost, altered or mis-recorded (the run's progress is in the log)")
 	}
 	for name, f := range map[string]*Faulted{"recovery": res.Recovery, "takeover": res.Takeover} {
 		if f == nil || len(f.Kills) != 2 || f.Committed == 0 || f.Distinct != int64(f.Committed) {
@@ -369,4 +339,22 @@ func TestFaultPhasesTiny(t *testing.T) {
 			t.Errorf("memory block: the relay read all %.0f events with a 1,000-event queue", m.HeldRead)
 		}
 	}
+}
+
+// runTiny runs the bench with cfg (at most 3 minutes) and logs its table:
+// the tiny runs' shared part; they check the result themselves.
+func runTiny(t *testing.T, cfg Config) *Result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var progress bytes.Buffer
+	cfg.Progress = &progress
+	res, err := Run(ctx, cfg)
+	if err != nil {
+		t.Fatalf("Run: %v\n%s", err, progress.String())
+	}
+	var table bytes.Buffer
+	res.Table(&table)
+	t.Logf("%s\n%s\n%s", progress.String(), table.String(), res.Line())
+	return res
 }
