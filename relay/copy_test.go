@@ -26,15 +26,9 @@ func testStatusRows(t *testing.T, padding int) {
 	if 3+padding <= smallWrite == (padding > 0) {
 		t.Fatalf("padding %d does not pick the intended path", padding)
 	}
-	e := relaytest.New(t, cluster, "copy")
+	e, w := newTestWriter(t, "copy")
+	pool := w.pool
 	ctx := context.Background()
-	pool, err := openPool(ctx, e.URL, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pool.Close()
-	w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
-	w.space = sync.NewCond(&w.mu)
 
 	at := time.Date(2026, 11, 30, 12, 34, 56, 789012000, time.UTC)
 	big := `{"pad": "` + strings.Repeat("é", 100<<10) + `"}` // spans several 64 KiB chunks
@@ -154,16 +148,9 @@ func TestWriterKeepsTheLaterOfTwoOutcomes(t *testing.T) {
 	for _, padding := range []int{0, 100} {
 		t.Run(fmt.Sprint(padding), func(t *testing.T) {
 			t.Parallel()
-			e := relaytest.New(t, cluster, "dup")
+			e, w := newTestWriter(t, "dup")
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			pool, err := openPool(ctx, e.URL, 2)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer pool.Close()
-			w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
-			w.space = sync.NewCond(&w.mu)
 			at := time.Now()
 			first := &delivery{eventID: [16]byte{9}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{}`),
 				state: StateRetrying, attempts: 1, httpStatus: 503, lastAttempt: at, nextAttempt: at.Add(time.Second), failClass: "http_5xx"}
@@ -188,4 +175,19 @@ func TestWriterKeepsTheLaterOfTwoOutcomes(t *testing.T) {
 			}
 		})
 	}
+}
+
+// newTestWriter is a status writer on a fresh database, batches of up to
+// 5,000 rows, driven by the test through writeRetry.
+func newTestWriter(t *testing.T, slotPrefix string) (*relaytest.Env, *writer) {
+	t.Helper()
+	e := relaytest.New(t, cluster, slotPrefix)
+	pool, err := openPool(context.Background(), e.URL, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
+	w.space = sync.NewCond(&w.mu)
+	return e, w
 }
