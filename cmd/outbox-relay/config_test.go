@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -95,6 +96,28 @@ func TestHeapLimit(t *testing.T) {
 		rf := &runFlags{memoryLimit: tc.flag}
 		if got, source := rf.heapLimit(relay.Config{QueueBytes: tc.queueBytes}); got != tc.want {
 			t.Errorf("GOMEMLIMIT=%q --memory-limit %d --queue-bytes %d: limit %d (%s), want %d", tc.env, tc.flag, tc.queueBytes, got, source, tc.want)
+		}
+	}
+}
+
+func TestGCSetting(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		args []string
+		want int
+		ok   bool
+	}{
+		{"", nil, 400, true},
+		{"", []string{"--gc-percent", "150"}, 150, true},
+		{"off", []string{"--gc-percent", "150"}, 0, false}, // the runtime applies GOGC itself
+	} {
+		t.Setenv("GOGC", tc.env)
+		fs, rf := newRunFlags("run", runSynopsis, io.Discard)
+		if err := parseFlags(fs, tc.args); err != nil {
+			t.Fatalf("%v: %v", tc.args, err)
+		}
+		if got, ok := rf.gcSetting(); got != tc.want || ok != tc.ok {
+			t.Errorf("GOGC=%q %v: got %d, %t; want %d, %t", tc.env, tc.args, got, ok, tc.want, tc.ok)
 		}
 	}
 }

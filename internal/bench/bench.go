@@ -410,11 +410,12 @@ func (r *run) bare(ctx context.Context) error {
 	r.rcv.expect(tl)
 	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes)
 	defer c.http.CloseIdleConnections()
+	cpu0 := r.cpuNow()
 	took, err := c.drain(ctx, r.tag(tagBare), r.cfg.Events, r.cfg.Workers)
 	if err != nil {
 		return err
 	}
-	r.res.Bare = &Throughput{Seconds: took.Seconds(), PerSec: float64(r.cfg.Events) / took.Seconds()}
+	r.res.Bare = &Throughput{Seconds: took.Seconds(), PerSec: float64(r.cfg.Events) / took.Seconds(), CPU: split(cpu0, r.cpuNow(), r.cfg.Events)}
 	r.res.Bare.count(tl)
 	return nil
 }
@@ -525,6 +526,7 @@ func (r *run) timeRelayDrain(ctx context.Context, tl *tally, tag uint32, n int) 
 	if err != nil {
 		return nil, err
 	}
+	cpu0 := r.cpuNow()
 	start := time.Now()
 	if err := r.startRelay(); err != nil {
 		return nil, err
@@ -538,6 +540,7 @@ func (r *run) timeRelayDrain(ctx context.Context, tl *tally, tag uint32, n int) 
 		return nil, err
 	}
 	took := time.Since(start)
+	cpu1 := r.cpuNow()
 	cpu, err := r.relay.cpu()
 	if err != nil {
 		return nil, err
@@ -547,7 +550,7 @@ func (r *run) timeRelayDrain(ctx context.Context, tl *tally, tag uint32, n int) 
 		return nil, err
 	}
 	d := &Drain{
-		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
+		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds(), CPU: split(cpu0, cpu1, n)},
 		ReceivedSecs:     received.Seconds(),
 		FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
 		OtherRows:        other,
@@ -603,7 +606,7 @@ func (r *run) latency(ctx context.Context) error {
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, relay delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
 	const insert = `INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ($1, 'bench', 'bench.event', $2)`
-	sent, rate, err := r.produceSteady(ctx, insert, r.tag(tagLatency))
+	steady, err := r.produceSteady(ctx, insert, r.tag(tagLatency))
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
@@ -621,8 +624,8 @@ func (r *run) latency(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	l := latencyOf(tl, sent, rate)
-	c := cost(cpu1-cpu0, sent, lsn1-lsn0)
+	l := steady.latency(tl)
+	c := cost(cpu1-cpu0, steady.sent, lsn1-lsn0)
 	l.Cost = &c
 	r.res.Latency = l
 	return nil
@@ -663,16 +666,43 @@ func (r *run) bareLatency(ctx context.Context) error {
 // Producers connections. The clock is read just before the statement that
 // commits (an autocommit INSERT is a one-row transaction), so a latency
 // measured from it includes the INSERT and the COMMIT themselves.
-func (r *run) produceSteady(ctx context.Context, insert string, tag uint32) (int, float64, error) {
+func (r *run) produceSteady(ctx context.Context, insert string, tag uint32) (*steadyRun, error) {
 	bufs := make(chan []byte, r.cfg.Producers)
 	for range r.cfg.Producers {
 		bufs <- nil
 	}
-	return paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
+	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
+	commits := make([]time.Duration, n)
+	sent, rate, err := paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Producers, func(seq int) error {
 		buf := <-bufs
 		defer func() { bufs <- buf }()
-		buf = appendBody(buf[:0], seq, time.Now().UnixNano(), r.cfg.BodyBytes)
+		t0 := time.Now()
+		buf = appendBody(buf[:0], seq, t0.UnixNano(), r.cfg.BodyBytes)
 		_, err := r.pool.Exec(ctx, insert, eventID(tag, seq), buf)
+		if seq < len(commits) {
+			commits[seq] = time.Since(t0)
+		}
 		return err
 	})
+	return &steadyRun{sent: sent, rate: rate, commits: commits[:min(sent, len(commits))]}, err
+}
+
+// steadyRun is what the steady producer did: how many it committed, at
+// what rate, and how long each INSERT took to commit (in the order sent,
+// which paced keeps only roughly: a failed run may leave gaps as zeros).
+type steadyRun struct {
+	sent    int
+	rate    float64
+	commits []time.Duration
+}
+
+// latency is tl's latency figures with the producer's commit times.
+func (s *steadyRun) latency(tl *tally) *Latency {
+	l := latencyOf(tl, s.sent, s.rate)
+	c := slices.Clone(s.commits)
+	slices.Sort(c)
+	if len(c) > 0 {
+		l.CommitP50, l.CommitP99 = ms(quantile(c, 0.50)), ms(quantile(c, 0.99))
+	}
+	return l
 }

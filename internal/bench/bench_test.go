@@ -116,6 +116,19 @@ func TestRunTiny(t *testing.T) {
 	if res.Drain.CPUSecs <= 0 || res.Drain.WALPerEvent <= 0 || res.RelayPeakRSS <= 0 {
 		t.Errorf("drain cost: %+v, peak RSS %d", res.Drain.Cost, res.RelayPeakRSS)
 	}
+	// Where the CPU went (clock ticks of 10 ms: the tiny drain is long
+	// enough for each of these to be seen).
+	if c := res.Drain.CPU; c == nil || c.Relay <= 0 || c.Postgres <= 0 || c.Bench <= 0 || c.Available <= 0 {
+		t.Errorf("drain CPU split: %+v", c)
+	}
+	if c := res.Bare.CPU; c == nil || c.Relay != 0 || c.Bench <= 0 {
+		t.Errorf("bare CPU split (no relay runs): %+v", c)
+	}
+	for name, l := range map[string]*Latency{"relay": res.Latency, "peer": res.PeerLatency} {
+		if l.CommitP50 <= 0 || l.CommitP99 < l.CommitP50 {
+			t.Errorf("%s: producer commit p50 %.2f ms, p99 %.2f ms", name, l.CommitP50, l.CommitP99)
+		}
+	}
 	for name, l := range map[string]*Latency{"relay": res.Latency, "bare": res.BareLatency} {
 		if l.P50 <= 0 || l.P99 < l.P50 || l.Max < l.P99 || l.Sent != 400 {
 			t.Errorf("%s latency: %+v", name, l)

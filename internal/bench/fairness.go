@@ -113,14 +113,17 @@ func (r *run) fairness(ctx context.Context) error {
 	steadyB := func(tag uint32) (*Latency, error) {
 		tl := newTally(tag, n, r.cfg.BodyBytes, true, r.verifier())
 		r.rcv.expect(tl)
-		sent, rate, err := r.produceSteady(ctx, insertB, tag)
+		cpu0 := r.cpuNow()
+		steady, err := r.produceSteady(ctx, insertB, tag)
 		if err != nil {
 			return nil, fmt.Errorf("producer: %w", err)
 		}
 		if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
 			return nil, err
 		}
-		return latencyOf(tl, sent, rate), nil
+		l := steady.latency(tl)
+		l.CPU = split(cpu0, r.cpuNow(), steady.sent)
+		return l, nil
 	}
 
 	f := &Fairness{Backlog: r.cfg.FairBacklog, SlowMillis: ms(delay), TargetRatio: TargetFairnessRatio}

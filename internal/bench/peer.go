@@ -146,6 +146,7 @@ func (r *run) timePeerDrain(ctx context.Context, tl *tally, cfg pollrelay.Config
 	if err != nil {
 		return nil, err
 	}
+	cpu0 := r.cpuNow()
 	start := time.Now()
 	stats, stop := r.startPeerWith(ctx, cfg)
 	werr := r.wait(ctx, tl, r.cfg.Timeout)
@@ -161,6 +162,7 @@ func (r *run) timePeerDrain(ctx context.Context, tl *tally, cfg pollrelay.Config
 		}
 	}
 	took := time.Since(start)
+	cpu1 := r.cpuNow()
 	if err := stop(); err != nil && werr == nil {
 		werr = err
 	}
@@ -172,7 +174,7 @@ func (r *run) timePeerDrain(ctx context.Context, tl *tally, cfg pollrelay.Config
 		return nil, err
 	}
 	d := &PeerDrain{
-		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds()},
+		Throughput:       Throughput{Seconds: took.Seconds(), PerSec: float64(n) / took.Seconds(), CPU: split(cpu0, cpu1, n)},
 		ReceivedSecs:     received.Seconds(),
 		FirstArrivalSecs: float64(tl.first.Load()-start.UnixNano()) / 1e9,
 		LeftRows:         left,
@@ -214,7 +216,7 @@ func (r *run) peerLatency(ctx context.Context) error {
 		return err
 	}
 	r.progress("steady producer: %d single-row transactions/s for %s on %d connections, polling peer delivering", r.cfg.Rate, r.cfg.Duration, r.cfg.Producers)
-	sent, rate, err := r.produceSteady(ctx, insert, r.tag(tagPeerLatency))
+	steady, err := r.produceSteady(ctx, insert, r.tag(tagPeerLatency))
 	if err != nil {
 		return fmt.Errorf("producer: %w", err)
 	}
@@ -242,9 +244,9 @@ func (r *run) peerLatency(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	l := latencyOf(tl, sent, rate)
+	l := steady.latency(tl)
 	// No process CPU: the peer runs inside the bench process.
-	c := cost(0, sent, lsn1-lsn0)
+	c := cost(0, steady.sent, lsn1-lsn0)
 	l.Cost = &c
 	r.res.PeerLatency = l
 	return nil

@@ -2,9 +2,7 @@ package bench
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -58,26 +56,11 @@ func (p *relayProc) exited() error {
 
 // cpu is the process's user + system CPU time so far.
 func (p *relayProc) cpu() (time.Duration, error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid()))
+	st, err := readStat(p.pid())
 	if err != nil {
 		return 0, fmt.Errorf("read relay CPU: %w", err)
 	}
-	// Fields after the command name, which is in parentheses and may hold spaces.
-	i := bytes.LastIndexByte(data, ')')
-	if i < 0 {
-		return 0, errors.New("read relay CPU: unexpected /proc stat format")
-	}
-	f := strings.Fields(string(data[i+1:]))
-	if len(f) < 13 {
-		return 0, errors.New("read relay CPU: short /proc stat")
-	}
-	// f[0] is field 3 (state); utime is field 14, stime field 15.
-	ut, err1 := strconv.ParseInt(f[11], 10, 64)
-	st, err2 := strconv.ParseInt(f[12], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, fmt.Errorf("read relay CPU: %w", err)
-	}
-	return time.Duration(ut+st) * time.Second / clockTicks, nil
+	return st.cpu, nil
 }
 
 // memory returns the process's peak (VmHWM) and current (VmRSS) resident

@@ -82,8 +82,9 @@ func (c Counts) Clean() bool {
 // Throughput is a backlog run.
 type Throughput struct {
 	Counts
-	Seconds float64 `json:"seconds"`
-	PerSec  float64 `json:"events_per_s"`
+	Seconds float64   `json:"seconds"`
+	PerSec  float64   `json:"events_per_s"`
+	CPU     *CPUSplit `json:"cpu,omitempty"` // where the machine's CPU went, per event
 }
 
 // Cost is the relay's resources over a phase.
@@ -116,7 +117,15 @@ type Latency struct {
 	P99        float64 `json:"p99_ms"`
 	P999       float64 `json:"p999_ms"`
 	Max        float64 `json:"max_ms"`
-	Cost       *Cost   `json:"cost,omitempty"`
+	// CommitP50 and CommitP99 are the steady producer's INSERT (and
+	// fsync'd COMMIT) times, the part of commit-to-delivery the relay
+	// does not see; zero where no producer commits.
+	CommitP50 float64 `json:"commit_p50_ms,omitempty"`
+	CommitP99 float64 `json:"commit_p99_ms,omitempty"`
+	Cost      *Cost   `json:"cost,omitempty"`
+	// CPU is where the machine's CPU went, per event sent; set by the
+	// fairness phase.
+	CPU *CPUSplit `json:"cpu,omitempty"`
 }
 
 func latencyOf(tl *tally, sent int, rate float64) *Latency {
@@ -239,10 +248,11 @@ func (r *Result) Table(w io.Writer) {
 			fmt.Fprintf(w, "  relay / peer                %11.2fx   target >= %.2fx  %s\n", ratio, TargetRelayOverPeer, verdict(ratio >= TargetRelayOverPeer))
 		}
 	}
+	r.cpuTable(w)
 	if r.Latency != nil || r.BareLatency != nil || r.PeerLatency != nil {
-		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing\n", r.Rate, r.DurationSecs)
+		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms\n", r.Rate, r.DurationSecs)
 		row := func(name string, l *Latency) {
-			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing)
+			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d%s\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing, l.commitText())
 		}
 		if r.Latency != nil {
 			row("relay, commit -> delivered", r.Latency)
@@ -263,12 +273,21 @@ func (r *Result) Table(w io.Writer) {
 	if f := r.Fairness; f != nil {
 		fmt.Fprintf(w, "\nfairness (relay): tenant B %d/s for %.0fs to a fast endpoint; tenant A %d events to a receiver answering in %.0f ms\n",
 			r.Rate, r.DurationSecs, f.Backlog, f.SlowMillis)
-		fmt.Fprintf(w, "                                     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing\n")
+		fmt.Fprintf(w, "                                     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms\n")
 		row := func(name string, l *Latency) {
-			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing)
+			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d%s\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing, l.commitText())
 		}
 		row("B, A idle", f.Idle)
 		row("B, A's backlog draining", f.Busy)
+		for _, x := range []struct {
+			name string
+			l    *Latency
+		}{{"A idle", f.Idle}, {"A draining", f.Busy}} {
+			if c := x.l.CPU; c != nil {
+				fmt.Fprintf(w, "  CPU per B event, %-10s  relay %.1f us, Postgres %.1f us (walsender %.1f), bench process %.1f us; of %.1f us available\n",
+					x.name, c.Relay, c.Postgres, c.Walsender, c.Bench, c.Available)
+			}
+		}
 		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
 			f.AAtStart, f.AAtEnd, f.Backlog, f.ADrainSecs, f.A.Duplicates, f.A.Missing)
 		if f.AReadSecs >= 0 {
@@ -309,4 +328,55 @@ func (r *Result) Line() string {
 		return "BENCH_RESULT {}"
 	}
 	return "BENCH_RESULT " + string(b)
+}
+
+// cpuTable writes where the CPU went in the backlog phases: what
+// separates the relay from the bare client when both are CPU-bound.
+func (r *Result) cpuTable(w io.Writer) {
+	rows := []struct {
+		name string
+		t    *Throughput
+	}{{"bare HTTP client", r.Bare}}
+	if r.Drain != nil {
+		rows = append(rows, struct {
+			name string
+			t    *Throughput
+		}{"relay", &r.Drain.Throughput})
+	}
+	if r.PeerDrain != nil {
+		rows = append(rows, struct {
+			name string
+			t    *Throughput
+		}{"polling peer", &r.PeerDrain.Throughput})
+	}
+	header := false
+	for _, row := range rows {
+		c := row.t.cpuSplit()
+		if c == nil {
+			continue
+		}
+		if !header {
+			fmt.Fprintf(w, "\nCPU per event, backlog drain (us)  relay  Postgres (walsender)  bench process  total  cores x wall\n")
+			header = true
+		}
+		fmt.Fprintf(w, "  %-30s %8.1f %9.1f %11.1f %14.1f %6.1f %12.1f\n", row.name, c.Relay, c.Postgres, c.Walsender, c.Bench, c.Total(), c.Available)
+	}
+	if header {
+		fmt.Fprintf(w, "  (bench process: receiver, plus the bare client or the peer in their rows)\n")
+	}
+}
+
+func (t *Throughput) cpuSplit() *CPUSplit {
+	if t == nil {
+		return nil
+	}
+	return t.CPU
+}
+
+// commitText is the producer's commit p50/p99 column, empty without one.
+func (l *Latency) commitText() string {
+	if l.CommitP99 == 0 {
+		return ""
+	}
+	return fmt.Sprintf("  %7.2f /%6.2f", l.CommitP50, l.CommitP99)
 }

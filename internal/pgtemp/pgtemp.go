@@ -247,6 +247,15 @@ func (c *Cluster) Owned() bool { return c.owned }
 // cluster). The data directory is Dir()/data.
 func (c *Cluster) Dir() string { return c.dir }
 
+// ServerPID returns the postmaster's process id, read from its
+// postmaster.pid file; an error for an external cluster.
+func (c *Cluster) ServerPID() (int, error) {
+	if !c.owned {
+		return 0, errors.New("pgtemp: the server of an external cluster is not ours to inspect")
+	}
+	return readPID(filepath.Join(c.dataDir(), "postmaster.pid"))
+}
+
 // SocketDir returns the directory of the server's unix socket (empty for an
 // external cluster).
 func (c *Cluster) SocketDir() string { return c.dir }

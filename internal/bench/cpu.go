@@ -1,0 +1,145 @@
+package bench
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// CPUSplit says where the machine's CPU went over a phase, in µs per
+// event: the relay process, the bench's Postgres cluster (every server
+// process, the walsender also on its own), and this process (receiver,
+// producers, bare client, polling peer). Available is the wall time
+// times the cores, per event: what the phase could have used.
+type CPUSplit struct {
+	Relay     float64 `json:"relay_us"`
+	Postgres  float64 `json:"postgres_us"`
+	Walsender float64 `json:"walsender_us"`
+	Bench     float64 `json:"bench_us"`
+	Available float64 `json:"available_us"`
+}
+
+// Total is what the three processes used, per event.
+func (s *CPUSplit) Total() float64 { return s.Relay + s.Postgres + s.Bench }
+
+// cpuSnap is one reading of the cumulative CPU times behind CPUSplit.
+type cpuSnap struct {
+	at                          time.Time
+	relay, pg, walsender, bench time.Duration
+	relayOK, pgOK               bool
+}
+
+// cpuNow reads the CPU used so far by the relay (if one runs), the
+// cluster's processes and this process. A part it cannot read is left
+// out and reported as zero.
+func (r *run) cpuNow() cpuSnap {
+	s := cpuSnap{at: time.Now()}
+	if st, err := readStat(os.Getpid()); err == nil {
+		s.bench = st.cpu
+	}
+	if r.relay != nil {
+		if cpu, err := r.relay.cpu(); err == nil {
+			s.relay, s.relayOK = cpu, true
+		}
+	}
+	if r.cluster != nil {
+		if pid, err := r.cluster.ServerPID(); err == nil {
+			if all, ws, err := serverCPU(pid); err == nil {
+				s.pg, s.walsender, s.pgOK = all, ws, true
+			}
+		}
+	}
+	return s
+}
+
+// split turns two readings into µs per event over n events. The relay
+// part counts only if the same relay process was read both times.
+func split(a, b cpuSnap, n int) *CPUSplit {
+	per := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 / float64(max(1, n)) }
+	s := &CPUSplit{
+		Bench:     per(b.bench - a.bench),
+		Available: per(b.at.Sub(a.at) * time.Duration(runtime.NumCPU())),
+	}
+	if b.relayOK {
+		if a.relayOK {
+			s.Relay = per(b.relay - a.relay)
+		} else {
+			s.Relay = per(b.relay)
+		}
+	}
+	if a.pgOK && b.pgOK {
+		s.Postgres, s.Walsender = per(b.pg-a.pg), per(b.walsender-a.walsender)
+	}
+	return s
+}
+
+// procStat is what the CPU accounting needs of /proc/<pid>/stat.
+type procStat struct {
+	ppid     int
+	cpu      time.Duration // utime + stime
+	children time.Duration // cutime + cstime: exited children it reaped
+}
+
+func readStat(pid int) (procStat, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procStat{}, err
+	}
+	// Fields after the command name, which is in parentheses and may hold spaces.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return procStat{}, errors.New("unexpected /proc stat format")
+	}
+	f := strings.Fields(string(data[i+1:]))
+	if len(f) < 15 {
+		return procStat{}, errors.New("short /proc stat")
+	}
+	// f[0] is field 3 (state): ppid is field 4, utime 14, stime 15,
+	// cutime 16, cstime 17.
+	var v [5]int64
+	for k, idx := range []int{1, 11, 12, 13, 14} {
+		if v[k], err = strconv.ParseInt(f[idx], 10, 64); err != nil {
+			return procStat{}, fmt.Errorf("/proc stat field: %w", err)
+		}
+	}
+	tick := func(t int64) time.Duration { return time.Duration(t) * time.Second / clockTicks }
+	return procStat{ppid: int(v[0]), cpu: tick(v[1] + v[2]), children: tick(v[3] + v[4])}, nil
+}
+
+// serverCPU is the CPU used so far by a Postgres server: the postmaster,
+// its exited children (the postmaster reaps every backend, so a backend
+// that ends moves its time from the live sum into the postmaster's
+// children time, and the total stays right across readings) and its live
+// children; walsender is the live walsenders' share.
+func serverCPU(postmaster int) (all, walsender time.Duration, err error) {
+	pm, err := readStat(postmaster)
+	if err != nil {
+		return 0, 0, err
+	}
+	all = pm.cpu + pm.children
+	dirs, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		st, err := readStat(pid)
+		if err != nil || st.ppid != postmaster {
+			continue // gone since the listing, or not the server's
+		}
+		all += st.cpu + st.children
+		if cmd, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline")); err == nil && bytes.Contains(cmd, []byte("walsender")) {
+			walsender += st.cpu
+		}
+	}
+	return all, walsender, nil
+}
