@@ -509,6 +509,17 @@ func (r *Relay) loadLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			// A claim that lapsed (its relay held the row past the
+			// lease) makes the row claimable again, as it always was;
+			// claims only read unclaimed rows, so lapsed ones are
+			// released here, once a tick.
+			if n, err := releaseExpired(ctx, r.pool); err != nil {
+				if ctx.Err() == nil {
+					r.log.Warn("releasing lapsed claims failed", slog.Any("error", err))
+				}
+			} else if n > 0 {
+				r.log.Info("released lapsed claims", slog.Int64("rows", n))
+			}
 		case <-r.sched.room:
 			if !r.spilled.Load() {
 				continue

@@ -501,8 +501,7 @@ func existingRows(ctx context.Context, pool *pgxpool.Pool, events [][16]byte) (m
 const claimSQL = `
 WITH due AS (
     SELECT event_id, endpoint_id, payload IS NULL AS by_ref FROM relay.deliveries
-    WHERE state IN ('pending', 'retrying') AND next_attempt_at <= now()
-      AND (claimed_until IS NULL OR claimed_until < now())
+    WHERE state IN ('pending', 'retrying') AND claimed_until IS NULL AND next_attempt_at <= now()
       AND NOT (endpoint_id = ANY($3::text[]))
     ORDER BY next_attempt_at
     LIMIT $1
@@ -516,6 +515,21 @@ RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
     CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
     CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
     (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
+
+// releaseExpiredSQL makes rows whose claim has lapsed claimable again
+// (claimSQL reads only unclaimed rows, through deliveries_due_unclaimed_idx;
+// this walks deliveries_claimed_idx, and only its lapsed part).
+const releaseExpiredSQL = `UPDATE relay.deliveries SET claimed_until = NULL
+WHERE state IN ('pending', 'retrying') AND claimed_until IS NOT NULL AND claimed_until < now()`
+
+// releaseExpired releases lapsed claims and says how many there were.
+func releaseExpired(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
+	tag, err := pool.Exec(ctx, releaseExpiredSQL)
+	if err != nil {
+		return 0, fmt.Errorf("release lapsed claims: %w", err)
+	}
+	return tag.RowsAffected(), nil
+}
 
 // claimDue claims up to n due pending or retrying deliveries for lease,
 // leaving out the ordered endpoints in lanes: their rows are loaded in
