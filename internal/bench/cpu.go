@@ -21,8 +21,13 @@ type CPUSplit struct {
 	Relay     float64 `json:"relay_us"`
 	Postgres  float64 `json:"postgres_us"`
 	Walsender float64 `json:"walsender_us"`
-	Bench     float64 `json:"bench_us"`
-	Available float64 `json:"available_us"`
+	// Autovacuum is the autovacuum workers' share of Postgres (those
+	// alive at the end of the phase), and Background the checkpointer's,
+	// background writer's and WAL writer's.
+	Autovacuum float64 `json:"autovacuum_us"`
+	Background float64 `json:"background_us"`
+	Bench      float64 `json:"bench_us"`
+	Available  float64 `json:"available_us"`
 }
 
 // Total is what the three processes used, per event.
@@ -32,6 +37,7 @@ func (s *CPUSplit) Total() float64 { return s.Relay + s.Postgres + s.Bench }
 type cpuSnap struct {
 	at                          time.Time
 	relay, pg, walsender, bench time.Duration
+	autovacuum, background      time.Duration
 	relayOK, pgOK               bool
 }
 
@@ -50,8 +56,8 @@ func (r *run) cpuNow() cpuSnap {
 	}
 	if r.cluster != nil {
 		if pid, err := r.cluster.ServerPID(); err == nil {
-			if all, ws, err := serverCPU(pid); err == nil {
-				s.pg, s.walsender, s.pgOK = all, ws, true
+			if sc, err := serverCPU(pid); err == nil {
+				s.pg, s.walsender, s.autovacuum, s.background, s.pgOK = sc.all, sc.walsender, sc.autovacuum, sc.background, true
 			}
 		}
 	}
@@ -75,6 +81,9 @@ func split(a, b cpuSnap, n int) *CPUSplit {
 	}
 	if a.pgOK && b.pgOK {
 		s.Postgres, s.Walsender = per(b.pg-a.pg), per(b.walsender-a.walsender)
+		// Workers that ended within the phase are in Postgres only; one
+		// that started within it counts whole (it did nothing before).
+		s.Autovacuum, s.Background = per(max(0, b.autovacuum-a.autovacuum)), per(max(0, b.background-a.background))
 	}
 	return s
 }
@@ -116,16 +125,18 @@ func readStat(pid int) (procStat, error) {
 // its exited children (the postmaster reaps every backend, so a backend
 // that ends moves its time from the live sum into the postmaster's
 // children time, and the total stays right across readings) and its live
-// children; walsender is the live walsenders' share.
-func serverCPU(postmaster int) (all, walsender time.Duration, err error) {
+// children, with the live walsenders', autovacuum workers' and
+// background processes' shares on their own.
+func serverCPU(postmaster int) (serverTimes, error) {
+	var t serverTimes
 	pm, err := readStat(postmaster)
 	if err != nil {
-		return 0, 0, err
+		return t, err
 	}
-	all = pm.cpu + pm.children
+	t.all = pm.cpu + pm.children
 	dirs, err := os.ReadDir("/proc")
 	if err != nil {
-		return 0, 0, err
+		return t, err
 	}
 	for _, d := range dirs {
 		pid, err := strconv.Atoi(d.Name())
@@ -136,10 +147,22 @@ func serverCPU(postmaster int) (all, walsender time.Duration, err error) {
 		if err != nil || st.ppid != postmaster {
 			continue // gone since the listing, or not the server's
 		}
-		all += st.cpu + st.children
-		if cmd, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline")); err == nil && bytes.Contains(cmd, []byte("walsender")) {
-			walsender += st.cpu
+		t.all += st.cpu + st.children
+		cmd, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		switch {
+		case bytes.Contains(cmd, []byte("walsender")):
+			t.walsender += st.cpu
+		case bytes.Contains(cmd, []byte("autovacuum worker")):
+			t.autovacuum += st.cpu
+		case bytes.Contains(cmd, []byte("checkpointer")), bytes.Contains(cmd, []byte("background writer")), bytes.Contains(cmd, []byte("walwriter")):
+			t.background += st.cpu
 		}
 	}
-	return all, walsender, nil
+	return t, nil
 }
+
+// serverTimes is what serverCPU reads.
+type serverTimes struct{ all, walsender, autovacuum, background time.Duration }

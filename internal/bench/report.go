@@ -284,8 +284,8 @@ func (r *Result) Table(w io.Writer) {
 			l    *Latency
 		}{{"A idle", f.Idle}, {"A draining", f.Busy}} {
 			if c := x.l.CPU; c != nil {
-				fmt.Fprintf(w, "  CPU per B event, %-10s  relay %.1f us, Postgres %.1f us (walsender %.1f), bench process %.1f us; of %.1f us available\n",
-					x.name, c.Relay, c.Postgres, c.Walsender, c.Bench, c.Available)
+				fmt.Fprintf(w, "  CPU per B event, %-10s  relay %.1f us, Postgres %.1f us (walsender %.1f, autovacuum %.1f, checkpointer+writers %.1f), bench process %.1f us; of %.1f us available\n",
+					x.name, c.Relay, c.Postgres, c.Walsender, c.Autovacuum, c.Background, c.Bench, c.Available)
 			}
 		}
 		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
