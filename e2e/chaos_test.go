@@ -113,6 +113,7 @@ type chaosEndpoint struct {
 	rcv        *chaosReceiver
 	secret     string // the current (newest) secret
 	rotating   bool   // a second secret is listed
+	ordered    bool   // relay.endpoints.ordered: first attempts in commit order
 }
 
 func (ep *chaosEndpoint) subscribes(eventType string) bool {
@@ -195,6 +196,7 @@ func (c *chaos) setupEndpoints() {
 		{id: "ep_t1_orders", tenant: "t1", types: []string{"order.*"}},
 		{id: "ep_t2_all", tenant: "t2"},
 		{id: "ep_t3_invoices", tenant: "t3", types: []string{"invoice.*"}}, // t3's other events are unrouted
+		{id: "ep_t2_ordered", tenant: "t2", types: []string{"user.*"}, ordered: true},
 	}
 	for _, ep := range c.endpoints {
 		var sec signer.Secret
@@ -207,8 +209,8 @@ func (c *chaos) setupEndpoints() {
 		// A short timeout so a hanging receiver costs little, and a short
 		// breaker cooldown so an open circuit does not outlast the run.
 		if _, err := c.pool.Exec(context.Background(), `INSERT INTO relay.endpoints
-  (id, tenant_id, url, secrets, event_types, timeout_ms, breaker_cooldown_ms) VALUES ($1, $2, $3, ARRAY[$4], $5, $6, 1000)`,
-			ep.id, ep.tenant, ep.rcv.srv.URL, ep.secret, types, chaosTimeoutMS); err != nil {
+  (id, tenant_id, url, secrets, event_types, timeout_ms, breaker_cooldown_ms, ordered) VALUES ($1, $2, $3, ARRAY[$4], $5, $6, 1000, $7)`,
+			ep.id, ep.tenant, ep.rcv.srv.URL, ep.secret, types, chaosTimeoutMS, ep.ordered); err != nil {
 			c.t.Fatal(err)
 		}
 	}
@@ -738,6 +740,59 @@ func (c *chaos) check(drainStart time.Time) {
 		}
 	}
 
+	// Ordered endpoints: the first arrival of each event comes in commit
+	// order (commit_lsn, then position in the transaction). Later arrivals
+	// of an event are retries or repeats after a kill, and a dead-lettered
+	// head is followed by the next event; neither may jump the order.
+	var orderedFirsts, outOfOrder, unplaced int
+	for _, ep := range c.endpoints {
+		if !ep.ordered {
+			continue
+		}
+		type pos struct{ lsn, seq int64 }
+		at := map[string]pos{}
+		rows, err := c.pool.Query(ctx, `SELECT 'msg_' || replace(event_id::text, '-', ''), (commit_lsn - '0/0')::int8, COALESCE(event_seq, 0)
+FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var id string
+			var p pos
+			if err := rows.Scan(&id, &p.lsn, &p.seq); err != nil {
+				t.Fatal(err)
+			}
+			at[id] = p
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		ep.rcv.mu.Lock()
+		seen := map[string]bool{}
+		var last pos
+		var lastID string
+		for _, id := range ep.rcv.arrivals {
+			if seen[id] {
+				continue
+			}
+			seen[id] = true
+			p, ok := at[id]
+			if !ok {
+				unplaced++
+				example("%s received %s, which has no delivery row with a commit position", ep.id, id)
+				continue
+			}
+			orderedFirsts++
+			if p.lsn < last.lsn || p.lsn == last.lsn && p.seq < last.seq {
+				outOfOrder++
+				example("%s: %s (commit %d/%d) first arrived after %s (commit %d/%d)", ep.id, id, p.lsn, p.seq, lastID, last.lsn, last.seq)
+				continue
+			}
+			last, lastID = p, id
+		}
+		ep.rcv.mu.Unlock()
+	}
+
 	// The summary.
 	var b strings.Builder
 	fmt.Fprintf(&b, "\nchaos summary (seed %d)\n", c.seed)
@@ -770,6 +825,8 @@ func (c *chaos) check(drainStart time.Time) {
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  explained by a slow answer (maybe timed out)", bySlow)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  unexplained", dups-explained-bySlow)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "kill/restart/exit windows", len(c.windows))
+	fmt.Fprintf(&b, "  %-50s %8d\n", "ordered endpoint: events in first-arrival order", orderedFirsts)
+	fmt.Fprintf(&b, "  %-50s %8d\n", "  of which out of commit order", outOfOrder)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "signed only by a secret removed < grace ago", oldSigs)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "SQL statements retried (Postgres down)", c.sqlErrs)
 	t.Log(b.String())
@@ -796,6 +853,11 @@ func (c *chaos) check(drainStart time.Time) {
 	check(phantom, "receptions of no committed event")
 	check(succeededNotReceived, "succeeded rows never acknowledged by their receiver")
 	check(dups-explained-bySlow, "duplicates no fault explains")
+	check(outOfOrder, "first arrivals at an ordered endpoint out of commit order")
+	check(unplaced, "arrivals at an ordered endpoint with no commit position")
+	if orderedFirsts == 0 {
+		t.Errorf("chaos: the ordered endpoint received nothing")
+	}
 	if committed == 0 || states["succeeded"] == 0 {
 		t.Errorf("chaos: nothing flowed (%d committed, %d succeeded)", committed, states["succeeded"])
 	}
@@ -1050,6 +1112,7 @@ type chaosReceiver struct {
 	rolledBack  int
 	badExamples []string
 	acked       map[string][]ack
+	arrivals    []string // webhook-ids in the order their requests arrived
 	hangs       atomic.Int64
 }
 
@@ -1075,6 +1138,7 @@ func (r *chaosReceiver) serve(w http.ResponseWriter, req *http.Request) {
 
 	r.mu.Lock()
 	r.requests++
+	r.arrivals = append(r.arrivals, id)
 	valid, onlyOld := false, false
 	for _, s := range r.secrets {
 		if !s.retired.IsZero() && now.Sub(s.retired) > chaosGrace {

@@ -38,6 +38,7 @@ type cpuSnap struct {
 	at                          time.Time
 	relay, pg, walsender, bench time.Duration
 	autovacuum, background      time.Duration
+	relayPID                    int
 	relayOK, pgOK               bool
 }
 
@@ -51,7 +52,7 @@ func (r *run) cpuNow() cpuSnap {
 	}
 	if r.relay != nil {
 		if cpu, err := r.relay.cpu(); err == nil {
-			s.relay, s.relayOK = cpu, true
+			s.relay, s.relayPID, s.relayOK = cpu, r.relay.pid(), true
 		}
 	}
 	if r.cluster != nil {
@@ -64,8 +65,8 @@ func (r *run) cpuNow() cpuSnap {
 	return s
 }
 
-// split turns two readings into µs per event over n events. The relay
-// part counts only if the same relay process was read both times.
+// split turns two readings into µs per event over n events. A relay
+// started between the readings counts whole.
 func split(a, b cpuSnap, n int) *CPUSplit {
 	per := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1e3 / float64(max(1, n)) }
 	s := &CPUSplit{
@@ -73,7 +74,7 @@ func split(a, b cpuSnap, n int) *CPUSplit {
 		Available: per(b.at.Sub(a.at) * time.Duration(runtime.NumCPU())),
 	}
 	if b.relayOK {
-		if a.relayOK {
+		if a.relayOK && a.relayPID == b.relayPID {
 			s.Relay = per(b.relay - a.relay)
 		} else {
 			s.Relay = per(b.relay)
