@@ -27,14 +27,15 @@ import (
 )
 
 // TestChaos keeps producers committing (and rolling back) events for three
-// tenants and four endpoints while a seeded fault injector kills relays
+// tenants and five endpoints (one of them ordered) while a seeded fault injector kills relays
 // (alone or with a standby that takes over), restarts Postgres, makes
 // receivers fail, hang, reset or slow down, and flips endpoint config
 // (disable, secret rotation, rate limit). Then it heals everything, lets the
 // relay drain, and checks the promises against relay.deliveries and what the
 // receivers saw: nothing lost, nothing rolled back delivered, every request
-// signed with a secret the endpoint had, every succeeded row received, and
-// every duplicate explained by a fault.
+// signed with a secret the endpoint had, every succeeded row received,
+// every duplicate explained by a fault, and at the ordered endpoint every
+// event's first arrival in commit order.
 //
 // CHAOS_DURATION (default 90s) is how long faults are injected; CHAOS_SEED
 // replays the same fault sequence (timings still vary with the machine).
