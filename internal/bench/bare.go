@@ -7,9 +7,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/signer"
 )
 
 // bareClient is the ceiling: a plain keep-alive client, no signing, no
@@ -18,9 +21,10 @@ type bareClient struct {
 	http *http.Client
 	url  string
 	size int
+	sign *signer.Signer // nil: unsigned
 }
 
-func newBareClient(url string, workers, size int) *bareClient {
+func newBareClient(url string, workers, size int, sign *signer.Signer) *bareClient {
 	tr := &http.Transport{
 		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConns:        workers * 4,
@@ -28,7 +32,7 @@ func newBareClient(url string, workers, size int) *bareClient {
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	return &bareClient{http: &http.Client{Transport: tr}, url: url, size: size}
+	return &bareClient{http: &http.Client{Transport: tr}, url: url, size: size, sign: sign}
 }
 
 var contentTypeJSON = []string{"application/json"}
@@ -40,7 +44,13 @@ func (c *bareClient) post(ctx context.Context, tag uint32, seq int, t int64, buf
 	if err != nil {
 		return buf, err
 	}
-	req.Header = http.Header{"Content-Type": contentTypeJSON, "Webhook-Id": {webhookID(eventID(tag, seq))}}
+	id := webhookID(eventID(tag, seq))
+	req.Header = http.Header{"Content-Type": contentTypeJSON, "Webhook-Id": {id}}
+	if c.sign != nil {
+		now := time.Now().Unix()
+		req.Header["Webhook-Timestamp"] = []string{strconv.FormatInt(now, 10)}
+		req.Header["Webhook-Signature"] = []string{string(c.sign.AppendSignature(nil, id, now, buf))}
+	}
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return buf, err

@@ -112,10 +112,13 @@ type Config struct {
 	// so one slow commit does not delay the next. Default 0: auto, one
 	// per 250 events/s of the phase's rate, at least 4 (see producersFor).
 	Producers int
-	// VerifySignatures makes the receiver verify every relay request's
-	// signature (bare requests are unsigned). Default off: it costs
-	// receiver CPU the relay shares.
+	// VerifySignatures makes the receiver verify every request's
+	// signature, and the bare client sign its requests as the relay does.
+	// Default off: it costs receiver CPU the relay shares.
 	VerifySignatures bool
+	// ReceiverJSON makes the receiver decode every body with
+	// encoding/json, as a webhook handler would. Default off.
+	ReceiverJSON bool
 	// Timeout bounds each phase's wait for the last delivery. Default 5m,
 	// or 1ms per event of the largest backlog if that is longer.
 	Timeout time.Duration
@@ -229,7 +232,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res := &Result{
 		CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Events: cfg.Events, BodyBytes: cfg.BodyBytes, Workers: cfg.Workers, TxnRows: cfg.TxnRows,
-		Rate: cfg.Rate, DurationSecs: cfg.Duration.Seconds(), VerifySignatures: cfg.VerifySignatures,
+		Rate: cfg.Rate, DurationSecs: cfg.Duration.Seconds(), VerifySignatures: cfg.VerifySignatures, ReceiverJSON: cfg.ReceiverJSON,
 		Phases: cfg.Phases,
 	}
 	r := &run{cfg: cfg, res: res}
@@ -250,7 +253,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if err := r.pool.QueryRow(ctx, `SHOW server_version`).Scan(&res.PostgresVersion); err != nil {
 		return nil, err
 	}
-	if r.rcv, err = startReceiver(); err != nil {
+	if r.rcv, err = startReceiver(cfg.ReceiverJSON); err != nil {
 		return nil, err
 	}
 	defer r.rcv.close()
@@ -341,6 +344,16 @@ func (r *run) setup(ctx context.Context) error {
 	return nil
 }
 
+// bareSigner signs the bare client's requests when the receiver verifies
+// signatures, so both sides send what a receiver would accept; nil
+// otherwise.
+func (r *run) bareSigner() *signer.Signer {
+	if !r.cfg.VerifySignatures {
+		return nil
+	}
+	return signer.NewSigner(r.secret)
+}
+
 func (r *run) verifier() *signer.Verifier {
 	if !r.cfg.VerifySignatures {
 		return nil
@@ -406,9 +419,9 @@ func (r *run) insertBacklog(ctx context.Context) error {
 // bare posts the backlog's bodies with the bare client: the ceiling.
 func (r *run) bare(ctx context.Context) error {
 	r.progress("bare HTTP client: %d posts, %d concurrent", r.cfg.Events, r.cfg.Workers)
-	tl := newTally(r.tag(tagBare), r.cfg.Events, r.cfg.BodyBytes, false, nil)
+	tl := newTally(r.tag(tagBare), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
-	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes)
+	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner())
 	defer c.http.CloseIdleConnections()
 	cpu0 := r.cpuNow()
 	took, err := c.drain(ctx, r.tag(tagBare), r.cfg.Events, r.cfg.Workers)
@@ -635,10 +648,10 @@ func (r *run) latency(ctx context.Context) error {
 // commit-to-delivery, with no database and no relay.
 func (r *run) bareLatency(ctx context.Context) error {
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
-	tl := newTally(r.tag(tagBareLatency), n, r.cfg.BodyBytes, true, nil)
+	tl := newTally(r.tag(tagBareLatency), n, r.cfg.BodyBytes, true, r.verifier())
 	r.rcv.expect(tl)
 	r.progress("bare HTTP client: %d posts/s for %s", r.cfg.Rate, r.cfg.Duration)
-	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes)
+	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner())
 	defer c.http.CloseIdleConnections()
 	bufs := make(chan []byte, r.cfg.Workers)
 	for range r.cfg.Workers {

@@ -10,6 +10,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/signer"
 )
 
 var relayExe string
@@ -94,7 +96,8 @@ func TestRunTiny(t *testing.T) {
 		Workers:          16,
 		Rate:             200,
 		Duration:         2 * time.Second,
-		VerifySignatures: true,
+		VerifySignatures: true, // the bare client signs too
+		ReceiverJSON:     true,
 		Timeout:          time.Minute,
 	})
 	if !res.Clean() {
@@ -370,4 +373,40 @@ func runTiny(t *testing.T, cfg Config) *Result {
 	res.Table(&table)
 	t.Logf("%s\n%s\n%s", progress.String(), table.String(), res.Line())
 	return res
+}
+
+// With VerifySignatures the bare client's requests carry a signature the
+// receiver accepts; without, none.
+func TestBareClientSigns(t *testing.T) {
+	rc, err := startReceiver(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.close()
+	sec, err := signer.ParseSecret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sign := range []bool{true, false} {
+		tl := newTally(tagBare, 20, 200, false, &signer.Verifier{Secrets: []signer.Secret{sec}})
+		rc.expect(tl)
+		var s *signer.Signer
+		if sign {
+			s = signer.NewSigner(sec)
+		}
+		c := newBareClient(rc.url, 4, 200, s)
+		if _, err := c.drain(context.Background(), tagBare, 20, 4); err != nil {
+			t.Fatal(err)
+		}
+		c.http.CloseIdleConnections()
+		var got Counts
+		got.count(tl)
+		want := int64(0)
+		if !sign {
+			want = 20
+		}
+		if got.Distinct != 20 || got.BadSigs != want || got.BadBodies != 0 {
+			t.Errorf("signing %t: %+v, want 20 distinct, %d bad signatures, 0 bad bodies", sign, got, want)
+		}
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -199,14 +200,15 @@ type receiver struct {
 	url  string
 	cur  atomic.Pointer[tally]
 	bufs sync.Pool
+	json bool // decode every body, as a handler would
 }
 
-func startReceiver() (*receiver, error) {
+func startReceiver(decodeJSON bool) (*receiver, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return nil, err
 	}
-	rc := &receiver{ln: ln, url: "http://" + ln.Addr().String() + "/hook"}
+	rc := &receiver{ln: ln, url: "http://" + ln.Addr().String() + "/hook", json: decodeJSON}
 	rc.bufs.New = func() any { b := make([]byte, 0, 4096); return &b }
 	rc.srv = &http.Server{Handler: rc, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
 	go rc.srv.Serve(ln) //nolint:errcheck // ends with Close
@@ -224,6 +226,12 @@ func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if tl := rc.cur.Load(); tl != nil {
 			if tl.routes > 0 {
 				tl.checkRoute(r.URL.Path, r.Header)
+			}
+			if rc.json {
+				var v map[string]any
+				if json.Unmarshal(body, &v) != nil {
+					tl.badBody.Add(1)
+				}
 			}
 			tl.record(r.Header, body, now)
 		}

@@ -29,6 +29,7 @@ type Result struct {
 	Rate             int      `json:"rate"`
 	DurationSecs     float64  `json:"duration_s"`
 	VerifySignatures bool     `json:"verify_signatures"`
+	ReceiverJSON     bool     `json:"receiver_json"`
 
 	InsertPerSec      float64 `json:"insert_rows_per_s,omitempty"`
 	InsertWALPerEvent float64 `json:"insert_wal_bytes_per_event,omitempty"`
@@ -215,7 +216,7 @@ func (r *Result) Table(w io.Writer) {
 	if r.Bare != nil || r.Drain != nil {
 		fmt.Fprintf(w, "backlog of %d events, ", r.Events)
 	}
-	fmt.Fprintf(w, "%d-byte bodies, %d workers, signatures verified by receiver: %t\n", r.BodyBytes, r.Workers, r.VerifySignatures)
+	fmt.Fprintf(w, "%d-byte bodies, %d workers, signatures verified by receiver: %t, bodies decoded by receiver: %t\n", r.BodyBytes, r.Workers, r.VerifySignatures, r.ReceiverJSON)
 	if r.InsertPerSec > 0 {
 		fmt.Fprintf(w, "backlog inserted at %.0f rows/s in %d-row transactions, %.0f WAL bytes/event\n", r.InsertPerSec, r.TxnRows, r.InsertWALPerEvent)
 	}
