@@ -101,6 +101,12 @@ func TestLapsedClaimIsDelivered(t *testing.T) {
 	rcv := newReceiver(t)
 	e.addEndpoint("ep", "t", rcv)
 	e.startRelay(nil)
+	// Once an event has gone through, the relay is past its startup, which
+	// voids every claim: what releases the row below is the loader's tick.
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'warm', '{}')`)
+	e.WaitFor("the first event delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'warm' AND state = 'succeeded'`) == 1
+	})
 	e.Exec(`INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ('00000000-0000-0000-0000-0000000000aa', 'nobody', 'lapsed', '{"lapsed": true}')`)
 	e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, next_attempt_at, claimed_until, committed_at)
 VALUES ('00000000-0000-0000-0000-0000000000aa', 'ep', 't', 'lapsed', 'pending', now(), now() - interval '1 second', now())`)
