@@ -123,3 +123,18 @@ VALUES ('00000000-0000-0000-0000-0000000000aa', 'ep', 't', 'lapsed', 'pending', 
 		t.Fatalf("receiver got the lapsed row's payload %d times, want 1", n)
 	}
 }
+
+// A database migrated by an older version lacks the claim indexes: the
+// relay names them (and warns at startup) instead of failing.
+func TestMissingIndexesAreNamed(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	ctx := context.Background()
+	if got := missingIndexes(ctx, e.Pool); len(got) != 0 {
+		t.Fatalf("fresh schema: missing %v", got)
+	}
+	e.Exec(`DROP INDEX relay.deliveries_due_unclaimed_idx`)
+	if got := missingIndexes(ctx, e.Pool); !slices.Equal(got, []string{"relay.deliveries_due_unclaimed_idx"}) {
+		t.Fatalf("after dropping the unclaimed index: missing %v", got)
+	}
+}

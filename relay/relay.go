@@ -229,6 +229,10 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 	if err := checkSchema(ctx, r.pool); err != nil {
 		return nil, err
 	}
+	if missing := missingIndexes(ctx, r.pool); len(missing) > 0 {
+		r.log.Warn("relay.deliveries lacks indexes of this version's schema; run `outbox-relay migrate`: until then claims of due rows are slow",
+			slog.Any("missing", missing))
+	}
 	*connected = true
 	stream, err := cdc.New(cdc.Config{
 		ConnString:  r.cfg.DatabaseURL,
@@ -313,6 +317,20 @@ AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay
 		return ErrSchemaMissing
 	}
 	return nil
+}
+
+// missingIndexes lists the indexes the loader's queries rely on that the
+// database does not have (a schema migrated by an older version). The
+// relay works without them, slowly.
+func missingIndexes(ctx context.Context, pool *pgxpool.Pool) []string {
+	var missing []string
+	for _, name := range []string{"relay.deliveries_due_unclaimed_idx", "relay.deliveries_claimed_idx"} {
+		var ok bool
+		if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, name).Scan(&ok); err == nil && !ok {
+			missing = append(missing, name)
+		}
+	}
+	return missing
 }
 
 func (r *Relay) lockKey() int64 {
