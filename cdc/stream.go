@@ -78,8 +78,17 @@ func New(cfg Config) (*Stream, error) {
 		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
 	}
 	replCfg.RuntimeParams["replication"] = "database"
+	for _, params := range []map[string]string{pgxCfg.RuntimeParams, replCfg.RuntimeParams} {
+		if _, ok := params["application_name"]; !ok {
+			params["application_name"] = ApplicationName // pg_stat_replication names the walsender
+		}
+	}
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
 }
+
+// ApplicationName is the stream's connections' application_name unless
+// Config.ConnString sets one.
+const ApplicationName = "outbox-relay"
 
 // Status returns a snapshot; safe from any goroutine.
 func (s *Stream) Status() Status {

@@ -138,3 +138,23 @@ func TestMissingIndexesAreNamed(t *testing.T) {
 		t.Fatalf("after dropping the unclaimed index: missing %v", got)
 	}
 }
+
+// The relay's connections say who they are: application_name outbox-relay
+// on its pool's backends and on its walsender.
+func TestConnectionsNameTheRelay(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep", "t", rcv)
+	e.startRelay(nil)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'named', '{}')`)
+	e.WaitFor("the event delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'named' AND state = 'succeeded'`) == 1
+	})
+	for _, kind := range []string{"client backend", "walsender"} {
+		if n := e.Count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = $1 AND application_name = $2`,
+			kind, ApplicationName); n < 1 {
+			t.Errorf("no %s with application_name %q", kind, ApplicationName)
+		}
+	}
+}

@@ -28,6 +28,11 @@ func registerTypes(ctx context.Context, conn *pgx.Conn) error {
 	return nil
 }
 
+// ApplicationName is the relay's connections' application_name in
+// pg_stat_activity and pg_stat_replication, unless the database URL sets
+// one.
+const ApplicationName = "outbox-relay"
+
 // openPool opens the pool the relay uses for everything but replication.
 func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) {
 	cfg, err := pgxpool.ParseConfig(url)
@@ -36,6 +41,10 @@ func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) 
 	}
 	cfg.MaxConns = int32(size)
 	cfg.AfterConnect = registerTypes
+	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
+		// pg_stat_activity names the relay's connections.
+		cfg.ConnConfig.RuntimeParams["application_name"] = ApplicationName
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)

@@ -54,6 +54,7 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	fs.BoolVar(&cfg.VerifySignatures, "verify-signatures", false, "the receiver verifies every request's signature, and the bare client signs its requests as the relay does (costs receiver CPU on both sides)")
 	fs.BoolVar(&cfg.ReceiverJSON, "receiver-json", false, "the receiver decodes every body with encoding/json, as a webhook handler would (costs receiver CPU on both sides)")
 	fs.DurationVar(&cfg.Timeout, "timeout", 0, "give up a phase if its last event has not arrived by then; 0 = 5m, or 1ms per event of the largest backlog if longer")
+	pgSettings := fs.String("pg-settings", "", "extra postgresql.conf settings for the bench's cluster, comma-separated name=value (e.g. \"shared_buffers=1GB,max_wal_size=4GB\"); default: the server's own defaults but for what the bench needs (durable, wal_level=logical)")
 	relayArgs := fs.String("relay-args", "", "extra flags for the relay's 'run', space-separated (e.g. \"--overflow block\")")
 	cpuprofile := fs.String("relay-cpuprofile", "", "write a CPU profile of the relay process to this file (read it with go tool pprof)")
 	benchFaultFlags(fs, &cfg.Faults)
@@ -68,6 +69,9 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	if cfg.RelayExe, err = os.Executable(); err != nil {
 		fmt.Fprintln(stderr, "outbox-relay bench: find own binary:", err)
 		return 1
+	}
+	if cfg.PGSettings, err = bench.ParseSettings(*pgSettings); err != nil {
+		return flagExit(fmt.Errorf("--pg-settings: %w", err), stderr)
 	}
 	cfg.RelayArgs = strings.Fields(*relayArgs)
 	if *cpuprofile != "" {

@@ -116,6 +116,9 @@ type Config struct {
 	// signature, and the bare client sign its requests as the relay does.
 	// Default off: it costs receiver CPU the relay shares.
 	VerifySignatures bool
+	// PGSettings are extra postgresql.conf settings for the bench's
+	// cluster. Default none.
+	PGSettings map[string]string
 	// ReceiverJSON makes the receiver decode every body with
 	// encoding/json, as a webhook handler would. Default off.
 	ReceiverJSON bool
@@ -232,12 +235,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res := &Result{
 		CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Events: cfg.Events, BodyBytes: cfg.BodyBytes, Workers: cfg.Workers, TxnRows: cfg.TxnRows,
-		Rate: cfg.Rate, DurationSecs: cfg.Duration.Seconds(), VerifySignatures: cfg.VerifySignatures, ReceiverJSON: cfg.ReceiverJSON,
+		Rate: cfg.Rate, DurationSecs: cfg.Duration.Seconds(), VerifySignatures: cfg.VerifySignatures, ReceiverJSON: cfg.ReceiverJSON, PGSettings: cfg.PGSettings,
 		Phases: cfg.Phases,
 	}
 	r := &run{cfg: cfg, res: res}
 	r.progress("starting a durable throwaway PostgreSQL cluster (fsync on)")
-	cluster, err := pgtemp.Start(ctx, pgtemp.Options{Durable: true})
+	cluster, err := pgtemp.Start(ctx, pgtemp.Options{Durable: true, Settings: cfg.PGSettings})
 	if err != nil {
 		return nil, err
 	}
@@ -718,4 +721,21 @@ func (s *steadyRun) latency(tl *tally) *Latency {
 		l.CommitP50, l.CommitP99 = ms(quantile(c, 0.50)), ms(quantile(c, 0.99))
 	}
 	return l
+}
+
+// ParseSettings reads comma-separated name=value postgresql.conf settings.
+func ParseSettings(s string) (map[string]string, error) {
+	if strings.TrimSpace(s) == "" {
+		return nil, nil
+	}
+	out := map[string]string{}
+	for _, kv := range strings.Split(s, ",") {
+		name, value, ok := strings.Cut(strings.TrimSpace(kv), "=")
+		name, value = strings.TrimSpace(name), strings.TrimSpace(value)
+		if !ok || name == "" || value == "" {
+			return nil, fmt.Errorf("%q is not name=value", kv)
+		}
+		out[name] = value
+	}
+	return out, nil
 }

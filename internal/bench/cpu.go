@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +11,10 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // CPUSplit says where the machine's CPU went over a phase, in µs per
@@ -26,8 +31,13 @@ type CPUSplit struct {
 	// background writer's and WAL writer's.
 	Autovacuum float64 `json:"autovacuum_us"`
 	Background float64 `json:"background_us"`
-	Bench      float64 `json:"bench_us"`
-	Available  float64 `json:"available_us"`
+	// RelaySQL is the live backends serving the relay's own SQL (status
+	// rows, claims, loads: application_name outbox-relay), Clients the
+	// other live client backends (the producers, the peer).
+	RelaySQL  float64 `json:"relay_sql_us"`
+	Clients   float64 `json:"clients_us"`
+	Bench     float64 `json:"bench_us"`
+	Available float64 `json:"available_us"`
 }
 
 // Total is what the three processes used, per event.
@@ -38,6 +48,7 @@ type cpuSnap struct {
 	at                          time.Time
 	relay, pg, walsender, bench time.Duration
 	autovacuum, background      time.Duration
+	relaySQL, clients           time.Duration
 	relayPID                    int
 	relayOK, pgOK               bool
 }
@@ -57,8 +68,9 @@ func (r *run) cpuNow() cpuSnap {
 	}
 	if r.cluster != nil {
 		if pid, err := r.cluster.ServerPID(); err == nil {
-			if sc, err := serverCPU(pid); err == nil {
+			if sc, err := serverCPU(pid, r.relayBackends()); err == nil {
 				s.pg, s.walsender, s.autovacuum, s.background, s.pgOK = sc.all, sc.walsender, sc.autovacuum, sc.background, true
+				s.relaySQL, s.clients = sc.relaySQL, sc.clients
 			}
 		}
 	}
@@ -85,6 +97,7 @@ func split(a, b cpuSnap, n int) *CPUSplit {
 		// Workers that ended within the phase are in Postgres only; one
 		// that started within it counts whole (it did nothing before).
 		s.Autovacuum, s.Background = per(max(0, b.autovacuum-a.autovacuum)), per(max(0, b.background-a.background))
+		s.RelaySQL, s.Clients = per(max(0, b.relaySQL-a.relaySQL)), per(max(0, b.clients-a.clients))
 	}
 	return s
 }
@@ -128,7 +141,7 @@ func readStat(pid int) (procStat, error) {
 // children time, and the total stays right across readings) and its live
 // children, with the live walsenders', autovacuum workers' and
 // background processes' shares on their own.
-func serverCPU(postmaster int) (serverTimes, error) {
+func serverCPU(postmaster int, relayPIDs map[int]bool) (serverTimes, error) {
 	var t serverTimes
 	pm, err := readStat(postmaster)
 	if err != nil {
@@ -160,10 +173,40 @@ func serverCPU(postmaster int) (serverTimes, error) {
 			t.autovacuum += st.cpu
 		case bytes.Contains(cmd, []byte("checkpointer")), bytes.Contains(cmd, []byte("background writer")), bytes.Contains(cmd, []byte("walwriter")):
 			t.background += st.cpu
+		case relayPIDs[pid]:
+			t.relaySQL += st.cpu
+		case relayPIDs != nil:
+			t.clients += st.cpu
 		}
 	}
 	return t, nil
 }
 
 // serverTimes is what serverCPU reads.
-type serverTimes struct{ all, walsender, autovacuum, background time.Duration }
+type serverTimes struct {
+	all, walsender, autovacuum, background time.Duration
+	relaySQL, clients                      time.Duration
+}
+
+// relayBackends is the pids of the client backends serving the relay's
+// pool (by application_name); nil if they cannot be read.
+func (r *run) relayBackends() map[int]bool {
+	if r.pool == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	rows, err := r.pool.Query(ctx, `SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' AND application_name = $1`, relay.ApplicationName)
+	if err != nil {
+		return nil
+	}
+	pids, err := pgx.CollectRows(rows, pgx.RowTo[int32])
+	if err != nil {
+		return nil
+	}
+	out := make(map[int]bool, len(pids))
+	for _, p := range pids {
+		out[int(p)] = true
+	}
+	return out
+}

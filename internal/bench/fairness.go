@@ -113,6 +113,7 @@ func (r *run) fairness(ctx context.Context) error {
 	steadyB := func(tag uint32) (*Latency, error) {
 		tl := newTally(tag, n, r.cfg.BodyBytes, true, r.verifier())
 		r.rcv.expect(tl)
+		vac0 := r.autovacuums(ctx)
 		cpu0 := r.cpuNow()
 		steady, err := r.produceSteady(ctx, insertB, tag)
 		if err != nil {
@@ -123,6 +124,11 @@ func (r *run) fairness(ctx context.Context) error {
 		}
 		l := steady.latency(tl)
 		l.CPU = split(cpu0, r.cpuNow(), steady.sent)
+		if vac0 >= 0 {
+			if vac1 := r.autovacuums(ctx); vac1 >= 0 {
+				l.Autovacuums = vac1 - vac0
+			}
+		}
 		return l, nil
 	}
 
@@ -214,4 +220,14 @@ func (r *run) fairness(ctx context.Context) error {
 	}
 	r.res.Fairness = f
 	return nil
+}
+
+// autovacuums is how many autovacuum and autoanalyze runs have finished in
+// the bench's database so far; -1 if it cannot be read.
+func (r *run) autovacuums(ctx context.Context) int64 {
+	var n int64
+	if err := r.pool.QueryRow(ctx, `SELECT COALESCE(sum(autovacuum_count + autoanalyze_count), 0)::int8 FROM pg_stat_user_tables`).Scan(&n); err != nil {
+		return -1
+	}
+	return n
 }

@@ -4,7 +4,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"math"
+	"slices"
+	"strings"
 	"time"
 )
 
@@ -18,18 +21,19 @@ const (
 
 // Result holds one run's figures. Fields are nil for phases not run.
 type Result struct {
-	CPUs             int      `json:"cpus"`
-	GoVersion        string   `json:"go"`
-	PostgresVersion  string   `json:"postgres"`
-	Phases           []string `json:"phases"`
-	Events           int      `json:"events"`
-	BodyBytes        int      `json:"body_bytes"`
-	Workers          int      `json:"workers"`
-	TxnRows          int      `json:"txn_rows"`
-	Rate             int      `json:"rate"`
-	DurationSecs     float64  `json:"duration_s"`
-	VerifySignatures bool     `json:"verify_signatures"`
-	ReceiverJSON     bool     `json:"receiver_json"`
+	CPUs             int               `json:"cpus"`
+	GoVersion        string            `json:"go"`
+	PostgresVersion  string            `json:"postgres"`
+	Phases           []string          `json:"phases"`
+	Events           int               `json:"events"`
+	BodyBytes        int               `json:"body_bytes"`
+	Workers          int               `json:"workers"`
+	TxnRows          int               `json:"txn_rows"`
+	Rate             int               `json:"rate"`
+	DurationSecs     float64           `json:"duration_s"`
+	VerifySignatures bool              `json:"verify_signatures"`
+	ReceiverJSON     bool              `json:"receiver_json"`
+	PGSettings       map[string]string `json:"pg_settings,omitempty"`
 
 	InsertPerSec      float64 `json:"insert_rows_per_s,omitempty"`
 	InsertWALPerEvent float64 `json:"insert_wal_bytes_per_event,omitempty"`
@@ -127,6 +131,9 @@ type Latency struct {
 	// CPU is where the machine's CPU went, per event sent; set by the
 	// fairness phase.
 	CPU *CPUSplit `json:"cpu,omitempty"`
+	// Autovacuums is how many autovacuum and autoanalyze runs finished in
+	// the database during the run; set by the fairness phase.
+	Autovacuums int64 `json:"autovacuum_runs,omitempty"`
 }
 
 func latencyOf(tl *tally, sent int, rate float64) *Latency {
@@ -213,6 +220,9 @@ func verdict(ok bool) string {
 // Table writes the figures for people.
 func (r *Result) Table(w io.Writer) {
 	fmt.Fprintf(w, "\noutbox-relay bench: %d CPUs, %s, PostgreSQL %s (durable: fsync on)\n", r.CPUs, r.GoVersion, r.PostgresVersion)
+	if len(r.PGSettings) > 0 {
+		fmt.Fprintf(w, "cluster settings besides the defaults: %s\n", settingsText(r.PGSettings))
+	}
 	if r.Bare != nil || r.Drain != nil {
 		fmt.Fprintf(w, "backlog of %d events, ", r.Events)
 	}
@@ -285,8 +295,8 @@ func (r *Result) Table(w io.Writer) {
 			l    *Latency
 		}{{"A idle", f.Idle}, {"A draining", f.Busy}} {
 			if c := x.l.CPU; c != nil {
-				fmt.Fprintf(w, "  CPU per B event, %-10s  relay %.1f us, Postgres %.1f us (walsender %.1f, autovacuum %.1f, checkpointer+writers %.1f), bench process %.1f us; of %.1f us available\n",
-					x.name, c.Relay, c.Postgres, c.Walsender, c.Autovacuum, c.Background, c.Bench, c.Available)
+				fmt.Fprintf(w, "  CPU per B event, %-10s  relay %.1f us, Postgres %.1f us (walsender %.1f, relay's SQL %.1f, producers %.1f, live autovacuum workers %.1f, checkpointer+writers %.1f), bench process %.1f us; of %.1f us available; %d autovacuum/autoanalyze runs ended\n",
+					x.name, c.Relay, c.Postgres, c.Walsender, c.RelaySQL, c.Clients, c.Autovacuum, c.Background, c.Bench, c.Available, x.l.Autovacuums)
 			}
 		}
 		fmt.Fprintf(w, "  A delivered: %d when B started, %d when B ended; all %d after %.1fs (dups %d, missing %d)\n",
@@ -380,4 +390,12 @@ func (l *Latency) commitText() string {
 		return ""
 	}
 	return fmt.Sprintf("  %7.2f /%6.2f", l.CommitP50, l.CommitP99)
+}
+
+func settingsText(m map[string]string) string {
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, k+"="+m[k])
+	}
+	return strings.Join(parts, ", ")
 }
