@@ -97,16 +97,9 @@ ORDER BY next_attempt_at LIMIT 10 FOR UPDATE SKIP LOCKED`)
 // loader's tick and delivered.
 func TestLapsedClaimIsDelivered(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	rcv := newReceiver(t)
-	e.addEndpoint("ep", "t", rcv)
-	e.startRelay(nil)
 	// Once an event has gone through, the relay is past its startup, which
 	// voids every claim: what releases the row below is the loader's tick.
-	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'warm', '{}')`)
-	e.WaitFor("the first event delivered", 10*time.Second, func() bool {
-		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'warm' AND state = 'succeeded'`) == 1
-	})
+	e, rcv := relayPastStartup(t)
 	e.Exec(`INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ('00000000-0000-0000-0000-0000000000aa', 'nobody', 'lapsed', '{"lapsed": true}')`)
 	e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, next_attempt_at, claimed_until, committed_at)
 VALUES ('00000000-0000-0000-0000-0000000000aa', 'ep', 't', 'lapsed', 'pending', now(), now() - interval '1 second', now())`)
@@ -143,18 +136,26 @@ func TestMissingIndexesAreNamed(t *testing.T) {
 // on its pool's backends and on its walsender.
 func TestConnectionsNameTheRelay(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	rcv := newReceiver(t)
-	e.addEndpoint("ep", "t", rcv)
-	e.startRelay(nil)
-	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'named', '{}')`)
-	e.WaitFor("the event delivered", 10*time.Second, func() bool {
-		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'named' AND state = 'succeeded'`) == 1
-	})
+	e, _ := relayPastStartup(t)
 	for _, kind := range []string{"client backend", "walsender"} {
 		if n := e.Count(`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = $1 AND application_name = $2`,
 			kind, ApplicationName); n < 1 {
 			t.Errorf("no %s with application_name %q", kind, ApplicationName)
 		}
 	}
+}
+
+// relayPastStartup starts a relay with one endpoint, "ep" of tenant "t",
+// and returns once a first event has been delivered through it.
+func relayPastStartup(t *testing.T) (*env, *receiver) {
+	t.Helper()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep", "t", rcv)
+	e.startRelay(nil)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'warm', '{}')`)
+	e.WaitFor("the first event delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'warm' AND state = 'succeeded'`) == 1
+	})
+	return e, rcv
 }
