@@ -281,13 +281,8 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 			rest = ds[i:]
 			break
 		}
-		q := s.endpoints[d.endpointID]
+		q := s.queueForPushLocked(d)
 		if q == nil {
-			q = s.newQueueLocked(d.ep, d.tenantID)
-			s.endpoints[d.endpointID] = q
-		}
-		if q.lane != nil {
-			s.offLaneLocked(d)
 			continue
 		}
 		s.pushLocked(q, d)
@@ -300,6 +295,22 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 		s.work.Signal()
 	}
 	return rest
+}
+
+// queueForPushLocked returns the queue d goes to, creating it, or nil
+// when d's endpoint is ordered: then offLaneLocked has dealt with d (its
+// lane loads it from the table), and d must not enter memory.
+func (s *scheduler) queueForPushLocked(d *delivery) *endpointQueue {
+	q := s.endpoints[d.endpointID]
+	if q == nil {
+		q = s.newQueueLocked(d.ep, d.tenantID)
+		s.endpoints[d.endpointID] = q
+	}
+	if q.lane != nil {
+		s.offLaneLocked(d)
+		return nil
+	}
+	return q
 }
 
 func (s *scheduler) pushLocked(q *endpointQueue, d *delivery) {
@@ -336,10 +347,9 @@ func (s *scheduler) pushShare(ds []*delivery, busy int, force bool) (spill, wait
 	defer s.mu.Unlock()
 	added := false
 	for _, d := range ds {
-		q := s.endpoints[d.endpointID]
+		q := s.queueForPushLocked(d)
 		if q == nil {
-			q = s.newQueueLocked(d.ep, d.tenantID)
-			s.endpoints[d.endpointID] = q
+			continue
 		}
 		n := q.items.len()
 		active := s.active

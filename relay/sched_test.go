@@ -291,6 +291,34 @@ func TestSchedulerPushShareSpillsOnlyTheHeavy(t *testing.T) {
 	}
 }
 
+// A fresh delivery for an ordered endpoint that reaches push or pushShare
+// (the queue full) becomes a pending row for its lane, never a queued one.
+func TestSchedulerPushSendsOrderedToTheLane(t *testing.T) {
+	s := newScheduler(2, 1<<40, 64)
+	s.now = func() time.Time { return time.Unix(1000, 0) }
+	var rows []*delivery
+	s.toRows = func(ds []*delivery) { rows = append(rows, ds...) }
+	ord := &Endpoint{ID: "ord", TenantID: "t", Enabled: true, Ordered: true}
+	s.setEndpoint(ord)
+	plain := &Endpoint{ID: "plain", TenantID: "t", Enabled: true}
+	fill := []*delivery{{endpointID: "plain", tenantID: "t", ep: plain}, {endpointID: "plain", tenantID: "t", ep: plain}}
+	if rest := s.push(fill, true); len(rest) != 0 {
+		t.Fatalf("setup: %d did not fit", len(rest))
+	}
+	fresh := func() []*delivery { return []*delivery{{endpointID: "ord", tenantID: "t", ep: ord}} }
+	s.push(fresh(), false)
+	spill, wait := s.pushShare(fresh(), 2, false)
+	if len(spill) != 0 || len(wait) != 0 {
+		t.Fatalf("pushShare returned %d to spill and %d to wait for an ordered endpoint; want none", len(spill), len(wait))
+	}
+	if n := s.endpoints["ord"].items.len(); n != 0 {
+		t.Fatalf("the ordered endpoint's queue holds %d deliveries in memory, want 0", n)
+	}
+	if len(rows) != 2 || rows[0].state != StatePending || rows[1].state != StatePending {
+		t.Fatalf("lane rows written: %d, want 2 pending", len(rows))
+	}
+}
+
 // The loader leaves an endpoint with an open circuit alone while it has a
 // delivery in memory (the probe) or the cooldown runs; then its rows are
 // loadable again, for the probe. Only tripped endpoints are looked at.
