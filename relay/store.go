@@ -30,8 +30,8 @@ func registerTypes(ctx context.Context, conn *pgx.Conn) error {
 
 // ApplicationName is the relay's connections' application_name in
 // pg_stat_activity and pg_stat_replication, unless the database URL sets
-// one.
-const ApplicationName = "outbox-relay"
+// one: the stream's, so the pool and the walsender share it.
+const ApplicationName = cdc.ApplicationName
 
 // openPool opens the pool the relay uses for everything but replication.
 func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) {
