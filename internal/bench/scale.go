@@ -174,27 +174,26 @@ func (r *run) plan() []step {
 	r.base = r.cfg
 	r.res.ScaleResult = &ScaleResult{EventCounts: r.cfg.EventCounts, Rates: r.cfg.Rates}
 	var out []step
+	// perValue adds one step of p per value, labelled with the value when
+	// there are several.
+	perValue := func(p string, values []int, unit string) {
+		for i, n := range values {
+			l := p
+			if len(values) > 1 {
+				l = fmt.Sprintf("%s (%s%s)", p, thousands(n), unit)
+			}
+			out = append(out, step{p, i, l})
+		}
+	}
 	for _, p := range KnownPhases {
 		if !slices.Contains(r.cfg.Phases, p) {
 			continue
 		}
 		switch {
 		case backlogPhase(p):
-			for i, n := range r.cfg.EventCounts {
-				l := p
-				if len(r.cfg.EventCounts) > 1 {
-					l = fmt.Sprintf("%s (%s events)", p, thousands(n))
-				}
-				out = append(out, step{p, i, l})
-			}
+			perValue(p, r.cfg.EventCounts, " events")
 		case steadyPhase(p):
-			for i, n := range r.cfg.Rates {
-				l := p
-				if len(r.cfg.Rates) > 1 {
-					l = fmt.Sprintf("%s (%s/s)", p, thousands(n))
-				}
-				out = append(out, step{p, i, l})
-			}
+			perValue(p, r.cfg.Rates, "/s")
 		default:
 			out = append(out, step{p, 0, p})
 		}
