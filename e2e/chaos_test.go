@@ -751,10 +751,6 @@ func (c *chaos) check(drainStart time.Time) {
 	// "Endpoints and tenants"), so such an event can reach it late, after
 	// newer ones, or not at all. They are counted apart.
 	var orderedFirsts, outOfOrder, unplaced, inDisabled int
-	byWebhookID := map[string]*chaosEvent{}
-	for _, ev := range c.events {
-		byWebhookID["msg_"+strings.ReplaceAll(ev.id, "-", "")] = ev
-	}
 	disabledAt := func(ep string, at time.Time) bool {
 		for _, iv := range c.disabled[ep] {
 			if !at.Before(iv.from.Add(-chaosSlack)) && !at.After(iv.to.Add(chaosSlack)) {
@@ -794,7 +790,7 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 				continue
 			}
 			seen[id] = true
-			if ev := byWebhookID[id]; ev != nil && disabledAt(ep.id, ev.began) {
+			if ev := byWebhook[id]; ev != nil && disabledAt(ep.id, ev.began) {
 				inDisabled++
 				continue
 			}
