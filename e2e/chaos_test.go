@@ -502,9 +502,11 @@ WHERE NOT enabled OR rate_limit IS NOT NULL OR disabled_reason IS NOT NULL`)
 	c.relays.ensure()
 }
 
-// drain waits until every outbox row has a delivery row and none is pending
-// or retrying, or the timeout passes. A standby-free relay keeps running;
-// one that exits is restarted.
+// drain waits until every committed event has a delivery row at every
+// endpoint it must reach (the check's own rule, so a relay still holding a
+// delivery in memory or in flight is waited for) and none is pending or
+// retrying, or the timeout passes. A standby-free relay keeps running; one
+// that exits is restarted.
 func (c *chaos) drain(timeout time.Duration) bool {
 	stop := make(chan struct{})
 	done := make(chan struct{})
@@ -512,14 +514,81 @@ func (c *chaos) drain(timeout time.Duration) bool {
 	defer func() { close(stop); <-done }()
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		var missing, open int
-		err := c.pool.QueryRow(context.Background(), `SELECT
-  (SELECT count(*) FROM relay.outbox o WHERE NOT EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.event_id = o.id)),
-  (SELECT count(*) FROM relay.deliveries WHERE state IN ('pending', 'retrying'))`).Scan(&missing, &open)
-		if err == nil && missing == 0 && open == 0 {
+		if open, err := c.undrained(); err == nil && open == 0 {
 			return true
 		}
 		time.Sleep(250 * time.Millisecond)
+	}
+	return false
+}
+
+// undrained counts what the relay has still to do: outbox rows without any
+// delivery row, (event, endpoint) pairs the check will require but that have
+// no row yet, and rows pending or retrying.
+func (c *chaos) undrained() (int, error) {
+	ctx := context.Background()
+	var noRow, open int
+	if err := c.pool.QueryRow(ctx, `SELECT
+  (SELECT count(*) FROM relay.outbox o WHERE NOT EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.event_id = o.id)),
+  (SELECT count(*) FROM relay.deliveries WHERE state IN ('pending', 'retrying'))`).Scan(&noRow, &open); err != nil {
+		return 0, err
+	}
+	rows, err := c.pool.Query(ctx, `SELECT event_id::text, endpoint_id FROM relay.deliveries`)
+	if err != nil {
+		return 0, err
+	}
+	has := map[[2]string]bool{}
+	for rows.Next() {
+		var ev, ep string
+		if err := rows.Scan(&ev, &ep); err != nil {
+			return 0, err
+		}
+		has[[2]string{ev, ep}] = true
+	}
+	if err := rows.Err(); err != nil {
+		return 0, err
+	}
+	now := time.Now()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	missing := 0
+	for _, ev := range c.events {
+		if ev.rolledBack || !ev.committed {
+			continue // an ambiguous commit is counted by noRow if it landed
+		}
+		for _, id := range c.subscribers(ev) {
+			if !has[[2]string{ev.id, id}] && !c.disabledDuring(id, ev.began, now) {
+				missing++
+			}
+		}
+	}
+	return noRow + missing + open, nil
+}
+
+// subscribers are the endpoints ev may route to: its named endpoint, or
+// every endpoint of its tenant subscribed to its type. c.mu is held.
+func (c *chaos) subscribers(ev *chaosEvent) []string {
+	if ev.endpoint != "" {
+		return []string{ev.endpoint}
+	}
+	var subs []string
+	for _, ep := range c.endpoints {
+		if ep.tenant == ev.tenant && ep.subscribes(ev.eventType) {
+			subs = append(subs, ep.id)
+		}
+	}
+	return subs
+}
+
+// disabledDuring says whether endpoint ep may have been disabled at any
+// moment from an event's BEGIN (from) to until: then the event may be
+// routed without it (or rejected by it), since a restarted relay routes
+// unacknowledged events with the config of the restart. c.mu is held.
+func (c *chaos) disabledDuring(ep string, from, until time.Time) bool {
+	for _, iv := range c.disabled[ep] {
+		if iv.from.Before(until) && iv.to.After(from) {
+			return true
+		}
 	}
 	return false
 }
@@ -574,18 +643,7 @@ func (c *chaos) check(drainStart time.Time) {
 	for _, ep := range c.endpoints {
 		eps[ep.id] = ep
 	}
-	// disabledDuring says whether ep may have been disabled at any moment
-	// from the event's BEGIN to the drain: then the event may be routed
-	// without it (or rejected by it), since a restarted relay routes
-	// unacknowledged events with the config of the restart.
-	disabledDuring := func(ep string, from time.Time) bool {
-		for _, iv := range c.disabled[ep] {
-			if iv.from.Before(drainStart) && iv.to.After(from) {
-				return true
-			}
-		}
-		return false
-	}
+	disabledDuring := func(ep string, from time.Time) bool { return c.disabledDuring(ep, from, drainStart) }
 
 	var (
 		committed, rolledBack, ambiguous, ambiguousCommitted int
@@ -633,17 +691,7 @@ func (c *chaos) check(drainStart time.Time) {
 			example("event %s (%s %s) has no delivery row", ev.id, ev.tenant, ev.eventType)
 			continue
 		}
-		// The endpoints it may route to.
-		var subs []string
-		if ev.endpoint != "" {
-			subs = []string{ev.endpoint}
-		} else {
-			for _, ep := range c.endpoints {
-				if ep.tenant == ev.tenant && ep.subscribes(ev.eventType) {
-					subs = append(subs, ep.id)
-				}
-			}
-		}
+		subs := c.subscribers(ev)
 		has := map[string]deliveryRow{}
 		for _, r := range got {
 			has[r.endpointID] = r
@@ -897,11 +945,22 @@ func (c *chaos) diagnose(ids []string) {
 		}
 	}
 	ctx := context.Background()
+	var confirmed string
+	c.pool.QueryRow(ctx, `SELECT coalesce(string_agg(slot_name || ' ' || confirmed_flush_lsn::text, ', '), 'none') FROM pg_replication_slots`).Scan(&confirmed)
+	c.t.Logf("  slots confirmed up to: %s (an event committed past this was not yet acknowledged)", confirmed)
 	for i, id := range ids {
 		if i == 5 {
 			break
 		}
 		ev := c.eventByID(id)
+		webhookID := "msg_" + strings.ReplaceAll(id, "-", "")
+		for _, ep := range c.endpoints {
+			ep.rcv.mu.Lock()
+			if acks := ep.rcv.acked[webhookID]; len(acks) > 0 {
+				c.t.Logf("  event %s acknowledged by %s's receiver %d times, first at %s", id, ep.id, len(acks), acks[0].at.UTC().Format("15:04:05.000"))
+			}
+			ep.rcv.mu.Unlock()
+		}
 		var created time.Time
 		c.pool.QueryRow(ctx, `SELECT created_at FROM relay.outbox WHERE id = $1`, id).Scan(&created)
 		c.t.Logf("  event %s %s %s target %q began %s created_at %s", id, ev.tenant, ev.eventType, ev.endpoint,
