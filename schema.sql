@@ -287,3 +287,23 @@ ALTER TABLE relay.endpoints ADD COLUMN IF NOT EXISTS ordered boolean NOT NULL DE
 ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS event_seq integer;  -- position of the outbox row within its transaction (0-based)
 CREATE INDEX IF NOT EXISTS deliveries_ordered_idx ON relay.deliveries (endpoint_id, commit_lsn, event_seq)
     WHERE state IN ('pending', 'retrying');
+
+-- Endpoint config as of each commit position, written by the relay as the
+-- changes stream past it (before it acknowledges them). After a restart the
+-- relay starts from the slot's confirmed position and replays what came
+-- after: it routes those events with the config as of that position, built
+-- from this table, not with the config as it is now. config is the
+-- endpoint's columns as text ({"column": "text or null"}), NULL once
+-- deleted; op is
+-- 'snapshot' (its state when the relay first saw it, not from the stream),
+-- 'insert', 'update' or 'delete'. The relay prunes versions no replication
+-- slot of this database can return to, so this holds about one row per
+-- endpoint (a copy of its row, secrets included) plus recent changes.
+CREATE TABLE IF NOT EXISTS relay.endpoint_history (
+    endpoint_id text NOT NULL,
+    commit_lsn  pg_lsn NOT NULL,
+    op          text NOT NULL CHECK (op IN ('snapshot', 'insert', 'update', 'delete')),
+    config      jsonb,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (endpoint_id, commit_lsn)
+);

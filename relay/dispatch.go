@@ -142,10 +142,11 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 		}
 		queue, final = queue[:0], final[:0]
 		var recheck []*delivery
+		var histMarks []*txnMark // transactions whose endpoint versions are still to be recorded
 		lanes := false // a delivery for an ordered endpoint, or a change to one, in this batch
 		for ti := range b.Txns {
 			txn := &b.Txns[ti]
-			startQ, startF := len(queue), len(final)
+			startQ, startF, startH := len(queue), len(final), len(r.history.entries)
 			var seq int32 // the outbox row's position in the transaction
 			for ci := range txn.Changes {
 				ch := &txn.Changes[ci]
@@ -176,10 +177,17 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 				}
 			}
 			n := len(queue) - startQ + len(final) - startF
+			changed := len(r.history.entries) > startH
+			if changed {
+				n++ // the history write (history.go, invariant 1)
+			}
 			if n == 0 {
 				continue
 			}
 			mark := r.wm.add(txn.EndLSN, n)
+			if changed {
+				histMarks = append(histMarks, mark)
+			}
 			for _, d := range queue[startQ:] {
 				d.mark = mark
 			}
@@ -190,6 +198,15 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 				recheck = append(recheck, queue[startQ:]...)
 				recheck = append(recheck, final[startF:]...)
 			}
+		}
+		if len(histMarks) > 0 {
+			if err := r.recordHistory(ctx, r.history.entries); err != nil {
+				return err
+			}
+			for _, m := range histMarks {
+				m.done(1)
+			}
+			r.history.reset()
 		}
 		if len(recheck) > 0 {
 			var err error
@@ -317,6 +334,7 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 		if old := r.config.endpoints[*idp]; old != nil {
 			ordered = old.Ordered
 		}
+		r.history.add(historyEntry{id: *idp, lsn: txn.CommitLSN, op: "delete"})
 		r.config.deleteEndpoint(*idp)
 		r.endpointsChanged()
 		// Deliveries already queued for it end here, with the reason.
@@ -335,7 +353,15 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 			}
 		}
 	}
-	ep := r.config.upsertEndpoint(tupleRow(rel, ch.New, prev), r.log)
+	row := tupleRow(rel, ch.New, prev)
+	if id, ok := row.text("id"); ok {
+		op := "update"
+		if ch.Op == cdc.Insert {
+			op = "insert"
+		}
+		r.history.add(historyEntry{id: id, lsn: txn.CommitLSN, op: op, row: row})
+	}
+	ep := r.config.upsertEndpoint(row, r.log)
 	r.endpointsChanged()
 	if ep != nil {
 		r.installEndpoint(ep)
@@ -586,6 +612,9 @@ func (r *Relay) cleanupLoop(ctx context.Context) {
 
 func (r *Relay) cleanup(ctx context.Context) {
 	r.cleanupOlder(ctx, r.cfg.OutboxRetention, r.cfg.DeliveryRetention, r.cfg.DeadLetterRetention)
+	if _, err := r.pool.Exec(ctx, pruneHistorySQL); err != nil && ctx.Err() == nil {
+		r.log.Warn("cleanup failed", slog.String("table", "endpoint history"), slog.Any("error", err))
+	}
 }
 
 // cleanupOlder removes outbox rows older than outbox, succeeded and

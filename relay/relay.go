@@ -42,6 +42,7 @@ type Relay struct {
 
 	recorded cdc.LSN     // highest end LSN with recorded rows at startup
 	spilled  atomic.Bool // rows were spilled: the loader should look soon
+	history  historyBatch // endpoint versions of the batch being dispatched (history.go)
 	recent   recentSet   // endpoints routed to lately; dispatch goroutine only
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
@@ -282,10 +283,17 @@ WHERE claimed_until IS NOT NULL AND state IN ('pending', 'retrying')`); err != n
 			r.sched.openLanes()
 		}
 	}
-	// Config is read as it is now. Changes committed after the slot's
-	// confirmed position come again through the stream and are re-applied
-	// in order; events in that window are routed with the current config.
-	if err := r.loadConfig(ctx); err != nil {
+	// Config is read as of the slot's confirmed position (history.go):
+	// changes committed after it come again through the stream and are
+	// applied in order, so every replayed event is routed with the config
+	// committed before it.
+	var startLSN cdc.LSN
+	if confirmed != nil {
+		if startLSN, err = pglogrepl.ParseLSN(*confirmed); err != nil {
+			return fail(fmt.Errorf("read the slot's confirmed position: %w", err))
+		}
+	}
+	if err := r.loadConfig(ctx, startLSN); err != nil {
 		return fail(err)
 	}
 	r.state.Store("active")
@@ -307,7 +315,7 @@ func transient(err error) bool {
 
 func checkSchema(ctx context.Context, pool *pgxpool.Pool) error {
 	var ok bool
-	err := pool.QueryRow(ctx, `SELECT to_regclass('relay.deliveries') IS NOT NULL AND to_regclass('relay.outbox') IS NOT NULL
+	err := pool.QueryRow(ctx, `SELECT to_regclass('relay.deliveries') IS NOT NULL AND to_regclass('relay.outbox') IS NOT NULL AND to_regclass('relay.endpoint_history') IS NOT NULL
 AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'claimed_until')
 AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay' AND table_name = 'deliveries' AND column_name = 'event_seq')`).Scan(&ok)
 	if err != nil {
@@ -425,12 +433,22 @@ func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
 
 // loadConfig reads endpoints and tenants. Changes after this arrive
 // through the replication stream.
-func (r *Relay) loadConfig(ctx context.Context) error {
-	eps, err := queryRows(ctx, r.pool, `SELECT id, tenant_id, url, secrets::text, event_types::text, enabled::text,
+func (r *Relay) loadConfig(ctx context.Context, at cdc.LSN) error {
+	current, err := queryRows(ctx, r.pool, `SELECT id, tenant_id, url, secrets::text, event_types::text, enabled::text,
 timeout_ms::text, headers::text, disabled_reason, retry_schedule::text, max_attempts::text, rate_limit::text,
 rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_ms::text, ordered::text FROM relay.endpoints`)
 	if err != nil {
 		return fmt.Errorf("load endpoints: %w", err)
+	}
+	eps, fromHistory := current, 0
+	if at != 0 {
+		if eps, fromHistory, err = endpointsAt(ctx, r.pool, at, current); err != nil {
+			return err
+		}
+	}
+	if fromHistory > 0 {
+		r.log.Info("endpoint config as of the slot's confirmed position", slog.String("lsn", at.String()),
+			slog.Int("from_history", fromHistory), slog.Int("as_now", len(current)))
 	}
 	for _, row := range eps {
 		r.installEndpoint(r.config.upsertEndpoint(row, r.log))

@@ -1,0 +1,215 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/cdc"
+)
+
+// Endpoint history (relay.endpoint_history) lets a restarted relay route
+// the events it replays with the config as of their commit, not as of the
+// restart. The stream applies config changes in commit order, so only the
+// starting state matters: the config as of the slot's confirmed position.
+//
+// Invariants:
+//  1. Every endpoint change the stream delivers is written to the history,
+//     at its transaction's commit LSN, before the watermark may pass that
+//     transaction (dispatch holds a mark for it until the write returns).
+//     So every change at or below a slot's confirmed position is recorded.
+//  2. At startup, an endpoint's state at the confirmed position S is its
+//     newest version at or below S. With none, and the oldest version
+//     above S an insert, it did not exist at S. With no version at all it
+//     is taken as it is now, and recorded so ('snapshot' at S): an
+//     endpoint the relay has never seen (a first start, an upgrade, a
+//     change made while an older binary ran) keeps the old behaviour.
+//  3. Pruning keeps, per endpoint, the newest version at or below the
+//     oldest confirmed position of this database's logical slots, and what
+//     comes after; an endpoint deleted at or below it goes entirely.
+
+// historyEntry is one endpoint version to record.
+type historyEntry struct {
+	id  string
+	lsn cdc.LSN
+	op  string // insert, update, delete, snapshot
+	row mapRow // nil for delete
+}
+
+// historyBatch collects a batch's entries, one per (endpoint, commit LSN):
+// a transaction that changes an endpoint twice leaves its last version.
+type historyBatch struct {
+	entries []historyEntry
+	at      map[historyKey]int
+}
+
+type historyKey struct {
+	id  string
+	lsn cdc.LSN
+}
+
+func (h *historyBatch) add(e historyEntry) {
+	if h.at == nil {
+		h.at = make(map[historyKey]int)
+	}
+	k := historyKey{e.id, e.lsn}
+	if i, ok := h.at[k]; ok {
+		switch prev := h.entries[i].op; {
+		case prev == "insert" && e.op == "update":
+			e.op = "insert" // created in this transaction: it did not exist before it
+		case prev == "delete" && e.op == "insert":
+			e.op = "update" // deleted and created again: it existed before
+		}
+		h.entries[i] = e
+		return
+	}
+	h.at[k] = len(h.entries)
+	h.entries = append(h.entries, e)
+}
+
+func (h *historyBatch) reset() {
+	h.entries = h.entries[:0]
+	clear(h.at)
+}
+
+const writeHistorySQL = `INSERT INTO relay.endpoint_history (endpoint_id, commit_lsn, op, config)
+SELECT e, pg_lsn '0/0' + l, o, c::jsonb FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[]) AS t(e, l, o, c)
+ON CONFLICT (endpoint_id, commit_lsn) DO UPDATE SET op = EXCLUDED.op, config = EXCLUDED.config, recorded_at = now()`
+
+// writeHistory records entries in one statement.
+func writeHistory(ctx context.Context, pool *pgxpool.Pool, entries []historyEntry) error {
+	ids := make([]string, len(entries))
+	lsns := make([]int64, len(entries))
+	ops := make([]string, len(entries))
+	rows := make([]*string, len(entries))
+	for i, e := range entries {
+		ids[i], lsns[i], ops[i] = e.id, int64(e.lsn), e.op
+		if e.row != nil {
+			b, err := json.Marshal(e.row)
+			if err != nil {
+				return fmt.Errorf("encode endpoint %s: %w", e.id, err)
+			}
+			s := string(b)
+			rows[i] = &s
+		}
+	}
+	if _, err := pool.Exec(ctx, writeHistorySQL, ids, lsns, ops, rows); err != nil {
+		return fmt.Errorf("record endpoint history: %w", err)
+	}
+	return nil
+}
+
+// recordHistory writes entries, retrying while Postgres is unreachable:
+// the watermark waits for them (invariant 1).
+func (r *Relay) recordHistory(ctx context.Context, entries []historyEntry) error {
+	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
+		err := writeHistory(ctx, r.pool, entries)
+		if err == nil {
+			return nil
+		}
+		r.log.Warn("recording endpoint config history failed; retrying", slog.Any("error", err))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+	}
+}
+
+// endpointsAt returns the endpoint rows as of LSN at (invariant 2), given
+// the rows as they are now, and records a snapshot for those with no
+// history. fromHistory counts the endpoints whose state was taken from the
+// history (a version, or absent then) rather than from the table.
+func endpointsAt(ctx context.Context, pool *pgxpool.Pool, at cdc.LSN, current []mapRow) (rows []mapRow, fromHistory int, err error) {
+	type version struct {
+		op  string
+		row mapRow
+	}
+	before := map[string]version{} // newest version at or below at
+	after := map[string]string{}   // op of the oldest version above at
+	// Per endpoint: the newest version at or below at, and the oldest above.
+	q, err := pool.Query(ctx, `SELECT DISTINCT ON (endpoint_id, commit_lsn <= $1::pg_lsn) endpoint_id, commit_lsn <= $1::pg_lsn, op, config::text
+FROM relay.endpoint_history
+ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
+    CASE WHEN commit_lsn <= $1::pg_lsn THEN $1::pg_lsn - commit_lsn ELSE commit_lsn - $1::pg_lsn END`, at.String())
+	if err != nil {
+		return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+	}
+	for q.Next() {
+		var id, op string
+		var atOrBefore bool
+		var cfg *string
+		if err := q.Scan(&id, &atOrBefore, &op, &cfg); err != nil {
+			q.Close()
+			return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+		}
+		if !atOrBefore {
+			after[id] = op
+			continue
+		}
+		v := version{op: op}
+		if cfg != nil {
+			if err := json.Unmarshal([]byte(*cfg), &v.row); err != nil {
+				q.Close()
+				return nil, 0, fmt.Errorf("endpoint history of %s: %w", id, err)
+			}
+		}
+		before[id] = v
+	}
+	q.Close()
+	if err := q.Err(); err != nil {
+		return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+	}
+
+	var snapshot []historyEntry
+	seen := map[string]bool{}
+	for _, row := range current {
+		id, _ := row.text("id")
+		seen[id] = true
+		v, ok := before[id]
+		switch {
+		case ok && v.row != nil:
+			rows = append(rows, v.row)
+			fromHistory++
+		case ok: // deleted at or below at, and created again since
+			fromHistory++
+		case after[id] == "insert": // created after at
+			fromHistory++
+		case after[id] != "":
+			rows = append(rows, row) // history starts with a change above at: its earlier state is unknown
+		default:
+			rows = append(rows, row)
+			snapshot = append(snapshot, historyEntry{id: id, lsn: at, op: "snapshot", row: row})
+		}
+	}
+	// Endpoints deleted since at.
+	for id, v := range before {
+		if !seen[id] && v.row != nil {
+			rows = append(rows, v.row)
+			fromHistory++
+		}
+	}
+	if len(snapshot) > 0 {
+		if err := writeHistory(ctx, pool, snapshot); err != nil {
+			return nil, 0, err
+		}
+	}
+	return rows, fromHistory, nil
+}
+
+// pruneHistorySQL removes versions no logical slot of this database can
+// start before (invariant 3).
+const pruneHistorySQL = `WITH horizon AS (
+    SELECT min(confirmed_flush_lsn) AS lsn FROM pg_replication_slots
+    WHERE slot_type = 'logical' AND database = current_database() AND confirmed_flush_lsn IS NOT NULL),
+keep AS (
+    SELECT DISTINCT ON (h.endpoint_id) h.endpoint_id, h.commit_lsn, h.op
+    FROM relay.endpoint_history h, horizon WHERE h.commit_lsn <= horizon.lsn
+    ORDER BY h.endpoint_id, h.commit_lsn DESC)
+DELETE FROM relay.endpoint_history h USING keep
+WHERE h.endpoint_id = keep.endpoint_id
+  AND (h.commit_lsn < keep.commit_lsn OR (keep.op = 'delete' AND h.commit_lsn = keep.commit_lsn))`

@@ -1,0 +1,133 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"slices"
+	"testing"
+	"time"
+)
+
+// A relay that starts behind (its slot's confirmed position before events
+// and endpoint changes committed while it was down) routes each replayed
+// event with the endpoint config committed before it, not with the config
+// as it is at the restart: enabled, disabled and deleted endpoints alike.
+func TestReplayRoutesWithTheConfigOfItsCommit(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcvA, rcvB, rcvC := newReceiver(t), newReceiver(t), newReceiver(t)
+	e.addEndpoint("ep_a", "t", rcvA, "a")
+	e.addEndpoint("ep_b", "t", rcvB, "b")
+	e.addEndpoint("ep_c", "t", rcvC, "c")
+	_, stop := e.startRelay(nil)
+	publish := func(typ, n string) {
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', $1, jsonb_build_object('n', $2::text))`, typ, n)
+	}
+	// While the first relay runs, ep_b is disabled; the relay records that
+	// version and acknowledges past it.
+	e.Exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep_b'`)
+	publish("a", "marker")
+	e.WaitFor("the marker delivered and acknowledged", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries d JOIN relay.outbox o ON o.id = d.event_id, pg_replication_slots s
+WHERE o.payload->>'n' = 'marker' AND d.state = 'succeeded' AND s.slot_name = $1 AND s.confirmed_flush_lsn > d.commit_lsn`, e.Slot) == 1
+	})
+	stop()
+
+	// With no relay running: events, then changes, then events.
+	publish("a", "a1") // ep_a enabled: for it
+	publish("b", "b1") // ep_b disabled: not for it
+	publish("c", "c1") // ep_c exists: for it
+	e.Exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep_a'`)
+	e.Exec(`UPDATE relay.endpoints SET enabled = true WHERE id = 'ep_b'`)
+	e.Exec(`DELETE FROM relay.endpoints WHERE id = 'ep_c'`)
+	publish("a", "a2") // ep_a disabled: not for it
+	publish("b", "b2") // ep_b enabled: for it
+
+	e.startRelay(nil)
+	e.WaitFor("every event final", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(DISTINCT event_id) FROM relay.deliveries WHERE state NOT IN ('pending', 'retrying')`) == 6 &&
+			e.Count(`SELECT count(*) FROM relay.deliveries WHERE state IN ('pending', 'retrying')`) == 0
+	})
+	type route struct{ endpoint, state string }
+	routes := map[string][]route{}
+	rows, err := e.Pool.Query(context.Background(), `SELECT o.payload->>'n', d.endpoint_id, d.state FROM relay.deliveries d
+JOIN relay.outbox o ON o.id = d.event_id WHERE o.payload->>'n' <> 'marker' ORDER BY 1, 2`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var n string
+		var r route
+		if err := rows.Scan(&n, &r.endpoint, &r.state); err != nil {
+			t.Fatal(err)
+		}
+		routes[n] = append(routes[n], r)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	// a1 and c1 were routed to an endpoint enabled when they committed; by
+	// the time of the attempt it may have been disabled or deleted (the
+	// change comes right after them in the stream), which says so.
+	for n, ep := range map[string]string{"a1": "ep_a", "c1": "ep_c"} {
+		got := routes[n]
+		if len(got) != 1 || got[0].endpoint != ep || !slices.Contains([]string{"succeeded", "rejected"}, got[0].state) {
+			t.Errorf("event %s: rows %v, want one at %s (succeeded, or rejected by the change after it)", n, got, ep)
+		}
+	}
+	for _, n := range []string{"b1", "a2"} {
+		if got := routes[n]; len(got) != 1 || got[0].endpoint != "" || got[0].state != "unrouted" {
+			t.Errorf("event %s: rows %v, want unrouted (its endpoint was disabled when it committed)", n, got)
+		}
+	}
+	if got := routes["b2"]; len(got) != 1 || got[0] != (route{"ep_b", "succeeded"}) {
+		t.Errorf("event b2: rows %v, want succeeded at ep_b", got)
+	}
+	var atB []string
+	for _, req := range rcvB.requests() {
+		atB = append(atB, eventNString(t, req.body))
+	}
+	if !slices.Equal(atB, []string{"b2"}) {
+		t.Errorf("ep_b's receiver got %v, want only b2", atB)
+	}
+
+	// Every version is recorded: the snapshot the first relay took, and
+	// each change at its commit.
+	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_b' AND op = 'snapshot'`); got != 1 {
+		t.Errorf("ep_b has %d snapshots, want 1", got)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_b' AND op = 'update'`); got != 2 {
+		t.Errorf("ep_b has %d recorded updates, want 2", got)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_c' AND op = 'delete' AND config IS NULL`); got != 1 {
+		t.Errorf("ep_c's deletion recorded %d times, want 1", got)
+	}
+
+	// Once the slot has moved past every change, pruning leaves one
+	// version per live endpoint and forgets the deleted one.
+	e.WaitFor("the slot past the last change", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM pg_replication_slots s WHERE s.slot_name = $1
+AND s.confirmed_flush_lsn > (SELECT max(commit_lsn) FROM relay.endpoint_history)`, e.Slot) == 1
+	})
+	e.Exec(pruneHistorySQL)
+	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_c'`); got != 0 {
+		t.Errorf("ep_c, deleted, still has %d versions after pruning", got)
+	}
+	for _, ep := range []string{"ep_a", "ep_b"} {
+		if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = $1`, ep); got != 1 {
+			t.Errorf("%s has %d versions after pruning, want 1", ep, got)
+		}
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_a' AND config->>'enabled' = 'f'`); got != 1 {
+		t.Errorf("ep_a's remaining version is not its latest (disabled)")
+	}
+}
+
+func eventNString(t *testing.T, body []byte) string {
+	t.Helper()
+	var p struct{ N string }
+	if err := json.Unmarshal(body, &p); err != nil {
+		t.Errorf("payload %q: %v", body, err)
+	}
+	return p.N
+}
