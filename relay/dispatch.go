@@ -143,7 +143,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 		queue, final = queue[:0], final[:0]
 		var recheck []*delivery
 		var histMarks []*txnMark // transactions whose endpoint versions are still to be recorded
-		lanes := false // a delivery for an ordered endpoint, or a change to one, in this batch
+		lanes := false           // a delivery for an ordered endpoint, or a change to one, in this batch
 		for ti := range b.Txns {
 			txn := &b.Txns[ti]
 			startQ, startF, startH := len(queue), len(final), len(r.history.entries)

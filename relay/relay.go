@@ -40,10 +40,10 @@ type Relay struct {
 	client *deliveryClient
 	config *configState
 
-	recorded cdc.LSN     // highest end LSN with recorded rows at startup
-	spilled  atomic.Bool // rows were spilled: the loader should look soon
+	recorded cdc.LSN      // highest end LSN with recorded rows at startup
+	spilled  atomic.Bool  // rows were spilled: the loader should look soon
 	history  historyBatch // endpoint versions of the batch being dispatched (history.go)
-	recent   recentSet   // endpoints routed to lately; dispatch goroutine only
+	recent   recentSet    // endpoints routed to lately; dispatch goroutine only
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
 
