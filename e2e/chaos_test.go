@@ -106,7 +106,11 @@ const (
 
 var chaosEventTypes = []string{"order.created", "invoice.paid", "user.signed_up"}
 
-type interval struct{ from, to time.Time }
+// interval is one stretch an endpoint was disabled: from before the
+// disabling UPDATE was sent to after the enabling one returned (it may have
+// been disabled then), and sureFrom, sureTo from the disabling UPDATE's
+// return to the enabling one's start (it was disabled then).
+type interval struct{ from, to, sureFrom, sureTo time.Time }
 
 type chaosEndpoint struct {
 	id, tenant string
@@ -133,6 +137,7 @@ func (ep *chaosEndpoint) subscribes(eventType string) bool {
 type chaosEvent struct {
 	id, tenant, eventType, endpoint string
 	began                           time.Time // before BEGIN
+	done                            time.Time // COMMIT returned (with or without an error)
 	rolledBack                      bool
 	committed                       bool // COMMIT returned without error
 	ambiguous                       bool // COMMIT returned an error: committed or not, the outbox says
@@ -300,14 +305,11 @@ func (c *chaos) produce(p int) {
 		case rollback:
 			tx.Rollback(ctx)
 		default:
-			if err := tx.Commit(ctx); err != nil {
-				for _, ev := range evs {
-					ev.ambiguous = true
-				}
-			} else {
-				for _, ev := range evs {
-					ev.committed = true
-				}
+			err := tx.Commit(ctx)
+			done := time.Now()
+			for _, ev := range evs {
+				ev.done = done
+				ev.ambiguous, ev.committed = err != nil, err == nil
 			}
 		}
 		cancel()
@@ -442,10 +444,12 @@ func (c *chaos) disableEndpoint() {
 	if !c.exec(`UPDATE relay.endpoints SET enabled = false, updated_at = now() WHERE id = $1`, ep.id) {
 		return
 	}
+	sureFrom := time.Now()
 	c.later(time.Duration(1000+c.rng.IntN(4000))*time.Millisecond, func() {
+		sureTo := time.Now()
 		c.exec(`UPDATE relay.endpoints SET enabled = true, disabled_reason = NULL, updated_at = now() WHERE id = $1`, ep.id)
 		c.mu.Lock()
-		c.disabled[ep.id] = append(c.disabled[ep.id], interval{from, time.Now()})
+		c.disabled[ep.id] = append(c.disabled[ep.id], interval{from, time.Now(), sureFrom, sureTo})
 		c.mu.Unlock()
 	})
 }
@@ -548,7 +552,6 @@ func (c *chaos) undrained() (int, error) {
 	if err := rows.Err(); err != nil {
 		return 0, err
 	}
-	now := time.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	missing := 0
@@ -557,7 +560,7 @@ func (c *chaos) undrained() (int, error) {
 			continue // an ambiguous commit is counted by noRow if it landed
 		}
 		for _, id := range c.subscribers(ev) {
-			if !has[[2]string{ev.id, id}] && !c.disabledDuring(id, ev.began, now) {
+			if !has[[2]string{ev.id, id}] && !c.disabledDuring(id, ev.began, ev.done) {
 				missing++
 			}
 		}
@@ -580,10 +583,22 @@ func (c *chaos) subscribers(ev *chaosEvent) []string {
 	return subs
 }
 
+// disabledThroughout says whether endpoint ep was disabled from from to
+// until: an event that began and committed then is not for it. c.mu is held.
+func (c *chaos) disabledThroughout(ep string, from, until time.Time) bool {
+	for _, iv := range c.disabled[ep] {
+		if iv.sureFrom.Before(from) && iv.sureTo.After(until) {
+			return true
+		}
+	}
+	return false
+}
+
 // disabledDuring says whether endpoint ep may have been disabled at any
-// moment from an event's BEGIN (from) to until: then the event may be
-// routed without it (or rejected by it), since a restarted relay routes
-// unacknowledged events with the config of the restart. c.mu is held.
+// moment from from to until. From an event's BEGIN to its COMMIT's return:
+// the event may then be routed without it (the relay, restarted or not,
+// routes with the config of the event's commit). To the drain: a routed
+// delivery may be rejected by it. c.mu is held.
 func (c *chaos) disabledDuring(ep string, from, until time.Time) bool {
 	for _, iv := range c.disabled[ep] {
 		if iv.from.Before(until) && iv.to.After(from) {
@@ -649,6 +664,7 @@ func (c *chaos) check(drainStart time.Time) {
 		committed, rolledBack, ambiguous, ambiguousCommitted int
 		lost, missingRoute, misrouted, mixed, wrongRejects   int
 		rolledBackFound, notFinal, overdue, unknownRows      int
+		routedWhileDisabled                                  int
 		examples, suspects                                   []string
 	)
 	example := func(format string, args ...any) {
@@ -699,6 +715,11 @@ func (c *chaos) check(drainStart time.Time) {
 				misrouted++
 				example("event %s (%s %s) has a row for %s", ev.id, ev.tenant, ev.eventType, r.endpointID)
 			}
+			if r.endpointID != "" && ev.endpoint == "" && c.disabledThroughout(r.endpointID, ev.began, ev.done) {
+				routedWhileDisabled++
+				suspects = append(suspects, ev.id)
+				example("event %s (%s %s), committed while %s was disabled, was routed to it (%s)", ev.id, ev.tenant, ev.eventType, r.endpointID, r.state)
+			}
 			switch r.state {
 			case "succeeded", "failed", "dead", "rejected", "unrouted":
 			case "pending", "retrying":
@@ -723,18 +744,18 @@ func (c *chaos) check(drainStart time.Time) {
 		}
 		canBeUnrouted := ev.endpoint == ""
 		for _, id := range subs {
-			if _, ok := has[id]; !ok && !disabledDuring(id, ev.began) {
+			if _, ok := has[id]; !ok && !c.disabledDuring(id, ev.began, ev.done) {
 				missingRoute++
 				suspects = append(suspects, ev.id)
-				example("event %s (%s %s) has no row for %s, enabled all along", ev.id, ev.tenant, ev.eventType, id)
+				example("event %s (%s %s) has no row for %s, enabled when it committed", ev.id, ev.tenant, ev.eventType, id)
 			}
-			if !disabledDuring(id, ev.began) {
+			if !c.disabledDuring(id, ev.began, ev.done) {
 				canBeUnrouted = false
 			}
 		}
 		if _, ok := has[""]; ok && !canBeUnrouted {
 			misrouted++
-			example("event %s (%s %s) unrouted although an endpoint subscribed all along", ev.id, ev.tenant, ev.eventType)
+			example("event %s (%s %s) unrouted although an endpoint enabled when it committed subscribes", ev.id, ev.tenant, ev.eventType)
 		}
 	}
 	for id := range byEvent {
@@ -792,21 +813,10 @@ func (c *chaos) check(drainStart time.Time) {
 	// Ordered endpoints: the first arrival of each event comes in commit
 	// order (commit_lsn, then position in the transaction). Later arrivals
 	// of an event are retries or repeats after a kill, and a dead-lettered
-	// head is followed by the next event; neither may jump the order.
-	// Events that began while the endpoint was (possibly) disabled are left
-	// out: a relay restarted after it was enabled again routes the events
-	// it had not acknowledged with the config of the restart (README,
-	// "Endpoints and tenants"), so such an event can reach it late, after
-	// newer ones, or not at all. They are counted apart.
-	var orderedFirsts, outOfOrder, unplaced, inDisabled int
-	disabledAt := func(ep string, at time.Time) bool {
-		for _, iv := range c.disabled[ep] {
-			if !at.Before(iv.from.Add(-chaosSlack)) && !at.After(iv.to.Add(chaosSlack)) {
-				return true
-			}
-		}
-		return false
-	}
+	// head is followed by the next event; neither may jump the order,
+	// across kills, takeovers and disabled stretches alike (a restarted
+	// relay routes what it replays with the config of each event's commit).
+	var orderedFirsts, outOfOrder, unplaced int
 	for _, ep := range c.endpoints {
 		if !ep.ordered {
 			continue
@@ -838,10 +848,6 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 				continue
 			}
 			seen[id] = true
-			if ev := byWebhook[id]; ev != nil && disabledAt(ep.id, ev.began) {
-				inDisabled++
-				continue
-			}
 			p, ok := at[id]
 			if !ok {
 				unplaced++
@@ -886,6 +892,7 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 	}
 	fmt.Fprintf(&b, "  %-50s %8d\n", "receiver requests", requests)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "lost (no row, or a subscribed endpoint missing)", lost+missingRoute)
+	fmt.Fprintf(&b, "  %-50s %8d\n", "routed to an endpoint disabled at its commit", routedWhileDisabled)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "duplicates (2xx more than once, per endpoint)", dups)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  explained by a kill/restart/exit window", explained)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  explained by a slow answer (maybe timed out)", bySlow)
@@ -893,7 +900,6 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "kill/restart/exit windows", len(c.windows))
 	fmt.Fprintf(&b, "  %-50s %8d\n", "ordered endpoint: events in first-arrival order", orderedFirsts)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  of which out of commit order", outOfOrder)
-	fmt.Fprintf(&b, "  %-50s %8d\n", "  left out: begun while it was disabled", inDisabled)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "signed only by a secret removed < grace ago", oldSigs)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "SQL statements retried (Postgres down)", c.sqlErrs)
 	t.Log(b.String())
@@ -908,8 +914,9 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 		}
 	}
 	check(lost, "committed events lost (no delivery row)")
-	check(missingRoute, "(event, endpoint) pairs missing for an endpoint enabled all along")
+	check(missingRoute, "(event, endpoint) pairs missing for an endpoint enabled when the event committed")
 	check(misrouted, "rows routed where the config did not allow")
+	check(routedWhileDisabled, "events routed to an endpoint disabled when they committed")
 	check(mixed, "events both unrouted and routed")
 	check(wrongRejects, "rejections at an endpoint that was never disabled")
 	check(overdue, "pending/retrying rows without a due time or long overdue (stuck)")
