@@ -21,8 +21,9 @@ func benchFaultFlags(fs *flag.FlagSet, c *bench.FaultConfig) {
 	fs.IntVar(&c.EndpointRate, "endpoint-rate", 200, "ratelimit phase: rate_limit of the limited endpoint, deliveries/s (rate_burst NULL: a bucket of the same number)")
 	fs.IntVar(&c.TenantRate, "tenant-rate", 300, "ratelimit phase: rate_limit of the tenant over its two endpoints, deliveries/s (rate_burst NULL likewise)")
 	fs.IntVar(&c.UnthrottledBacklog, "unthrottled-backlog", 0, "ratelimit phase: backlog of the unthrottled endpoint draining alongside (0: 16,000 per second of --ratelimit-duration + 1s)")
-	fs.IntVar(&c.MemoryEvents, "memory-events", 1_000_000, "memory phase: events inserted per overflow policy while the receiver answers 503 (its waits are bounded by the larger of --timeout and 1ms per event)")
+	fs.IntVar(&c.MemoryEvents, "memory-events", 1_000_000, "memory phase: events inserted per overflow policy while the receiver is down (see --memory-down; its waits are bounded by the larger of --timeout and 1ms per event)")
 	fs.Var(policyList{&c.MemoryPolicies}, "memory-policies", "memory phase: comma-separated --overflow policies to run, in order (default spill,block)")
+	fs.StringVar(&c.MemoryDown, "memory-down", bench.MemoryDownRefuse, "memory phase: how the receiver is down: refuse (nothing listens on its port; every connection is refused) or 503 (it accepts connections and answers 503)")
 	fs.DurationVar(&c.MemorySettle, "memory-settle", 5*time.Second, "memory phase: how long the receiver stays down after the relay has settled (spill: every event read and acknowledged; block: nothing read for 1s after the inserts); spilled/loaded over it are reported")
 }
 

@@ -83,6 +83,10 @@ type FaultConfig struct {
 	// acknowledged; block: nothing read for a second after the inserts).
 	// Default 5s.
 	MemorySettle time.Duration
+	// MemoryDown is how the memory phase's receiver is down: "refuse"
+	// (nothing listens: every connection attempt is refused; the default)
+	// or "503" (it accepts connections and answers 503 to every request).
+	MemoryDown string
 }
 
 func (c FaultConfig) withDefaults() FaultConfig {
@@ -100,6 +104,7 @@ func (c FaultConfig) withDefaults() FaultConfig {
 		c.MemoryPolicies = []string{"spill", "block"}
 	}
 	c.MemorySettle = cmp.Or(c.MemorySettle, 5*time.Second)
+	c.MemoryDown = cmp.Or(c.MemoryDown, MemoryDownRefuse)
 	return c
 }
 
@@ -126,8 +131,17 @@ func (c FaultConfig) validate() error {
 			errs = append(errs, fmt.Errorf("Faults.MemoryPolicies: %q is not spill or block", p))
 		}
 	}
+	if c.MemoryDown != "" && c.MemoryDown != MemoryDownRefuse && c.MemoryDown != MemoryDown503 {
+		errs = append(errs, fmt.Errorf("Faults.MemoryDown: %q is not %s or %s", c.MemoryDown, MemoryDownRefuse, MemoryDown503))
+	}
 	return errors.Join(errs...)
 }
+
+// The memory phase's ways of being down (FaultConfig.MemoryDown).
+const (
+	MemoryDownRefuse = "refuse"
+	MemoryDown503    = "503"
+)
 
 // Tags of the fault phases' event ids (0xbe000010 to 0xbe00001f).
 const (
@@ -344,10 +358,12 @@ type connAccepted struct{}
 // process started, or a standby that took over, after the kill). While
 // down, it answers 503 and counts nothing but the refusal.
 type faultReceiver struct {
-	srv  *http.Server
-	url  string
-	tl   *tally
-	bufs sync.Pool
+	srvMu sync.Mutex
+	srv   *http.Server // nil while not listening (stopListening)
+	addr  string
+	url   string
+	tl    *tally
+	bufs  sync.Pool
 
 	down    atomic.Bool
 	refused atomic.Int64 // 503 answers while down
@@ -374,14 +390,44 @@ func startFaultReceiver(tl *tally, keepTimes bool) (*faultReceiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	rc := &faultReceiver{url: "http://" + ln.Addr().String() + "/hook", tl: tl, first: make([]atomic.Int64, tl.n), keepTimes: keepTimes}
+	rc := &faultReceiver{addr: ln.Addr().String(), url: "http://" + ln.Addr().String() + "/hook", tl: tl,
+		first: make([]atomic.Int64, tl.n), keepTimes: keepTimes}
 	rc.bufs.New = func() any { b := make([]byte, 0, 4096); return &b }
-	rc.srv = &http.Server{Handler: rc, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute,
+	rc.serve(ln)
+	return rc, nil
+}
+
+func (rc *faultReceiver) serve(ln net.Listener) {
+	srv := &http.Server{Handler: rc, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute,
 		ConnContext: func(ctx context.Context, _ net.Conn) context.Context {
 			return context.WithValue(ctx, connAccepted{}, time.Now().UnixNano())
 		}}
-	go rc.srv.Serve(ln) //nolint:errcheck // ends with Close
-	return rc, nil
+	rc.srvMu.Lock()
+	rc.srv = srv
+	rc.srvMu.Unlock()
+	go srv.Serve(ln) //nolint:errcheck // ends with Close
+}
+
+// stopListening closes the listener and every connection: from now on a
+// connection attempt is refused, as by a receiver that is down.
+func (rc *faultReceiver) stopListening() {
+	rc.srvMu.Lock()
+	srv := rc.srv
+	rc.srv = nil
+	rc.srvMu.Unlock()
+	if srv != nil {
+		srv.Close()
+	}
+}
+
+// listenAgain serves on the same address again.
+func (rc *faultReceiver) listenAgain() error {
+	ln, err := net.Listen("tcp", rc.addr)
+	if err != nil {
+		return fmt.Errorf("receiver: listen on %s again: %w", rc.addr, err)
+	}
+	rc.serve(ln)
+	return nil
 }
 
 func (rc *faultReceiver) ServeHTTP(w http.ResponseWriter, req *http.Request) {
@@ -498,10 +544,16 @@ func (rc *faultReceiver) unexplainedRepeats() int64 {
 }
 
 func (rc *faultReceiver) close() {
+	rc.srvMu.Lock()
+	srv := rc.srv
+	rc.srvMu.Unlock()
+	if srv == nil {
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
-	if rc.srv.Shutdown(ctx) != nil {
-		rc.srv.Close()
+	if srv.Shutdown(ctx) != nil {
+		srv.Close()
 	}
 }
 

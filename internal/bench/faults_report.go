@@ -1,9 +1,12 @@
 package bench
 
 import (
+	"cmp"
 	"fmt"
 	"io"
 	"math"
+	"sort"
+	"strings"
 )
 
 // faultsClean is Clean for the fault phases run.
@@ -87,12 +90,21 @@ func (r *Result) faultsTable(w io.Writer) {
 		rowsLine(w, rl.Rows)
 	}
 	if m := r.Memory; m != nil {
-		fmt.Fprintf(w, "\nmemory: receiver down (503 to every request), events inserted with the relay running, then the receiver back\n")
+		down := "503 to every request"
+		if len(m.Runs) > 0 {
+			down = m.Runs[0].ReceiverDown
+		}
+		fmt.Fprintf(w, "\nmemory: receiver down (%s), events inserted with the relay running, then the receiver back\n", down)
 		for _, x := range m.Runs {
 			fmt.Fprintf(w, "  %s (load average %.2f -> %.2f): %d events inserted at %.0f rows/s; settled %.1fs after: %.0f read, %.0f queued, %d rows, slot lag %.0f bytes\n",
 				x.Policy, x.Load.Start, x.Load.End, x.Events, x.InsertPerSec, x.SettleSecs, x.HeldRead, x.HeldQueue, x.HeldRows, x.HeldLagBytes)
-			fmt.Fprintf(w, "    down: %d answers 503; RSS max %.1f MiB (%d samples), VmHWM %.1f MiB; spilled / loaded over a %.0fs hold: %.0f / %.0f\n",
-				x.Refused, mib(x.DownMaxRSS), x.DownSamples, mib(x.DownPeakRSS), x.HoldSecs, x.HoldSpilled, x.HoldLoaded)
+			turnedAway := fmt.Sprintf("%d answers 503", x.Refused)
+			if x.Refused == 0 && x.ReceiverDown != "503 to every request" {
+				turnedAway = "every connection refused"
+			}
+			turnedAway += "; failed attempts by class " + classCounts(x.DownErrors)
+			fmt.Fprintf(w, "    down: %s; RSS max %.1f MiB (%d samples), VmHWM %.1f MiB; spilled / loaded over a %.0fs hold: %.0f / %.0f\n",
+				turnedAway, mib(x.DownMaxRSS), x.DownSamples, mib(x.DownPeakRSS), x.HoldSecs, x.HoldSpilled, x.HoldLoaded)
 			fmt.Fprintf(w, "    back: receiver complete in %.1fs, every row succeeded in %.1fs; RSS max during the drain %.1f MiB; spilled / loaded in all %.0f / %.0f; %d dups, %d missing\n",
 				x.ReceivedSecs, x.DrainSecs, mib(x.DrainMaxRSS), x.Spilled, x.Loaded, x.Duplicates, x.Missing)
 			fmt.Fprintf(w, "    peak RSS (VmHWM) %.1f MiB, target < %.0f MiB  %s\n  ", mib(x.PeakRSS), mib(m.TargetRSS), verdict(x.Met()))
@@ -108,4 +120,24 @@ func rowsLine(w io.Writer, rw Rows) {
 	}
 	fmt.Fprintf(w, "  accounting %s: %d events in relay.outbox, %d rows, %d succeeded, %d events without a row, %d with several\n",
 		state, rw.Events, rw.Rows, rw.Succeeded, rw.NoRow, rw.Repeated)
+}
+
+// classCounts prints counts by class, largest first ("none" if empty).
+func classCounts(m map[string]int) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return m[keys[i]] > m[keys[j]] || m[keys[i]] == m[keys[j]] && keys[i] < keys[j] })
+	var b strings.Builder
+	for i, k := range keys {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s %d", cmp.Or(k, "(none)"), m[k])
+	}
+	return b.String()
 }

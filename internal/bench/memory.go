@@ -4,11 +4,15 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // The memory phase (issue 4): for each --overflow policy, in a fresh
-// database with its own slot, with the endpoint's receiver down (it
-// answers every request 503; connections are accepted), the relay
+// database with its own slot, with the endpoint's receiver down (by
+// default nothing listens on its port, so every connection is refused;
+// with MemoryDown "503" it accepts connections and answers 503), the relay
 // running, MemoryEvents events are COPYed in TxnRows-row transactions.
 // The endpoint has breaker_cooldown_ms 1000, retry_schedule {0s,1s} and
 // max_attempts 1000000, so its circuit opens, a probe goes every second,
@@ -45,6 +49,9 @@ type MemoryRun struct {
 	HeldLagBytes float64 `json:"replication_lag_bytes"` // outbox_relay_replication_lag_bytes
 	HeldRows     int     `json:"rows"`                  // relay.deliveries rows
 	Refused      int64   `json:"answered_503"`
+	// DownErrors counts relay.attempts rows by error_class when the
+	// receiver comes back: what the relay saw of the outage.
+	DownErrors map[string]int `json:"attempt_errors_while_down"`
 	DownMaxRSS   int64   `json:"down_max_rss_bytes"`  // largest VmRSS sample while down
 	DownPeakRSS  int64   `json:"down_peak_rss_bytes"` // VmHWM when the receiver came back
 	DownSamples  int     `json:"down_rss_samples"`
@@ -116,7 +123,14 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 		return nil, err
 	}
 	defer rc.close()
-	rc.down.Store(true)
+	refuse := r.cfg.Faults.MemoryDown == MemoryDownRefuse
+	downText := "503 to every request"
+	if refuse {
+		downText = "connections refused (nothing listening)"
+		rc.stopListening()
+	} else {
+		rc.down.Store(true)
+	}
 	if err := addEndpoint(ctx, db.pool, "ep_memory", "memory", rc.url, r.secretText,
 		"breaker_cooldown_ms = 1000, retry_schedule = '{0s,1s}', max_attempts = 1000000"); err != nil {
 		return nil, err
@@ -129,10 +143,10 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 	if err := p.waitReady(ctx, "streaming", time.Minute); err != nil {
 		return nil, err
 	}
-	mr := &MemoryRun{Policy: policy, Events: n, ReceiverDown: "503 to every request", Spilled: -1, Loaded: -1, Load: Load{Start: loadAvg()}}
+	mr := &MemoryRun{Policy: policy, Events: n, ReceiverDown: downText, Spilled: -1, Loaded: -1, Load: Load{Start: loadAvg()}}
 	down := sampleRSS(p, 100*time.Millisecond)
 
-	r.progress("memory (%s): receiver answering 503; inserting %d events with the relay running", policy, n)
+	r.progress("memory (%s): receiver down (%s); inserting %d events with the relay running", policy, downText, n)
 	start := time.Now()
 	if err := copyEvents(ctx, db.pool, tag, 0, n, r.cfg.TxnRows, r.cfg.BodyBytes, "memory", "ep_memory"); err != nil {
 		down.stop()
@@ -199,6 +213,10 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 		down.stop()
 		return mr, err
 	}
+	if mr.DownErrors, err = attemptErrors(ctx, db.pool); err != nil {
+		down.stop()
+		return mr, err
+	}
 	mr.DownMaxRSS, mr.DownSamples = down.stop()
 	mr.DownPeakRSS, _, _ = p.memory()
 	mr.Refused = rc.refused.Load()
@@ -209,6 +227,12 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 	drain := sampleRSS(p, 100*time.Millisecond)
 	back := time.Now()
 	rc.down.Store(false)
+	if refuse {
+		if err := rc.listenAgain(); err != nil {
+			drain.stop()
+			return mr, err
+		}
+	}
 	err = waitDistinct(ctx, tl, n, timeout, p.exited)
 	mr.ReceivedSecs = time.Since(back).Seconds()
 	if err == nil {
@@ -228,4 +252,20 @@ func (r *run) memoryRun(ctx context.Context, policy string) (*MemoryRun, error) 
 	mr.Load.End = loadAvg()
 	r.progress("memory (%s): drained in %.1fs; peak RSS %.1f MiB; spilled %.0f, loaded %.0f", policy, mr.DrainSecs, mib(mr.PeakRSS), mr.Spilled, mr.Loaded)
 	return mr, err
+}
+
+// attemptErrors counts relay.attempts rows by error_class.
+func attemptErrors(ctx context.Context, pool *pgxpool.Pool) (map[string]int, error) {
+	rows, err := pool.Query(ctx, `SELECT coalesce(error_class, ''), count(*) FROM relay.attempts GROUP BY 1`)
+	if err != nil {
+		return nil, fmt.Errorf("count attempt errors: %w", err)
+	}
+	out := map[string]int{}
+	var class string
+	var n int
+	_, err = pgx.ForEachRow(rows, []any{&class, &n}, func() error { out[class] = n; return nil })
+	if err != nil {
+		return nil, fmt.Errorf("count attempt errors: %w", err)
+	}
+	return out, nil
 }
