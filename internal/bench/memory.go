@@ -51,16 +51,16 @@ type MemoryRun struct {
 	Refused      int64   `json:"answered_503"`
 	// DownErrors counts relay.attempts rows by error_class when the
 	// receiver comes back: what the relay saw of the outage.
-	DownErrors map[string]int `json:"attempt_errors_while_down"`
-	DownMaxRSS   int64   `json:"down_max_rss_bytes"`  // largest VmRSS sample while down
-	DownPeakRSS  int64   `json:"down_peak_rss_bytes"` // VmHWM when the receiver came back
-	DownSamples  int     `json:"down_rss_samples"`
-	ReceivedSecs float64 `json:"receiver_complete_s"` // receiver back to every event received
-	DrainSecs    float64 `json:"drain_s"`             // receiver back to every event received and every row succeeded
-	DrainMaxRSS  int64   `json:"drain_max_rss_bytes"` // largest VmRSS sample during the drain
-	PeakRSS      int64   `json:"peak_rss_bytes"`      // VmHWM at the end
-	Spilled      float64 `json:"spilled"`
-	Loaded       float64 `json:"loaded"`
+	DownErrors   map[string]int `json:"attempt_errors_while_down"`
+	DownMaxRSS   int64          `json:"down_max_rss_bytes"`  // largest VmRSS sample while down
+	DownPeakRSS  int64          `json:"down_peak_rss_bytes"` // VmHWM when the receiver came back
+	DownSamples  int            `json:"down_rss_samples"`
+	ReceivedSecs float64        `json:"receiver_complete_s"` // receiver back to every event received
+	DrainSecs    float64        `json:"drain_s"`             // receiver back to every event received and every row succeeded
+	DrainMaxRSS  int64          `json:"drain_max_rss_bytes"` // largest VmRSS sample during the drain
+	PeakRSS      int64          `json:"peak_rss_bytes"`      // VmHWM at the end
+	Spilled      float64        `json:"spilled"`
+	Loaded       float64        `json:"loaded"`
 	Counts
 	Rows Rows `json:"rows_at_end"`
 	Load Load `json:"load_avg_1m"`
