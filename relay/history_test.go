@@ -131,3 +131,37 @@ func eventNString(t *testing.T, body []byte) string {
 	}
 	return p.N
 }
+
+// A transaction that changes one endpoint several times leaves one version,
+// its last, and says whether the endpoint existed before the transaction.
+func TestHistoryBatchKeepsTheLastVersionPerCommit(t *testing.T) {
+	s := func(v string) *string { return &v }
+	var h historyBatch
+	h.add(historyEntry{id: "a", lsn: 10, op: "insert", row: mapRow{"url": s("http://one")}})
+	h.add(historyEntry{id: "a", lsn: 10, op: "update", row: mapRow{"url": s("http://two")}})
+	h.add(historyEntry{id: "b", lsn: 10, op: "delete"})
+	h.add(historyEntry{id: "b", lsn: 10, op: "insert", row: mapRow{"url": s("http://three")}})
+	h.add(historyEntry{id: "a", lsn: 20, op: "delete"})
+	if len(h.entries) != 3 {
+		t.Fatalf("%d entries, want 3: %+v", len(h.entries), h.entries)
+	}
+	want := []struct {
+		id, op, url string
+		lsn         int
+	}{{"a", "insert", "http://two", 10}, {"b", "update", "http://three", 10}, {"a", "delete", "", 20}}
+	for i, w := range want {
+		e := h.entries[i]
+		url := ""
+		if e.row != nil && e.row["url"] != nil {
+			url = *e.row["url"]
+		}
+		if e.id != w.id || e.op != w.op || url != w.url || int(e.lsn) != w.lsn {
+			t.Errorf("entry %d: %s %s %q at %d, want %s %s %q at %d", i, e.id, e.op, url, e.lsn, w.id, w.op, w.url, w.lsn)
+		}
+	}
+	h.reset()
+	h.add(historyEntry{id: "a", lsn: 10, op: "update"})
+	if len(h.entries) != 1 || h.entries[0].op != "update" {
+		t.Errorf("after reset: %+v", h.entries)
+	}
+}
