@@ -70,6 +70,13 @@ GRANT ALL ON SCHEMA relay TO app_norepl; GRANT ALL ON ALL TABLES IN SCHEMA relay
 		url := pgtemp.NewDatabase(t, cluster)
 		runFails(t, []string{"outbox-relay migrate"}, relayArgs(url)...)
 	})
+	t.Run("schema of an older version", func(t *testing.T) {
+		url, pool := database(t)
+		if _, err := pool.Exec(context.Background(), `DROP TABLE relay.endpoint_history`); err != nil {
+			t.Fatal(err)
+		}
+		runFails(t, []string{"older than this relay", "outbox-relay migrate"}, relayArgs(url)...)
+	})
 	t.Run("bad flag", func(t *testing.T) {
 		runFails(t, []string{"Overflow"}, "run", "--database-url", "postgres://x", "--overflow", "sometimes")
 	})
