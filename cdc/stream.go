@@ -78,17 +78,42 @@ func New(cfg Config) (*Stream, error) {
 		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
 	}
 	replCfg.RuntimeParams["replication"] = "database"
-	for _, params := range []map[string]string{pgxCfg.RuntimeParams, replCfg.RuntimeParams} {
-		if _, ok := params["application_name"]; !ok {
-			params["application_name"] = ApplicationName // pg_stat_replication names the walsender
-		}
-	}
+	SessionDefaults(pgxCfg.RuntimeParams)
+	SessionDefaults(replCfg.RuntimeParams) // pg_stat_replication names the walsender
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
 }
 
 // ApplicationName is the stream's connections' application_name unless
 // Config.ConnString sets one.
 const ApplicationName = "outbox-relay"
+
+// sessionDefaults are the server settings every connection of the relay
+// asks for at startup, unless the connection string sets them. The TCP
+// ones make the server drop a connection whose peer has vanished (a
+// network partition, a host that died) within seconds instead of the
+// kernel's hours: idle connections by keepalive (5 s, then 3 probes a
+// second apart), busy ones when sent data stays unacknowledged for 10 s
+// (tcp_user_timeout, PostgreSQL 12 or newer). Without them a walsender
+// whose relay was cut off holds the slot, and a terminated one can hang
+// while it sends its last message, so a standby cannot take over. They
+// apply over TCP only; on a Unix socket the server ignores them.
+var sessionDefaults = [...][2]string{
+	{"application_name", ApplicationName},
+	{"tcp_keepalives_idle", "5"},
+	{"tcp_keepalives_interval", "1"},
+	{"tcp_keepalives_count", "3"},
+	{"tcp_user_timeout", "10000"},
+}
+
+// SessionDefaults adds to params (a connection config's RuntimeParams)
+// each of the relay's session settings it does not set already.
+func SessionDefaults(params map[string]string) {
+	for _, kv := range sessionDefaults {
+		if _, ok := params[kv[0]]; !ok {
+			params[kv[0]] = kv[1]
+		}
+	}
+}
 
 // Status returns a snapshot; safe from any goroutine.
 func (s *Stream) Status() Status {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/goleak"
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
@@ -623,5 +624,52 @@ func TestStreamBatchBytesBound(t *testing.T) {
 	}
 	if n := maxTxns(t, 1<<30); n < 2 {
 		t.Errorf("without a byte bound every Batch held one transaction: the test cannot tell the bound works")
+	}
+}
+
+// Every connection of the stream asks the server to drop it soon when the
+// relay vanishes from the network, unless the URL says otherwise.
+func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	ctx := context.Background()
+	show := func(connString string) (userTimeout, idle string) {
+		t.Helper()
+		s, err := New(Config{ConnString: connString})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn, err := pgx.ConnectConfig(ctx, s.pgxCfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close(ctx)
+		if err := conn.QueryRow(ctx, `SELECT current_setting('tcp_user_timeout'), current_setting('tcp_keepalives_idle')`).Scan(&userTimeout, &idle); err != nil {
+			t.Fatal(err)
+		}
+		// The walsender's connection carries the same settings.
+		repl, err := pgconn.ConnectConfig(ctx, s.replCfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer repl.Close(ctx)
+		res, err := repl.Exec(ctx, `SHOW tcp_user_timeout`).ReadAll()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := string(res[0].Rows[0][0]); got != userTimeout {
+			t.Errorf("walsender connection: tcp_user_timeout %q, the ordinary one %q", got, userTimeout)
+		}
+		return userTimeout, idle
+	}
+	if ut, idle := show(u); ut != "10000" || idle != "5" {
+		t.Errorf("default: tcp_user_timeout %q, tcp_keepalives_idle %q; want 10000 (ms) and 5", ut, idle)
+	}
+	sep := "?"
+	if strings.Contains(u, "?") {
+		sep = "&"
+	}
+	if ut, _ := show(u + sep + "tcp_user_timeout=3000"); ut != "3000" {
+		t.Errorf("the URL's tcp_user_timeout=3000 gave %q, want 3000", ut)
 	}
 }

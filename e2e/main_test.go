@@ -159,8 +159,19 @@ func (l lockedBuffer) Write(p []byte) (int, error) {
 
 func startRelay(t *testing.T, args ...string) *relayProc {
 	t.Helper()
+	return startRelayIn(t, "", args...)
+}
+
+// startRelayIn starts the relay in network namespace netns ("" = this
+// process's), through `ip netns exec`, which execs the relay itself.
+func startRelayIn(t *testing.T, netns string, args ...string) *relayProc {
+	t.Helper()
 	p := &relayProc{out: &bytes.Buffer{}, mu: &sync.Mutex{}, done: make(chan error, 1)}
-	p.cmd = exec.Command(binary, args...)
+	if netns == "" {
+		p.cmd = exec.Command(binary, args...)
+	} else {
+		p.cmd = exec.Command("ip", append([]string{"netns", "exec", netns, binary}, args...)...)
+	}
 	p.cmd.Stdout = lockedBuffer{p.mu, p.out}
 	p.cmd.Stderr = lockedBuffer{p.mu, p.out}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -369,7 +369,7 @@ func (r *Relay) keepLock(ctx context.Context, lock **pgx.Conn, lost func(error))
 		r.log.Warn("lock connection lost; taking the lock again")
 		(*lock).Close(context.Background())
 		for ctx.Err() == nil {
-			conn, err := pgx.Connect(ctx, r.cfg.DatabaseURL)
+			conn, err := r.connectLock(ctx)
 			if err == nil {
 				var got bool
 				err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, r.lockKey()).Scan(&got)
@@ -395,22 +395,26 @@ func (r *Relay) keepLock(ctx context.Context, lock **pgx.Conn, lost func(error))
 // becomeActive takes the slot's advisory lock on a dedicated connection,
 // waiting as a standby while another relay holds it. The lock lives as
 // long as the returned connection.
+// connectLock opens a connection for the advisory lock, with the relay's
+// session settings: the server notices within seconds if this relay
+// vanishes without closing it (its keepalives), so a standby can take over.
+func (r *Relay) connectLock(ctx context.Context) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(r.cfg.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	cdc.SessionDefaults(cfg.RuntimeParams)
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
 func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
 	key := r.lockKey()
 	logged := false
 	for {
-		conn, err := pgx.Connect(ctx, r.cfg.DatabaseURL)
+		conn, err := r.connectLock(ctx)
 		if err == nil {
 			var got bool
 			if err = conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1)`, key).Scan(&got); err == nil && got {
-				// Let the server notice within seconds if this relay
-				// vanishes without closing the connection, so a standby
-				// can take over (effective over TCP).
-				for _, set := range []string{"SET tcp_keepalives_idle = 5", "SET tcp_keepalives_interval = 1", "SET tcp_keepalives_count = 3"} {
-					if _, kerr := conn.Exec(ctx, set); kerr != nil {
-						r.log.Debug("keepalive setting refused", slog.String("sql", set), slog.Any("error", kerr))
-					}
-				}
 				return conn, nil
 			}
 			conn.Close(context.Background())

@@ -41,10 +41,9 @@ func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) 
 	}
 	cfg.MaxConns = int32(size)
 	cfg.AfterConnect = registerTypes
-	if _, ok := cfg.ConnConfig.RuntimeParams["application_name"]; !ok {
-		// pg_stat_activity names the relay's connections.
-		cfg.ConnConfig.RuntimeParams["application_name"] = ApplicationName
-	}
+	// pg_stat_activity names the relay's connections, and the server drops
+	// them soon if the relay vanishes from the network (cdc.SessionDefaults).
+	cdc.SessionDefaults(cfg.ConnConfig.RuntimeParams)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)

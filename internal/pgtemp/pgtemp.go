@@ -52,6 +52,10 @@ type Options struct {
 	// benchmarks. Default off, for speed: see the package documentation for
 	// what that means for crash tests.
 	Durable bool
+	// HBA are extra pg_hba.conf lines, after the package's own (which trust
+	// local sockets and 127.0.0.1), e.g. "host all all 10.0.0.0/30 trust"
+	// with a matching listen_addresses in Settings. Default none.
+	HBA []string
 	// Logger receives the package's own events (start, stop, restart) at
 	// debug and info level. The server's log goes to a file in the cluster's
 	// directory, see [Cluster.LogFile]. Default: discard.
@@ -503,8 +507,15 @@ local   replication   all                 trust
 host    all           all   127.0.0.1/32  trust
 host    replication   all   127.0.0.1/32  trust
 `
+	extra := ""
+	for _, line := range c.opts.HBA {
+		if strings.ContainsAny(line, "\n\r") {
+			return fmt.Errorf("pgtemp: Options.HBA: a line holds a line break: %q", line)
+		}
+		extra += line + "\n"
+	}
 	// Rewriting in place keeps the file's owner (postgres when we are root).
-	if err := os.WriteFile(filepath.Join(c.dataDir(), "pg_hba.conf"), []byte(hba), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(c.dataDir(), "pg_hba.conf"), []byte(hba+extra), 0o600); err != nil {
 		return fmt.Errorf("pgtemp: write pg_hba.conf: %w", err)
 	}
 	return nil
