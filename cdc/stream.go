@@ -79,7 +79,7 @@ func New(cfg Config) (*Stream, error) {
 	}
 	replCfg.RuntimeParams["replication"] = "database"
 	SessionDefaults(pgxCfg.RuntimeParams)
-	SessionDefaults(replCfg.RuntimeParams) // pg_stat_replication names the walsender
+	setDefaults(replCfg.RuntimeParams, replicationDefaults[:]) // pg_stat_replication names the walsender
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
 }
 
@@ -87,28 +87,48 @@ func New(cfg Config) (*Stream, error) {
 // Config.ConnString sets one.
 const ApplicationName = "outbox-relay"
 
-// sessionDefaults are the server settings every connection of the relay
-// asks for at startup, unless the connection string sets them. The TCP
-// ones make the server drop a connection whose peer has vanished (a
-// network partition, a host that died) within seconds instead of the
-// kernel's hours: idle connections by keepalive (5 s, then 3 probes a
-// second apart), busy ones when sent data stays unacknowledged for 10 s
-// (tcp_user_timeout, PostgreSQL 12 or newer). Without them a walsender
-// whose relay was cut off holds the slot, and a terminated one can hang
-// while it sends its last message, so a standby cannot take over. They
-// apply over TCP only; on a Unix socket the server ignores them.
-var sessionDefaults = [...][2]string{
-	{"application_name", ApplicationName},
-	{"tcp_keepalives_idle", "5"},
-	{"tcp_keepalives_interval", "1"},
-	{"tcp_keepalives_count", "3"},
-	{"tcp_user_timeout", "10000"},
-}
+// The server settings the relay's connections ask for at startup, unless
+// the connection string sets them. They make the server drop a
+// connection whose peer has vanished (a network partition, a host that
+// died) within seconds instead of the kernel's minutes or hours, so a
+// standby can take over; they apply over TCP only (on a Unix socket the
+// server ignores the TCP ones).
+//
+// Ordinary connections (sessionDefaults): keepalives on an idle
+// connection (5 s, then 3 probes a second apart), and tcp_user_timeout
+// 10 s for sent data that stays unacknowledged (PostgreSQL 12 or newer).
+//
+// The replication connection (replicationDefaults) gets the keepalives
+// and wal_sender_timeout 10 s instead of tcp_user_timeout: the stream
+// answers the server every StatusInterval (100 ms), also while its
+// consumer blocks, so the walsender ends itself 10 s after the relay
+// vanished. tcp_user_timeout would also end a healthy stream whose
+// consumer blocks (overflow "block"): the relay stops reading, its
+// receive window closes, and the kernel counts a zero window as
+// unacknowledged data.
+var (
+	sessionDefaults = [...][2]string{
+		{"application_name", ApplicationName},
+		{"tcp_keepalives_idle", "5"},
+		{"tcp_keepalives_interval", "1"},
+		{"tcp_keepalives_count", "3"},
+		{"tcp_user_timeout", "10000"},
+	}
+	replicationDefaults = [...][2]string{
+		{"application_name", ApplicationName},
+		{"tcp_keepalives_idle", "5"},
+		{"tcp_keepalives_interval", "1"},
+		{"tcp_keepalives_count", "3"},
+		{"wal_sender_timeout", "10s"},
+	}
+)
 
-// SessionDefaults adds to params (a connection config's RuntimeParams)
-// each of the relay's session settings it does not set already.
-func SessionDefaults(params map[string]string) {
-	for _, kv := range sessionDefaults {
+// SessionDefaults adds to params (an ordinary connection config's
+// RuntimeParams) each of the relay's session settings it does not set.
+func SessionDefaults(params map[string]string) { setDefaults(params, sessionDefaults[:]) }
+
+func setDefaults(params map[string]string, defaults [][2]string) {
+	for _, kv := range defaults {
 		if _, ok := params[kv[0]]; !ok {
 			params[kv[0]] = kv[1]
 		}

@@ -628,12 +628,14 @@ func TestStreamBatchBytesBound(t *testing.T) {
 }
 
 // Every connection of the stream asks the server to drop it soon when the
-// relay vanishes from the network, unless the URL says otherwise.
+// relay vanishes from the network, unless the URL says otherwise: the
+// ordinary ones by keepalives and tcp_user_timeout, the walsender's by
+// keepalives and wal_sender_timeout.
 func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 	t.Parallel()
 	u := newDB(t, cluster)
 	ctx := context.Background()
-	show := func(connString string) (userTimeout, idle string) {
+	show := func(connString, walSenderTimeout, replUserTimeout string) (userTimeout, idle string) {
 		t.Helper()
 		s, err := New(Config{ConnString: connString})
 		if err != nil {
@@ -653,23 +655,26 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer repl.Close(ctx)
-		res, err := repl.Exec(ctx, `SHOW tcp_user_timeout`).ReadAll()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := string(res[0].Rows[0][0]); got != userTimeout {
-			t.Errorf("walsender connection: tcp_user_timeout %q, the ordinary one %q", got, userTimeout)
+		for setting, want := range map[string]string{"tcp_keepalives_idle": idle, "wal_sender_timeout": walSenderTimeout,
+			"tcp_user_timeout": replUserTimeout} { // by default 0: a blocked stream's zero window must not end it
+			res, err := repl.Exec(ctx, `SHOW `+setting).ReadAll()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := string(res[0].Rows[0][0]); got != want {
+				t.Errorf("walsender connection: %s %q, want %q", setting, got, want)
+			}
 		}
 		return userTimeout, idle
 	}
-	if ut, idle := show(u); ut != "10000" || idle != "5" {
+	if ut, idle := show(u, "10s", "0"); ut != "10000" || idle != "5" {
 		t.Errorf("default: tcp_user_timeout %q, tcp_keepalives_idle %q; want 10000 (ms) and 5", ut, idle)
 	}
 	sep := "?"
 	if strings.Contains(u, "?") {
 		sep = "&"
 	}
-	if ut, _ := show(u + sep + "tcp_user_timeout=3000"); ut != "3000" {
+	if ut, _ := show(u+sep+"tcp_user_timeout=3000&wal_sender_timeout=20s", "20s", "3000"); ut != "3000" {
 		t.Errorf("the URL's tcp_user_timeout=3000 gave %q, want 3000", ut)
 	}
 }

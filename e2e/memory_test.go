@@ -91,6 +91,23 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 					t.Errorf("%d pending rows refer to their outbox row, want most of the %d", n, events)
 				}
 			}
+			if policy == "block" {
+				// Held back longer than the relay's tcp_user_timeout (10 s):
+				// the blocked stream keeps its walsender, since standby
+				// status updates still flow and the server's data is
+				// acknowledged (a zero window is not a dead peer).
+				walsender := func() int {
+					return count(t, pool, `SELECT coalesce(max(active_pid), 0) FROM pg_replication_slots WHERE database = current_database()`)
+				}
+				before := walsender()
+				time.Sleep(12 * time.Second)
+				if after := walsender(); before == 0 || after != before {
+					t.Errorf("walsender pid %d before a 12 s block, %d after: the blocked stream lost its connection", before, after)
+				}
+				if strings.Contains(p.output(), "replication connection lost") {
+					t.Errorf("the blocked relay lost its replication connection")
+				}
+			}
 			rssDown := peakRSS(t, p.cmd.Process.Pid)
 			if rssDown > 150<<20 {
 				t.Errorf("peak RSS %d MB with the receiver down, want < 150 MB", rssDown>>20)

@@ -256,10 +256,16 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 		lock.Close(context.Background())
 		return nil, err
 	}
-	// A relay that held the lock is gone; if its walsender lingers (the
-	// server has not noticed yet), end it so the slot is free now.
-	if _, err := r.pool.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
-WHERE slot_name = $1 AND active_pid IS NOT NULL`, r.cfg.SlotName); err != nil {
+	// A relay that held the lock is gone. If its walsender lingers with a
+	// live peer (the old process still runs and streams), end it so the
+	// slot is free now. One whose peer has not answered for 2 s is left to
+	// end itself: it does within wal_sender_timeout (10 s, set by the
+	// stream), while a terminated one would first try to send its peer
+	// the error, and can hang there for minutes when that peer vanished
+	// from the network.
+	if _, err := r.pool.Exec(ctx, `SELECT pg_terminate_backend(s.active_pid) FROM pg_replication_slots s
+JOIN pg_stat_replication p ON p.pid = s.active_pid
+WHERE s.slot_name = $1 AND p.reply_time > now() - interval '2 seconds'`, r.cfg.SlotName); err != nil {
 		r.log.Warn("could not end the previous walsender of the slot", slog.Any("error", err))
 	}
 	// We are the only relay on this slot: claims left by a dead process
