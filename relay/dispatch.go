@@ -551,12 +551,27 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				continue
 			}
 		}
+		probed := false
 		for ctx.Err() == nil {
 			room := r.sched.space()
 			if room < min(100, r.cfg.QueueEvents/4) {
 				break
 			}
-			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, r.sched.loadExcluded(r.now()))
+			excluded, probes := r.sched.loadExcluded(r.now())
+			if len(probes) > 0 && !probed {
+				// One row each for the open circuits whose cooldown is
+				// over: their probes. The rest of their rows stay put.
+				probed = true
+				ds, err := claimProbes(ctx, r.pool, probes[:min(len(probes), maxProbesPerLoad)], r.cfg.ClaimLease)
+				if err != nil {
+					if ctx.Err() == nil {
+						r.log.Warn("claiming probes failed", slog.Any("error", err))
+					}
+					break
+				}
+				r.acceptLoaded(ds)
+			}
+			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, append(excluded, probes...))
 			if err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))
@@ -567,32 +582,45 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				r.spilled.Store(false)
 				break
 			}
-			r.metrics.loaded.Add(float64(len(ds)))
-			var queue []*delivery
-			for _, d := range ds {
-				d.state = StatePending
-				ep, ordered := r.sched.endpointForLoad(d.endpointID)
-				if ordered {
-					continue // turned ordered since the claim: the row is its lane's
-				}
-				if ep == nil {
-					d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
-				} else if state, reason, refused := ep.refusal(); refused {
-					d.state, d.errText = state, reason
-				} else {
-					d.ep = ep
-					queue = append(queue, d)
-					continue
-				}
-				d.completed = r.now()
-				r.writer.add(d)
-			}
-			r.sched.push(queue, false)
+			r.acceptLoaded(ds)
 			if len(ds) < min(room, 1000) {
 				break
 			}
 		}
 	}
+}
+
+// maxProbesPerLoad bounds the probes one loader pass claims (one row per
+// endpoint whose circuit awaits a probe); the next pass takes the rest.
+const maxProbesPerLoad = 500
+
+// acceptLoaded queues claimed rows for delivery, or ends those whose
+// endpoint is gone or refuses them.
+func (r *Relay) acceptLoaded(ds []*delivery) {
+	if len(ds) == 0 {
+		return
+	}
+	r.metrics.loaded.Add(float64(len(ds)))
+	var queue []*delivery
+	for _, d := range ds {
+		d.state = StatePending
+		ep, ordered := r.sched.endpointForLoad(d.endpointID)
+		if ordered {
+			continue // turned ordered since the claim: the row is its lane's
+		}
+		if ep == nil {
+			d.state, d.errText = StateRejected, "unknown endpoint "+d.endpointID
+		} else if state, reason, refused := ep.refusal(); refused {
+			d.state, d.errText = state, reason
+		} else {
+			d.ep = ep
+			queue = append(queue, d)
+			continue
+		}
+		d.completed = r.now()
+		r.writer.add(d)
+	}
+	r.sched.push(queue, false)
 }
 
 // cleanupLoop removes old outbox rows and old final delivery rows in

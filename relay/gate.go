@@ -233,9 +233,11 @@ func (s *scheduler) setTripped(epID string, tripped bool) {
 
 // loadExcluded lists the endpoints whose rows the general loader must
 // leave alone: ordered endpoints (their lanes load them) and endpoints
-// whose circuit is open or probing, unless nothing of theirs is in memory
-// or in flight and the cooldown is over: then a loaded row is the probe.
-func (s *scheduler) loadExcluded(now time.Time) []string {
+// whose circuit is open or probing. probes are those of the latter with
+// nothing in memory or in flight and the cooldown over: one loaded row of
+// each is its probe, so the loader takes one (claimProbes) instead of a
+// batch that would go back to the table when the probe fails.
+func (s *scheduler) loadExcluded(now time.Time) (excluded, probes []string) {
 	s.trippedMu.Lock()
 	tripped := make([]string, 0, len(s.tripped))
 	for id := range s.tripped {
@@ -259,14 +261,16 @@ func (s *scheduler) loadExcluded(now time.Time) []string {
 			continue
 		case gobreaker.StateOpen:
 			if q.items.len() == 0 && q.inFlight == 0 && !now.Before(time.Unix(0, b.openedAt.Load()).Add(b.cooldown)) {
+				probes = append(probes, id)
 				continue
 			}
 		case gobreaker.StateHalfOpen:
 			if q.items.len() == 0 && q.inFlight == 0 {
+				probes = append(probes, id)
 				continue
 			}
 		}
 		ids = append(ids, id)
 	}
-	return ids
+	return ids, probes
 }

@@ -320,8 +320,8 @@ func TestSchedulerPushSendsOrderedToTheLane(t *testing.T) {
 }
 
 // The loader leaves an endpoint with an open circuit alone while it has a
-// delivery in memory (the probe) or the cooldown runs; then its rows are
-// loadable again, for the probe. Only tripped endpoints are looked at.
+// delivery in memory (the probe) or the cooldown runs; then it is listed
+// for one probe row. Only tripped endpoints are looked at.
 func TestSchedulerLoadExcludesTrippedEndpoints(t *testing.T) {
 	s := newScheduler(1000, 1<<40, 10)
 	s.breakerChanged = func(string, gobreaker.State, gobreaker.State) {}
@@ -335,8 +335,8 @@ func TestSchedulerLoadExcludesTrippedEndpoints(t *testing.T) {
 	}
 	push("dead", 2)
 	push("fine", 2)
-	if ex := s.loadExcluded(time.Now()); len(ex) != 0 {
-		t.Fatalf("nothing tripped, yet excluded %v", ex)
+	if ex, probes := s.loadExcluded(time.Now()); len(ex) != 0 || len(probes) != 0 {
+		t.Fatalf("nothing tripped, yet excluded %v, probes %v", ex, probes)
 	}
 	for {
 		d := s.pickLocked()
@@ -349,17 +349,17 @@ func TestSchedulerLoadExcludesTrippedEndpoints(t *testing.T) {
 		d.breakerDone(nil)
 		s.done(d)
 	}
-	if ex := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) {
-		t.Fatalf("open circuit with its probe queued: excluded %v, want [dead]", ex)
+	if ex, probes := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) || len(probes) != 0 {
+		t.Fatalf("open circuit with its probe queued: excluded %v, probes %v; want [dead] and none", ex, probes)
 	}
 	// The queued delivery leaves memory (as an eviction would take it).
 	s.mu.Lock()
 	s.popLocked(s.endpoints["dead"])
 	s.mu.Unlock()
-	if ex := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) {
-		t.Fatalf("open circuit in its cooldown: excluded %v, want [dead]", ex)
+	if ex, probes := s.loadExcluded(time.Now()); !slices.Equal(ex, []string{"dead"}) || len(probes) != 0 {
+		t.Fatalf("open circuit in its cooldown: excluded %v, probes %v; want [dead] and none", ex, probes)
 	}
-	if ex := s.loadExcluded(time.Now().Add(2 * time.Minute)); len(ex) != 0 {
-		t.Fatalf("cooldown over, nothing in memory: excluded %v, want none (a loaded row is the probe)", ex)
+	if ex, probes := s.loadExcluded(time.Now().Add(2 * time.Minute)); len(ex) != 0 || !slices.Equal(probes, []string{"dead"}) {
+		t.Fatalf("cooldown over, nothing in memory: excluded %v, probes %v; want none and [dead] (one loaded row is the probe)", ex, probes)
 	}
 }

@@ -524,6 +524,37 @@ RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
     CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
     (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
 
+// claimProbesSQL claims at most one due row of each endpoint in $1 (a
+// probe for its open circuit), the oldest in commit order, through
+// deliveries_ordered_idx.
+const claimProbesSQL = `
+WITH due AS (
+    SELECT p.event_id, p.endpoint_id, p.payload IS NULL AS by_ref
+    FROM unnest($1::text[]) AS e(id)
+    CROSS JOIN LATERAL (
+        SELECT event_id, endpoint_id, payload FROM relay.deliveries
+        WHERE endpoint_id = e.id AND state IN ('pending', 'retrying') AND claimed_until IS NULL AND next_attempt_at <= now()
+        ORDER BY commit_lsn, event_seq
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED) p)
+UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
+FROM due LEFT JOIN relay.outbox o ON due.by_ref AND o.id = due.event_id
+WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
+RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
+    COALESCE(d.payload, o.payload)::text,
+    CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
+    CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
+    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
+
+// claimProbes claims one due row of each endpoint in ids.
+func claimProbes(ctx context.Context, pool *pgxpool.Pool, ids []string, lease time.Duration) ([]*delivery, error) {
+	rows, err := pool.Query(ctx, claimProbesSQL, ids, lease.String())
+	if err != nil {
+		return nil, fmt.Errorf("claim probes: %w", err)
+	}
+	return scanClaimed(rows, false)
+}
+
 // releaseExpiredSQL makes rows whose claim has lapsed claimable again
 // (claimSQL reads only unclaimed rows, through deliveries_due_unclaimed_idx;
 // this walks deliveries_claimed_idx, and only its lapsed part).
