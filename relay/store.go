@@ -514,7 +514,12 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED)
-UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
+` + claimDueRowsSQL
+
+// claimDueRowsSQL follows a CTE "due" (event_id, endpoint_id, by_ref) of
+// locked rows: it claims them for the lease in $2 and returns what
+// scanClaimed reads.
+const claimDueRowsSQL = `UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
 FROM due LEFT JOIN relay.outbox o ON due.by_ref AND o.id = due.event_id
 WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
 RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
@@ -537,14 +542,7 @@ WITH due AS (
         ORDER BY commit_lsn, event_seq
         LIMIT 1
         FOR UPDATE SKIP LOCKED) p)
-UPDATE relay.deliveries d SET claimed_until = now() + $2::interval
-FROM due LEFT JOIN relay.outbox o ON due.by_ref AND o.id = due.event_id
-WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
-RETURNING d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
-    COALESCE(d.payload, o.payload)::text,
-    CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
-    CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
-    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq`
+` + claimDueRowsSQL
 
 // claimProbes claims one due row of each endpoint in ids.
 func claimProbes(ctx context.Context, pool *pgxpool.Pool, ids []string, lease time.Duration) ([]*delivery, error) {
