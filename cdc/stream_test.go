@@ -601,14 +601,32 @@ func TestConfigValidate(t *testing.T) {
 // the same backlog comes in batches of many transactions.
 func TestStreamBatchBytesBound(t *testing.T) {
 	t.Parallel()
-	maxTxns := func(t *testing.T, bound int) int {
+	maxTxns := func(t *testing.T, bound, n int) int {
 		u := newDB(t, cluster)
 		s := newStream(t, u, func(c *Config) { c.MaxBatchBytes = bound; c.MaxBatchDelay = time.Second })
-		insertOutbox(t, u, 0, 200) // a backlog of single-row transactions, buffered together
-		c := &consumer{ack: true}
+		// A backlog of single-row transactions, committed before the
+		// stream starts, on one connection.
+		ctx := context.Background()
+		conn, err := pgx.Connect(ctx, u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range n {
+			if _, err := conn.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', jsonb_build_object('n', $1::int))`, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		conn.Close(ctx)
+		// The consumer waits a moment before its first receive, so the
+		// stream has the backlog buffered: whether transactions share a
+		// Batch then depends on the bound, not on whether the reader
+		// happened to fall behind the walsender.
+		c := &consumer{ack: true, gate: make(chan struct{})}
 		c.run(t, s)
-		waitFor(t, 20*time.Second, "200 rows", func() bool { return len(outboxRows(c.snapshot())) == 200 })
-		if got, want := outboxRows(c.snapshot()), payloads(0, 200); !slices.Equal(got, want) {
+		time.Sleep(500 * time.Millisecond)
+		close(c.gate)
+		waitFor(t, 30*time.Second, fmt.Sprintf("%d rows", n), func() bool { return len(outboxRows(c.snapshot())) == n })
+		if got, want := outboxRows(c.snapshot()), payloads(0, n); !slices.Equal(got, want) {
 			t.Fatalf("rows out of order or altered")
 		}
 		c.mu.Lock()
@@ -619,10 +637,10 @@ func TestStreamBatchBytesBound(t *testing.T) {
 		}
 		return most
 	}
-	if n := maxTxns(t, 1); n != 1 {
+	if n := maxTxns(t, 1, 200); n != 1 {
 		t.Errorf("MaxBatchBytes 1: a Batch held %d transactions, want 1", n)
 	}
-	if n := maxTxns(t, 1<<30); n < 2 {
+	if n := maxTxns(t, 1<<30, 200); n < 2 {
 		t.Errorf("without a byte bound every Batch held one transaction: the test cannot tell the bound works")
 	}
 }
