@@ -454,9 +454,9 @@ func (rc *faultReceiver) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	}
 	if mark := rc.mark.Load(); mark != 0 {
 		if at, _ := req.Context().Value(connAccepted{}).(int64); at > mark {
-			rc.firstAny.CompareAndSwap(0, ns)
+			rc.setFirst(&rc.firstAny, mark, ns)
 			if t, ok := bodyTime(body); ok && t > mark {
-				rc.firstNew.CompareAndSwap(0, ns)
+				rc.setFirst(&rc.firstNew, mark, ns)
 			}
 		}
 	}
@@ -484,12 +484,23 @@ func (rc *faultReceiver) repeat(first, now time.Time) {
 	rc.unexplained++
 }
 
+// setFirst records ns in first if it is unset, as a delivery after mark.
+// If arm moved the mark meanwhile, this delivery belongs to the previous
+// kill (it read the old mark), so it is taken back; arm stores the new mark
+// before clearing first, so one of the two always wins.
+func (rc *faultReceiver) setFirst(first *atomic.Int64, mark, ns int64) {
+	if first.CompareAndSwap(0, ns) && rc.mark.Load() != mark {
+		first.CompareAndSwap(ns, 0)
+	}
+}
+
 // arm starts watching for the first delivery after t (a kill about to be
-// sent).
+// sent). The mark moves first, then the previous kill's figures are
+// cleared (see setFirst).
 func (rc *faultReceiver) arm(t time.Time) {
+	rc.mark.Store(t.UnixNano())
 	rc.firstAny.Store(0)
 	rc.firstNew.Store(0)
-	rc.mark.Store(t.UnixNano())
 }
 
 // addKill records a kill, for classifying repeated deliveries.
