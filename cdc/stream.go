@@ -79,7 +79,7 @@ func New(cfg Config) (*Stream, error) {
 	}
 	replCfg.RuntimeParams["replication"] = "database"
 	SessionDefaults(pgxCfg.RuntimeParams)
-	setDefaults(replCfg.RuntimeParams, replicationDefaults[:]) // pg_stat_replication names the walsender
+	setDefaults(replCfg.RuntimeParams, replicationDefaults) // pg_stat_replication names the walsender
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
 }
 
@@ -94,12 +94,13 @@ const ApplicationName = "outbox-relay"
 // standby can take over; they apply over TCP only (on a Unix socket the
 // server ignores the TCP ones).
 //
-// Ordinary connections (sessionDefaults): keepalives on an idle
-// connection (5 s, then 3 probes a second apart), and tcp_user_timeout
-// 10 s for sent data that stays unacknowledged (PostgreSQL 12 or newer).
+// Every connection (commonDefaults): application_name and keepalives on
+// an idle connection (5 s, then 3 probes a second apart). Ordinary ones
+// (sessionDefaults) add tcp_user_timeout 10 s for sent data that stays
+// unacknowledged (PostgreSQL 12 or newer).
 //
-// The replication connection (replicationDefaults) gets the keepalives
-// and wal_sender_timeout 10 s instead of tcp_user_timeout: the stream
+// The replication connection (replicationDefaults) adds
+// wal_sender_timeout 10 s instead of tcp_user_timeout: the stream
 // answers the server every StatusInterval (100 ms), also while its
 // consumer blocks, so the walsender ends itself 10 s after the relay
 // vanished. tcp_user_timeout would also end a healthy stream whose
@@ -107,30 +108,27 @@ const ApplicationName = "outbox-relay"
 // receive window closes, and the kernel counts a zero window as
 // unacknowledged data.
 var (
-	sessionDefaults = [...][2]string{
+	commonDefaults = [][2]string{
 		{"application_name", ApplicationName},
 		{"tcp_keepalives_idle", "5"},
 		{"tcp_keepalives_interval", "1"},
 		{"tcp_keepalives_count", "3"},
-		{"tcp_user_timeout", "10000"},
 	}
-	replicationDefaults = [...][2]string{
-		{"application_name", ApplicationName},
-		{"tcp_keepalives_idle", "5"},
-		{"tcp_keepalives_interval", "1"},
-		{"tcp_keepalives_count", "3"},
-		{"wal_sender_timeout", "10s"},
-	}
+	sessionDefaults     = [][2]string{{"tcp_user_timeout", "10000"}}
+	replicationDefaults = [][2]string{{"wal_sender_timeout", "10s"}}
 )
 
 // SessionDefaults adds to params (an ordinary connection config's
 // RuntimeParams) each of the relay's session settings it does not set.
-func SessionDefaults(params map[string]string) { setDefaults(params, sessionDefaults[:]) }
+func SessionDefaults(params map[string]string) { setDefaults(params, sessionDefaults) }
 
-func setDefaults(params map[string]string, defaults [][2]string) {
-	for _, kv := range defaults {
-		if _, ok := params[kv[0]]; !ok {
-			params[kv[0]] = kv[1]
+// setDefaults adds commonDefaults and extra to params where unset.
+func setDefaults(params map[string]string, extra [][2]string) {
+	for _, defaults := range [][][2]string{commonDefaults, extra} {
+		for _, kv := range defaults {
+			if _, ok := params[kv[0]]; !ok {
+				params[kv[0]] = kv[1]
+			}
 		}
 	}
 }

@@ -381,17 +381,11 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 		ids = append(ids, d.eventID)
 	}
 	var existing map[pairKey]bool
-	var err error
-	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
-		if existing, err = existingRows(ctx, r.pool, ids); err == nil {
-			break
-		}
-		r.log.Warn("restart lookup failed; retrying", slog.Any("error", err))
-		select {
-		case <-ctx.Done():
-			return queue, final, ctx.Err()
-		case <-time.After(backoff):
-		}
+	if err := r.retrySQL(ctx, "restart lookup failed; retrying", func() (err error) {
+		existing, err = existingRows(ctx, r.pool, ids)
+		return err
+	}); err != nil {
+		return queue, final, err
 	}
 	// The recorded routing stands, even if the config changed since: an
 	// event recorded as unrouted is not routed now, and an event with a

@@ -106,12 +106,21 @@ func writeHistory(ctx context.Context, pool *pgxpool.Pool, entries []historyEntr
 // recordHistory writes entries, retrying while Postgres is unreachable:
 // the watermark waits for them (invariant 1).
 func (r *Relay) recordHistory(ctx context.Context, entries []historyEntry) error {
+	return r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
+		return writeHistory(ctx, r.pool, entries)
+	})
+}
+
+// retrySQL runs f until it succeeds or ctx ends, logging each failure with
+// msg and backing off from 100 ms to 5 s: for the dispatcher's statements,
+// which must happen before the stream may go on.
+func (r *Relay) retrySQL(ctx context.Context, msg string, f func() error) error {
 	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
-		err := writeHistory(ctx, r.pool, entries)
+		err := f()
 		if err == nil {
 			return nil
 		}
-		r.log.Warn("recording endpoint config history failed; retrying", slog.Any("error", err))
+		r.log.Warn(msg, slog.Any("error", err))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -122,9 +131,9 @@ func (r *Relay) recordHistory(ctx context.Context, entries []historyEntry) error
 
 // endpointsAt returns the endpoint rows as of LSN at (invariant 2), given
 // the rows as they are now, and records a snapshot for those with no
-// history. fromHistory counts the endpoints whose state was taken from the
-// history (a version, or absent then) rather than from the table.
-func endpointsAt(ctx context.Context, pool *pgxpool.Pool, at cdc.LSN, current []mapRow) (rows []mapRow, fromHistory int, err error) {
+// history. changed counts the endpoints with a version above at: those
+// whose config the replay changes again.
+func endpointsAt(ctx context.Context, pool *pgxpool.Pool, at cdc.LSN, current []mapRow) (rows []mapRow, changed int, err error) {
 	type version struct {
 		op  string
 		row mapRow
@@ -174,11 +183,8 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 		switch {
 		case ok && v.row != nil:
 			rows = append(rows, v.row)
-			fromHistory++
 		case ok: // deleted at or below at, and created again since
-			fromHistory++
 		case after[id] == "insert": // created after at
-			fromHistory++
 		case after[id] != "":
 			rows = append(rows, row) // history starts with a change above at: its earlier state is unknown
 		default:
@@ -190,7 +196,6 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 	for id, v := range before {
 		if !seen[id] && v.row != nil {
 			rows = append(rows, v.row)
-			fromHistory++
 		}
 	}
 	if len(snapshot) > 0 {
@@ -198,7 +203,7 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 			return nil, 0, err
 		}
 	}
-	return rows, fromHistory, nil
+	return rows, len(after), nil
 }
 
 // pruneHistorySQL removes versions no logical slot of this database can

@@ -165,3 +165,45 @@ func TestHistoryBatchKeepsTheLastVersionPerCommit(t *testing.T) {
 		t.Errorf("after reset: %+v", h.entries)
 	}
 }
+
+// The slot is never acknowledged past an endpoint change whose version is
+// not recorded yet (invariant 1): while the history table is locked, the
+// confirmed position stays before the change, and the event committed
+// after it waits; once the write goes through, both move on.
+func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
+	t.Parallel()
+	e, _ := relayPastStartup(t)
+	ctx := context.Background()
+	lock, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback(ctx)
+	if _, err := lock.Exec(ctx, `LOCK TABLE relay.endpoint_history IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	e.Exec(`UPDATE relay.endpoints SET timeout_ms = 5000 WHERE id = 'ep'`)
+	var changeEnd string
+	if err := e.Pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&changeEnd); err != nil {
+		t.Fatal(err)
+	}
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'after', '{}')`)
+	confirmedPast := func() bool {
+		return e.Count(`SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::pg_lsn`, e.Slot, changeEnd) == 1
+	}
+	time.Sleep(1500 * time.Millisecond) // fifteen status intervals
+	if confirmedPast() {
+		t.Fatal("the slot was acknowledged past an endpoint change whose history row is not written")
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after'`); n != 0 {
+		t.Fatalf("the event after the change has %d rows while the change is unrecorded", n)
+	}
+	if err := lock.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.WaitFor("the change recorded, the event delivered, the slot past both", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep' AND op = 'update' AND config->>'timeout_ms' = '5000'`) == 1 &&
+			e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after' AND state = 'succeeded'`) == 1 &&
+			confirmedPast()
+	})
+}

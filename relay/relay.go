@@ -450,15 +450,15 @@ rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_
 	if err != nil {
 		return fmt.Errorf("load endpoints: %w", err)
 	}
-	eps, fromHistory := current, 0
+	eps, changed := current, 0
 	if at != 0 {
-		if eps, fromHistory, err = endpointsAt(ctx, r.pool, at, current); err != nil {
+		if eps, changed, err = endpointsAt(ctx, r.pool, at, current); err != nil {
 			return err
 		}
 	}
-	if fromHistory > 0 {
-		r.log.Info("endpoint config as of the slot's confirmed position", slog.String("lsn", at.String()),
-			slog.Int("from_history", fromHistory), slog.Int("as_now", len(current)))
+	if changed > 0 {
+		r.log.Info("endpoint config as of the slot's confirmed position; the replay applies the changes since",
+			slog.String("lsn", at.String()), slog.Int("endpoints_changed_since", changed))
 	}
 	for _, row := range eps {
 		r.installEndpoint(r.config.upsertEndpoint(row, r.log))
