@@ -561,12 +561,15 @@ func (c *Cluster) start(ctx context.Context) error {
 		select {
 		case <-exited:
 			err = fmt.Errorf("pgtemp: postgres exited during startup (%s): %w", cmd.ProcessState, err)
-			if bytes.Contains(logTail, []byte("could not create any TCP/IP sockets")) ||
-				bytes.Contains(logTail, []byte("Address already in use")) {
-				err = &portError{err}
-			}
 		default:
+			// Still running: on its Unix socket only, if it could not bind
+			// its TCP port (another cluster has it).
 			_ = c.shutdown(syscall.SIGQUIT, shutdownTimeout)
+		}
+		if pe := (*portError)(nil); !errors.As(err, &pe) &&
+			(bytes.Contains(logTail, []byte("could not create any TCP/IP sockets")) ||
+				bytes.Contains(logTail, []byte("Address already in use"))) {
+			err = &portError{err}
 		}
 		return fmt.Errorf("%w\nserver log %s (last lines):\n%s", err, logPath, logTail)
 	}
@@ -588,7 +591,20 @@ func (c *Cluster) waitReady(ctx context.Context) error {
 	for {
 		conn, err := pgx.ConnectConfig(ctx, cfg)
 		if err == nil {
-			return conn.Close(ctx)
+			// The port was free when picked, but another cluster started
+			// at the same moment may hold it; a postmaster that cannot
+			// bind TCP still runs on its Unix socket. Check the server
+			// answering is this one.
+			var dir string
+			err = conn.QueryRow(ctx, `SHOW data_directory`).Scan(&dir)
+			conn.Close(ctx)
+			if err != nil {
+				return err
+			}
+			if !sameDir(dir, c.dataDir()) {
+				return &portError{fmt.Errorf("port %d is served by another cluster (%s)", c.port, dir)}
+			}
+			return nil
 		}
 		select {
 		case <-c.exited:
@@ -598,6 +614,16 @@ func (c *Cluster) waitReady(ctx context.Context) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// sameDir reports whether a and b name the same directory.
+func sameDir(a, b string) bool {
+	ai, errA := os.Stat(a)
+	bi, errB := os.Stat(b)
+	if errA != nil || errB != nil {
+		return filepath.Clean(a) == filepath.Clean(b)
+	}
+	return os.SameFile(ai, bi)
 }
 
 // shutdown signals the server and waits for it to exit, killing it after
