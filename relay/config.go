@@ -100,6 +100,11 @@ type Config struct {
 	RootCAs *x509.CertPool
 	// UserAgent is sent with every request. Default "outbox-relay".
 	UserAgent string
+	// HTTPClient picks what sends plain-http:// deliveries: "lean" (the
+	// relay's own HTTP/1.1 transport, internal/h1, with no goroutines per
+	// connection) or "net/http" (Go's client, as https:// always uses).
+	// Default "lean".
+	HTTPClient string
 
 	// StandbyPoll is how often a standby relay checks whether it can take
 	// over. Default 1s.
@@ -166,6 +171,7 @@ func (c Config) withDefaults() Config {
 	c.AutoDisableAfter = cmp.Or(c.AutoDisableAfter, 5*24*time.Hour)
 	c.CleanupInterval = cmp.Or(c.CleanupInterval, time.Minute)
 	c.UserAgent = cmp.Or(c.UserAgent, "outbox-relay")
+	c.HTTPClient = cmp.Or(c.HTTPClient, HTTPClientLean)
 	c.StandbyPoll = cmp.Or(c.StandbyPoll, time.Second)
 	if c.Registerer == nil {
 		c.Registerer = prometheus.NewRegistry()
@@ -196,6 +202,9 @@ func (c Config) Validate() error {
 	}
 	if c.Overflow != "" && c.Overflow != OverflowSpill && c.Overflow != OverflowBlock {
 		errs = append(errs, fmt.Errorf("Overflow must be %q or %q (got %q)", OverflowSpill, OverflowBlock, c.Overflow))
+	}
+	if c.HTTPClient != "" && c.HTTPClient != HTTPClientLean && c.HTTPClient != HTTPClientNetHTTP {
+		errs = append(errs, fmt.Errorf("HTTPClient must be %q or %q (got %q)", HTTPClientLean, HTTPClientNetHTTP, c.HTTPClient))
 	}
 	for i, d := range c.RetrySchedule {
 		if d < 0 {

@@ -113,6 +113,7 @@ func (r *Relay) Ready() (bool, string) {
 // streams and delivers until ctx is done or a fatal error occurs.
 func (r *Relay) Run(ctx context.Context) error {
 	defer r.state.Store("stopped")
+	defer r.client.closeIdle()
 	pool, err := openPool(ctx, r.cfg.DatabaseURL, 8)
 	if err != nil {
 		return err

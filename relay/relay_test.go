@@ -16,82 +16,91 @@ import (
 // bytes and valid signatures; rolled-back ones never arrive.
 func TestDeliversCommittedEventsToSubscribers(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	billing, audit, other := newReceiver(t), newReceiver(t), newReceiver(t)
-	e.addEndpoint("ep_billing", "acme", billing, "invoice.*")
-	e.addEndpoint("ep_audit", "acme", audit)
-	e.addEndpoint("ep_other", "globex", other, "invoice.paid")
-	e.startRelay(nil)
+	// The lean client sends http:// by default; net/http is the other choice.
+	for _, client := range []string{HTTPClientLean, HTTPClientNetHTTP} {
+		t.Run(client, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			billing, audit, other := newReceiver(t), newReceiver(t), newReceiver(t)
+			e.addEndpoint("ep_billing", "acme", billing, "invoice.*")
+			e.addEndpoint("ep_audit", "acme", audit)
+			e.addEndpoint("ep_other", "globex", other, "invoice.paid")
+			e.startRelay(func(c *Config) { c.HTTPClient = client })
 
-	ctx := context.Background()
-	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, headers, traceparent) VALUES
+			ctx := context.Background()
+			e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, headers, traceparent) VALUES
   ('acme', 'invoice.paid', '{"id": 1, "amount": "12.50", "note": "héllo \"q\""}', '{"X-Custom": "yes"}', '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'),
   ('acme', 'customer.updated', '{"id": 2}', NULL, NULL)`)
-	// A rolled-back transaction.
-	tx, err := e.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tx.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.paid', '{"rolled_back": true}')`); err != nil {
-		t.Fatal(err)
-	}
-	tx.Rollback(ctx)
-	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.voided', '{"id": 3}')`)
+			// A rolled-back transaction.
+			tx, err := e.Pool.Begin(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.paid', '{"rolled_back": true}')`); err != nil {
+				t.Fatal(err)
+			}
+			tx.Rollback(ctx)
+			e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('acme', 'invoice.voided', '{"id": 3}')`)
 
-	e.WaitFor("5 succeeded deliveries", 20*time.Second, func() bool {
-		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 5
-	})
-	// billing: invoice.paid, invoice.voided. audit: all three. other: none.
-	if got := len(billing.requests()); got != 2 {
-		t.Errorf("billing got %d requests, want 2", got)
-	}
-	if got := len(audit.requests()); got != 3 {
-		t.Errorf("audit got %d requests, want 3", got)
-	}
-	if got := len(other.requests()); got != 0 {
-		t.Errorf("other tenant's endpoint got %d requests, want 0", got)
-	}
-	// Bytes and headers intact, signatures valid.
-	rows, _ := e.Pool.Query(ctx, `SELECT id::text, payload::text, event_type FROM relay.outbox`)
-	payloads := map[string]string{}
-	var id, payload, typ string
-	pgx.ForEachRow(rows, []any{&id, &payload, &typ}, func() error {
-		payloads["msg_"+strings.ReplaceAll(id, "-", "")] = payload
-		return nil
-	})
-	for _, rcv := range []*receiver{billing, audit} {
-		for _, req := range rcv.requests() {
-			want, ok := payloads[req.id]
-			if !ok {
-				t.Errorf("unknown webhook-id %q", req.id)
-				continue
+			e.WaitFor("5 succeeded deliveries", 20*time.Second, func() bool {
+				return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 5
+			})
+			// billing: invoice.paid, invoice.voided. audit: all three. other: none.
+			if got := len(billing.requests()); got != 2 {
+				t.Errorf("billing got %d requests, want 2", got)
 			}
-			if string(req.body) != want {
-				t.Errorf("body %q, want %q", req.body, want)
+			if got := len(audit.requests()); got != 3 {
+				t.Errorf("audit got %d requests, want 3", got)
 			}
-			if strings.Contains(string(req.body), "rolled_back") {
-				t.Errorf("rolled-back event delivered: %s", req.body)
+			if got := len(other.requests()); got != 0 {
+				t.Errorf("other tenant's endpoint got %d requests, want 0", got)
 			}
-			if req.verifyErr != nil {
-				t.Errorf("signature of %s does not verify: %v", req.id, req.verifyErr)
-			}
-			if req.header.Get("Content-Type") != "application/json" {
-				t.Errorf("content-type %q", req.header.Get("Content-Type"))
-			}
-			if strings.Contains(want, "héllo") {
-				if req.header.Get("X-Custom") != "yes" || req.header.Get("Traceparent") != "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" {
-					t.Errorf("event headers lost: %v", req.header)
+			// Bytes and headers intact, signatures valid.
+			rows, _ := e.Pool.Query(ctx, `SELECT id::text, payload::text, event_type FROM relay.outbox`)
+			payloads := map[string]string{}
+			var id, payload, typ string
+			pgx.ForEachRow(rows, []any{&id, &payload, &typ}, func() error {
+				payloads["msg_"+strings.ReplaceAll(id, "-", "")] = payload
+				return nil
+			})
+			for _, rcv := range []*receiver{billing, audit} {
+				for _, req := range rcv.requests() {
+					want, ok := payloads[req.id]
+					if !ok {
+						t.Errorf("unknown webhook-id %q", req.id)
+						continue
+					}
+					if string(req.body) != want {
+						t.Errorf("body %q, want %q", req.body, want)
+					}
+					if strings.Contains(string(req.body), "rolled_back") {
+						t.Errorf("rolled-back event delivered: %s", req.body)
+					}
+					if req.verifyErr != nil {
+						t.Errorf("signature of %s does not verify: %v", req.id, req.verifyErr)
+					}
+					if req.header.Get("User-Agent") != "outbox-relay" {
+						t.Errorf("user-agent %q", req.header.Get("User-Agent"))
+					}
+					if req.header.Get("Content-Type") != "application/json" {
+						t.Errorf("content-type %q", req.header.Get("Content-Type"))
+					}
+					if strings.Contains(want, "héllo") {
+						if req.header.Get("X-Custom") != "yes" || req.header.Get("Traceparent") != "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" {
+							t.Errorf("event headers lost: %v", req.header)
+						}
+					}
 				}
 			}
-		}
-	}
-	// Status rows: attempts, http status, timings, no payload kept.
-	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 1 AND http_status = 200
+			// Status rows: attempts, http status, timings, no payload kept.
+			if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND attempts = 1 AND http_status = 200
 AND completed_at IS NOT NULL AND duration_ms >= 0 AND payload IS NULL AND commit_lsn IS NOT NULL`); n != 5 {
-		t.Errorf("%d well-formed succeeded rows, want 5", n)
-	}
-	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`); n != 0 {
-		t.Errorf("%d unrouted rows, want 0", n)
+				t.Errorf("%d well-formed succeeded rows, want 5", n)
+			}
+			if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'unrouted'`); n != 0 {
+				t.Errorf("%d unrouted rows, want 0", n)
+			}
+		})
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/outbox-relay/outbox-relay/internal/h1"
 	"github.com/outbox-relay/outbox-relay/internal/netguard"
 	"github.com/outbox-relay/outbox-relay/internal/retrypolicy"
 )
@@ -30,8 +31,34 @@ const (
 // deliveryClient is the one HTTP client every worker shares: keep-alive,
 // no redirects, and the SSRF guard on every dial.
 type deliveryClient struct {
-	http      *http.Client
+	http *http.Client
+	// plain sends http:// requests when the lean client is on; nil: the
+	// http client sends them.
+	plain     *h1.Transport
 	userAgent []string
+}
+
+// The values of Config.HTTPClient.
+const (
+	HTTPClientLean    = "lean"
+	HTTPClientNetHTTP = "net/http"
+)
+
+// do sends req; https, and http with the net/http client chosen, go
+// through net/http, plain http through the lean transport.
+func (c *deliveryClient) do(req *http.Request) (*http.Response, error) {
+	if c.plain != nil && req.URL.Scheme == "http" {
+		return c.plain.RoundTrip(req)
+	}
+	return c.http.Do(req)
+}
+
+// closeIdle closes the idle connections of both transports.
+func (c *deliveryClient) closeIdle() {
+	c.http.CloseIdleConnections()
+	if c.plain != nil {
+		c.plain.CloseIdleConnections()
+	}
 }
 
 func newDeliveryClient(cfg Config) *deliveryClient {
@@ -49,7 +76,12 @@ func newDeliveryClient(cfg Config) *deliveryClient {
 		ForceAttemptHTTP2:     true,
 		ResponseHeaderTimeout: 0, // the per-endpoint timeout covers it
 	}
+	var plain *h1.Transport
+	if cfg.HTTPClient != HTTPClientNetHTTP {
+		plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: cfg.Workers, IdleTimeout: 90 * time.Second}
+	}
 	return &deliveryClient{
+		plain: plain,
 		http: &http.Client{
 			Transport: tr,
 			// Never follow redirects: a moved receiver must be
@@ -142,7 +174,7 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		defer func() { endAttemptSpan(span, d, d.httpStatus, d.failClass) }()
 	}
 
-	resp, err := r.client.http.Do(req)
+	resp, err := r.client.do(req)
 	var status int
 	var respHeader http.Header
 	var snippet []byte

@@ -52,6 +52,7 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	fs.IntVar(&cfg.Endpoints, "endpoints", 10_000, "drain-many and peer-drain-many: endpoints the backlog is spread over, round robin, each event naming its endpoint_id")
 	fs.IntVar(&cfg.Tenants, "tenants", 1_000, "drain-many and peer-drain-many: tenants owning those endpoints (endpoint n belongs to tenant n mod --tenants)")
 	fs.BoolVar(&cfg.VerifySignatures, "verify-signatures", false, "the receiver verifies every request's signature, and the bare client signs its requests as the relay does (costs receiver CPU on both sides)")
+	fs.StringVar(&cfg.BareClient, "bare-client", bench.BareNetHTTP, "what the bare client posts with: net/http (Go's client, the ceiling) or lean (the relay's own HTTP/1.1 client, which it uses for http:// unless run with --http-client net/http)")
 	fs.BoolVar(&cfg.ReceiverJSON, "receiver-json", false, "the receiver decodes every body with encoding/json, as a webhook handler would (costs receiver CPU on both sides)")
 	fs.DurationVar(&cfg.Timeout, "timeout", 0, "give up a phase if its last event has not arrived by then; 0 = 5m, or 1ms per event of the largest backlog if longer")
 	pgSettings := fs.String("pg-settings", "", "extra postgresql.conf settings for the bench's cluster, comma-separated name=value (e.g. \"shared_buffers=1GB,max_wal_size=4GB\"); default: the server's own defaults but for what the bench needs (durable, wal_level=logical)")

@@ -65,6 +65,9 @@ func TestConfigCheckRejectsBadSettings(t *testing.T) {
 	if code, _, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--overflow", "sometimes"); code == 0 || !strings.Contains(errOut, "Overflow") {
 		t.Errorf("bad overflow: exit %d, %q", code, errOut)
 	}
+	if code, _, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--http-client", "curl"); code == 0 || !strings.Contains(errOut, "HTTPClient") {
+		t.Errorf("bad http client: exit %d, %q", code, errOut)
+	}
 	if code, _, errOut := runCLI(t, "config", "check", "--preset", "huge"); code == 0 || !strings.Contains(errOut, "small, medium or large") {
 		t.Errorf("bad preset: exit %d, %q", code, errOut)
 	}

@@ -35,6 +35,7 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.DurationVar(&cfg.OutboxRetention, "outbox-retention", 24*time.Hour, "how long relay.outbox rows are kept")
 	fs.DurationVar(&cfg.DeliveryRetention, "delivery-retention", 7*24*time.Hour, "how long succeeded and unrouted relay.deliveries rows and relay.attempts rows are kept")
 	fs.DurationVar(&cfg.DeadLetterRetention, "dead-letter-retention", 30*24*time.Hour, "how long dead, failed and rejected rows (the dead-letter queue) are kept")
+	fs.StringVar(&cfg.HTTPClient, "http-client", relay.HTTPClientLean, "what sends http:// deliveries: lean (the relay's own HTTP/1.1 client: no goroutines per connection, less CPU per delivery) or net/http (Go's standard client); https:// always uses net/http, with HTTP/2 when the receiver offers it")
 	fs.Var(allow, "allow-networks", "comma-separated CIDRs the SSRF guard lets through (e.g. 127.0.0.0/8 for local receivers); default none")
 }
 

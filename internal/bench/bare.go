@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/h1"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -19,20 +20,46 @@ import (
 // database, the same concurrency as the relay's workers.
 type bareClient struct {
 	http *http.Client
+	lean *h1.Transport // when set, posts go through it instead of http
 	url  string
 	size int
 	sign *signer.Signer // nil: unsigned
 }
 
-func newBareClient(url string, workers, size int, sign *signer.Signer) *bareClient {
+// The values of Config.BareClient.
+const (
+	BareNetHTTP = "net/http"
+	BareLean    = "lean"
+)
+
+func newBareClient(url string, workers, size int, sign *signer.Signer, lean bool) *bareClient {
+	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
 	tr := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		DialContext:         dialer.DialContext,
 		MaxIdleConns:        workers * 4,
 		MaxIdleConnsPerHost: workers,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	return &bareClient{http: &http.Client{Transport: tr}, url: url, size: size, sign: sign}
+	c := &bareClient{http: &http.Client{Transport: tr}, url: url, size: size, sign: sign}
+	if lean {
+		c.lean = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers}
+	}
+	return c
+}
+
+func (c *bareClient) do(req *http.Request) (*http.Response, error) {
+	if c.lean != nil {
+		return c.lean.RoundTrip(req)
+	}
+	return c.http.Do(req)
+}
+
+func (c *bareClient) closeIdle() {
+	c.http.CloseIdleConnections()
+	if c.lean != nil {
+		c.lean.CloseIdleConnections()
+	}
 }
 
 var contentTypeJSON = []string{"application/json"}
@@ -51,7 +78,7 @@ func (c *bareClient) post(ctx context.Context, tag uint32, seq int, t int64, buf
 		req.Header["Webhook-Timestamp"] = []string{strconv.FormatInt(now, 10)}
 		req.Header["Webhook-Signature"] = []string{string(c.sign.AppendSignature(nil, id, now, buf))}
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.do(req)
 	if err != nil {
 		return buf, err
 	}

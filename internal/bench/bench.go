@@ -122,6 +122,11 @@ type Config struct {
 	// ReceiverJSON makes the receiver decode every body with
 	// encoding/json, as a webhook handler would. Default off.
 	ReceiverJSON bool
+	// BareClient is what the bare client posts with: "net/http" (Go's
+	// client, the ceiling the benchmark issue names) or "lean" (the
+	// relay's own HTTP/1.1 transport, internal/h1, which the relay uses
+	// for http:// by default). Default "net/http".
+	BareClient string
 	// Timeout bounds each phase's wait for the last delivery. Default 5m,
 	// or 1ms per event of the largest backlog if that is longer.
 	Timeout time.Duration
@@ -172,6 +177,9 @@ func (c Config) Validate() error {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
 		}
+	}
+	if c.BareClient != "" && c.BareClient != BareNetHTTP && c.BareClient != BareLean {
+		errs = append(errs, fmt.Errorf("BareClient must be %q or %q (got %q)", BareNetHTTP, BareLean, c.BareClient))
 	}
 	if c.BodyBytes != 0 && c.BodyBytes < 64 {
 		errs = append(errs, fmt.Errorf("BodyBytes must be at least 64 (got %d)", c.BodyBytes))
@@ -236,7 +244,8 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		CPUs: runtime.NumCPU(), GoVersion: runtime.Version(),
 		Events: cfg.Events, BodyBytes: cfg.BodyBytes, Workers: cfg.Workers, TxnRows: cfg.TxnRows,
 		Rate: cfg.Rate, DurationSecs: cfg.Duration.Seconds(), VerifySignatures: cfg.VerifySignatures, ReceiverJSON: cfg.ReceiverJSON, PGSettings: cfg.PGSettings,
-		Phases: cfg.Phases,
+		BareClient: cmp.Or(cfg.BareClient, BareNetHTTP),
+		Phases:     cfg.Phases,
 	}
 	r := &run{cfg: cfg, res: res}
 	r.progress("starting a durable throwaway PostgreSQL cluster (fsync on)")
@@ -424,8 +433,8 @@ func (r *run) bare(ctx context.Context) error {
 	r.progress("bare HTTP client: %d posts, %d concurrent", r.cfg.Events, r.cfg.Workers)
 	tl := newTally(r.tag(tagBare), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
-	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner())
-	defer c.http.CloseIdleConnections()
+	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner(), r.cfg.BareClient == BareLean)
+	defer c.closeIdle()
 	cpu0 := r.cpuNow()
 	took, err := c.drain(ctx, r.tag(tagBare), r.cfg.Events, r.cfg.Workers)
 	if err != nil {
@@ -654,8 +663,8 @@ func (r *run) bareLatency(ctx context.Context) error {
 	tl := newTally(r.tag(tagBareLatency), n, r.cfg.BodyBytes, true, r.verifier())
 	r.rcv.expect(tl)
 	r.progress("bare HTTP client: %d posts/s for %s", r.cfg.Rate, r.cfg.Duration)
-	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner())
-	defer c.http.CloseIdleConnections()
+	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner(), r.cfg.BareClient == BareLean)
+	defer c.closeIdle()
 	bufs := make(chan []byte, r.cfg.Workers)
 	for range r.cfg.Workers {
 		bufs <- nil

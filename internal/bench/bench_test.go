@@ -381,7 +381,7 @@ func runTiny(t *testing.T, cfg Config) *Result {
 	return res
 }
 
-// With VerifySignatures the bare client's requests carry a signature the
+// With VerifySignatures the bare client's requests (either client) carry a signature the
 // receiver accepts; without, none.
 func TestBareClientSigns(t *testing.T) {
 	rc, err := startReceiver(true)
@@ -393,18 +393,19 @@ func TestBareClientSigns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, sign := range []bool{true, false} {
+	for i, sign := range []bool{true, false, true, false} {
+		lean := i >= 2 // both clients
 		tl := newTally(tagBare, 20, 200, false, &signer.Verifier{Secrets: []signer.Secret{sec}})
 		rc.expect(tl)
 		var s *signer.Signer
 		if sign {
 			s = signer.NewSigner(sec)
 		}
-		c := newBareClient(rc.url, 4, 200, s)
+		c := newBareClient(rc.url, 4, 200, s, lean)
 		if _, err := c.drain(context.Background(), tagBare, 20, 4); err != nil {
 			t.Fatal(err)
 		}
-		c.http.CloseIdleConnections()
+		c.closeIdle()
 		var got Counts
 		got.count(tl)
 		want := int64(0)
@@ -412,7 +413,7 @@ func TestBareClientSigns(t *testing.T) {
 			want = 20
 		}
 		if got.Distinct != 20 || got.BadSigs != want || got.BadBodies != 0 {
-			t.Errorf("signing %t: %+v, want 20 distinct, %d bad signatures, 0 bad bodies", sign, got, want)
+			t.Errorf("signing %t, lean %t: %+v, want 20 distinct, %d bad signatures, 0 bad bodies", sign, lean, got, want)
 		}
 	}
 }

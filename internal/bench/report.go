@@ -33,6 +33,7 @@ type Result struct {
 	DurationSecs     float64           `json:"duration_s"`
 	VerifySignatures bool              `json:"verify_signatures"`
 	ReceiverJSON     bool              `json:"receiver_json"`
+	BareClient       string            `json:"bare_client"`
 	PGSettings       map[string]string `json:"pg_settings,omitempty"`
 
 	InsertPerSec      float64 `json:"insert_rows_per_s,omitempty"`
@@ -226,7 +227,7 @@ func (r *Result) Table(w io.Writer) {
 	if r.Bare != nil || r.Drain != nil {
 		fmt.Fprintf(w, "backlog of %d events, ", r.Events)
 	}
-	fmt.Fprintf(w, "%d-byte bodies, %d workers, signatures verified by receiver: %t, bodies decoded by receiver: %t\n", r.BodyBytes, r.Workers, r.VerifySignatures, r.ReceiverJSON)
+	fmt.Fprintf(w, "%d-byte bodies, %d workers, signatures verified by receiver: %t, bodies decoded by receiver: %t, bare client: %s\n", r.BodyBytes, r.Workers, r.VerifySignatures, r.ReceiverJSON, r.BareClient)
 	if r.InsertPerSec > 0 {
 		fmt.Fprintf(w, "backlog inserted at %.0f rows/s in %d-row transactions, %.0f WAL bytes/event\n", r.InsertPerSec, r.TxnRows, r.InsertWALPerEvent)
 	}

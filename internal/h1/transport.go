@@ -1,0 +1,768 @@
+package h1
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Defaults of the Transport's fields.
+const (
+	DefaultMaxIdlePerHost = 64
+	DefaultIdleTimeout    = 90 * time.Second
+)
+
+const (
+	// readBufferBytes is each connection's read buffer: a status line and
+	// headers of a usual answer fit in one read.
+	readBufferBytes = 4 << 10
+	// maxHeaderBytes bounds an answer's status line and headers together.
+	maxHeaderBytes = 64 << 10
+	// keepWireBytes: a request buffer that grew past this is not pooled.
+	keepWireBytes = 64 << 10
+	// pruneEvery is how often a put also closes other hosts' expired
+	// idle connections.
+	pruneEvery = 15 * time.Second
+)
+
+// Transport is an http.RoundTripper for http:// URLs (see the package
+// documentation). Its zero value is not usable: Dial is required. It is
+// safe for concurrent use.
+type Transport struct {
+	// Dial opens a connection to a host:port (required). The relay passes
+	// its guarded dialer, so blocked networks are refused here too.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// MaxIdlePerHost is how many idle connections are kept per host:port.
+	// Default DefaultMaxIdlePerHost.
+	MaxIdlePerHost int
+	// IdleTimeout: a connection idle this long is closed, not reused.
+	// Default DefaultIdleTimeout.
+	IdleTimeout time.Duration
+
+	mu        sync.Mutex
+	idle      map[string][]*conn // by host:port, oldest first
+	lastPrune time.Time
+}
+
+// conn is one connection, owned by one request at a time.
+type conn struct {
+	t      *Transport
+	addr   string
+	nc     net.Conn
+	br     *bufio.Reader
+	idleAt time.Time
+	// stop unregisters the request context's cancel hook; false means the
+	// hook ran (or is running) and the connection's deadline is spoiled.
+	stop func() bool
+	// read says whether any byte of an answer arrived on this request.
+	read bool
+}
+
+var wirePool = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
+
+// aLongTimeAgo is a deadline in the past, to interrupt a blocked read or
+// write at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// RoundTrip sends req and reads the answer's status line and headers. The
+// response's Body must be read to its end (or closed) to free the
+// connection; reading it to its end returns the connection to the pool.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL == nil || req.URL.Scheme != "http" {
+		closeBody(req)
+		return nil, errors.New("h1: only http:// URLs are supported")
+	}
+	ctx := req.Context()
+	wp := wirePool.Get().(*[]byte)
+	wire, err := appendRequest((*wp)[:0], req)
+	closeBody(req)
+	if err != nil {
+		wirePool.Put(wp)
+		return nil, err
+	}
+	defer func() {
+		if cap(wire) <= keepWireBytes {
+			*wp = wire[:0]
+			wirePool.Put(wp)
+		}
+	}()
+	addr := req.URL.Host
+	if req.URL.Port() == "" {
+		addr = net.JoinHostPort(req.URL.Hostname(), "80")
+	}
+	for try := 0; ; try++ {
+		c, reused, err := t.get(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := c.roundTrip(ctx, req, wire)
+		if err == nil {
+			return resp, nil
+		}
+		c.close()
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("%w (%v)", ctx.Err(), err)
+		}
+		// The server closed an idle connection as it was taken: nothing of
+		// an answer came back, so the request goes once more on a new one.
+		// Not after a timeout: a receiver that hangs gets one copy.
+		if reused && !c.read && try == 0 && closedByPeer(err) {
+			continue
+		}
+		return nil, err
+	}
+}
+
+// CloseIdleConnections closes every idle connection.
+func (t *Transport) CloseIdleConnections() {
+	t.mu.Lock()
+	idle := t.idle
+	t.idle = nil
+	t.mu.Unlock()
+	for _, list := range idle {
+		for _, c := range list {
+			c.nc.Close()
+		}
+	}
+}
+
+func (t *Transport) idleTimeout() time.Duration {
+	if t.IdleTimeout > 0 {
+		return t.IdleTimeout
+	}
+	return DefaultIdleTimeout
+}
+
+// get returns an idle connection to addr, newest first, or dials one.
+func (t *Transport) get(ctx context.Context, addr string) (*conn, bool, error) {
+	now := time.Now()
+	var stale []*conn
+	t.mu.Lock()
+	list := t.idle[addr]
+	var c *conn
+	for len(list) > 0 {
+		last := list[len(list)-1]
+		list[len(list)-1] = nil
+		list = list[:len(list)-1]
+		if now.Sub(last.idleAt) < t.idleTimeout() {
+			c = last
+			break
+		}
+		stale = append(stale, last)
+	}
+	if t.idle != nil {
+		t.idle[addr] = list
+	}
+	t.mu.Unlock()
+	for _, s := range stale {
+		s.nc.Close()
+	}
+	if c != nil {
+		return c, true, nil
+	}
+	nc, err := t.Dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, false, err
+	}
+	return &conn{t: t, addr: addr, nc: nc, br: bufio.NewReaderSize(nc, readBufferBytes)}, false, nil
+}
+
+// put returns c to the idle pool, or closes it when the pool is full.
+func (t *Transport) put(c *conn) {
+	now := time.Now()
+	c.idleAt = now
+	max := t.MaxIdlePerHost
+	if max <= 0 {
+		max = DefaultMaxIdlePerHost
+	}
+	var closing []*conn
+	t.mu.Lock()
+	if t.idle == nil {
+		t.idle = make(map[string][]*conn)
+	}
+	list := t.idle[c.addr]
+	if len(list) >= max {
+		closing = append(closing, c)
+	} else {
+		t.idle[c.addr] = append(list, c)
+	}
+	if now.Sub(t.lastPrune) >= pruneEvery {
+		t.lastPrune = now
+		for addr, list := range t.idle {
+			n := 0
+			for n < len(list) && now.Sub(list[n].idleAt) >= t.idleTimeout() {
+				n++
+			}
+			if n == 0 {
+				continue
+			}
+			closing = append(closing, list[:n]...)
+			if n == len(list) {
+				delete(t.idle, addr)
+			} else {
+				t.idle[addr] = append(list[:0], list[n:]...)
+			}
+		}
+	}
+	t.mu.Unlock()
+	for _, c := range closing {
+		c.nc.Close()
+	}
+}
+
+func (c *conn) close() {
+	if c.stop != nil {
+		c.stop()
+		c.stop = nil
+	}
+	c.nc.Close()
+}
+
+// release ends c's request: it goes back to the pool if reuse says so and
+// the cancel hook had not fired, else it is closed.
+func (c *conn) release(reuse bool) {
+	if c.stop != nil {
+		if !c.stop() {
+			reuse = false
+		}
+		c.stop = nil
+	}
+	if !reuse || c.br.Buffered() > 0 {
+		// Bytes past the answer's end: the server is not speaking HTTP/1.1
+		// as framed, and the next answer could not be trusted.
+		c.nc.Close()
+		return
+	}
+	c.t.put(c)
+}
+
+func (c *conn) roundTrip(ctx context.Context, req *http.Request, wire []byte) (*http.Response, error) {
+	c.read = false
+	deadline, _ := ctx.Deadline() // zero: none
+	if err := c.nc.SetDeadline(deadline); err != nil {
+		return nil, err
+	}
+	nc := c.nc
+	c.stop = context.AfterFunc(ctx, func() { nc.SetDeadline(aLongTimeAgo) }) //nolint:errcheck // best effort
+	if _, err := c.nc.Write(wire); err != nil {
+		return nil, fmt.Errorf("write request: %w", err)
+	}
+	return c.readResponse(req)
+}
+
+// ProtocolError is an answer that is not HTTP/1.x as RFC 9112 frames it.
+type ProtocolError struct{ Msg string }
+
+func (e *ProtocolError) Error() string { return "malformed HTTP response: " + e.Msg }
+
+// errClosedBeforeAnswer is the server closing the connection with no byte
+// of an answer sent. It wraps io.EOF, so it is classed as "eof".
+var errClosedBeforeAnswer = fmt.Errorf("server closed the connection before answering: %w", io.EOF)
+
+func (c *conn) readResponse(req *http.Request) (*http.Response, error) {
+	var headerBytes int
+	for {
+		line, err := c.readLine(&headerBytes)
+		if err != nil {
+			if !c.read && errors.Is(err, io.EOF) {
+				return nil, errClosedBeforeAnswer
+			}
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("read status line: %w", err)
+		}
+		resp, h, err := parseStatusLine(line)
+		if err != nil {
+			return nil, err
+		}
+		if err := c.readHeaders(resp, &h, &headerBytes); err != nil {
+			return nil, err
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			return nil, &ProtocolError{Msg: "101 Switching Protocols to a request that asked for none"}
+		}
+		if resp.StatusCode >= 100 && resp.StatusCode <= 199 {
+			continue // 100 Continue, 103 Early Hints: the final answer follows
+		}
+		resp.Request = req
+		return c.frame(resp, &h)
+	}
+}
+
+// readLine reads one line without its CRLF (or bare LF), counting it
+// against maxHeaderBytes. The slice is valid until the next read.
+func (c *conn) readLine(total *int) ([]byte, error) {
+	line, err := c.br.ReadSlice('\n')
+	if len(line) > 0 {
+		c.read = true
+	}
+	if errors.Is(err, bufio.ErrBufferFull) {
+		// A line longer than the buffer: gather it, within the bound.
+		long := append([]byte(nil), line...)
+		for errors.Is(err, bufio.ErrBufferFull) && *total+len(long) <= maxHeaderBytes {
+			line, err = c.br.ReadSlice('\n')
+			long = append(long, line...)
+		}
+		line = long
+	}
+	*total += len(line)
+	if *total > maxHeaderBytes {
+		return nil, &ProtocolError{Msg: "status line and headers longer than " + strconv.Itoa(maxHeaderBytes) + " bytes"}
+	}
+	if err != nil {
+		return nil, err
+	}
+	line = line[:len(line)-1]
+	if n := len(line); n > 0 && line[n-1] == '\r' {
+		line = line[:n-1]
+	}
+	return line, nil
+}
+
+// head is what the headers say about framing and the connection.
+type head struct {
+	http10        bool
+	contentLength int64 // -1: none
+	chunked       bool
+	close         bool
+	keepAlive     bool // HTTP/1.0's Connection: keep-alive
+}
+
+func parseStatusLine(line []byte) (*http.Response, head, error) {
+	h := head{contentLength: -1}
+	// HTTP/1.1 200 OK (the reason phrase may be empty or missing).
+	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.")) || line[8] != ' ' {
+		return nil, h, &ProtocolError{Msg: "status line " + strconv.Quote(truncate(line))}
+	}
+	resp := &http.Response{Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}
+	switch line[7] {
+	case '1':
+	case '0':
+		resp.Proto, resp.ProtoMinor, h.http10 = "HTTP/1.0", 0, true
+	default:
+		return nil, h, &ProtocolError{Msg: "status line " + strconv.Quote(truncate(line))}
+	}
+	code := line[9:12]
+	if len(line) > 12 && line[12] != ' ' {
+		return nil, h, &ProtocolError{Msg: "status line " + strconv.Quote(truncate(line))}
+	}
+	status := 0
+	for _, d := range code {
+		if d < '0' || d > '9' {
+			return nil, h, &ProtocolError{Msg: "status code " + strconv.Quote(string(code))}
+		}
+		status = status*10 + int(d-'0')
+	}
+	if status < 100 {
+		return nil, h, &ProtocolError{Msg: "status code " + strconv.Quote(string(code))}
+	}
+	resp.StatusCode = status
+	resp.Status = strconv.Itoa(status)
+	if len(line) > 13 {
+		resp.Status += " " + string(line[13:])
+	}
+	return resp, h, nil
+}
+
+func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
+	for {
+		line, err := c.readLine(total)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("read response headers: %w", err)
+		}
+		if len(line) == 0 {
+			return nil
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			continue // obsolete line folding, of a header the relay does not read
+		}
+		i := bytes.IndexByte(line, ':')
+		if i <= 0 || !validName(line[:i]) {
+			return &ProtocolError{Msg: "header line " + strconv.Quote(truncate(line))}
+		}
+		name, value := line[:i], bytes.Trim(line[i+1:], " \t")
+		switch {
+		case equalFold(name, "content-length"):
+			n, err := strconv.ParseInt(string(value), 10, 64)
+			if err != nil || n < 0 || (h.contentLength >= 0 && n != h.contentLength) {
+				return &ProtocolError{Msg: "Content-Length " + strconv.Quote(truncate(value))}
+			}
+			h.contentLength = n
+		case equalFold(name, "transfer-encoding"):
+			if !equalFold(value, "chunked") {
+				return &ProtocolError{Msg: "unsupported Transfer-Encoding " + strconv.Quote(truncate(value))}
+			}
+			h.chunked = true
+		case equalFold(name, "connection"):
+			for _, tok := range bytes.Split(value, []byte(",")) {
+				tok = bytes.Trim(tok, " \t")
+				if equalFold(tok, "close") {
+					h.close = true
+				} else if equalFold(tok, "keep-alive") {
+					h.keepAlive = true
+				}
+			}
+		case equalFold(name, "location"), equalFold(name, "retry-after"):
+			if resp.Header == nil {
+				resp.Header = make(http.Header, 2)
+			}
+			resp.Header.Add(http.CanonicalHeaderKey(string(name)), string(value))
+		}
+	}
+}
+
+// frame attaches the body as the headers frame it.
+func (c *conn) frame(resp *http.Response, h *head) (*http.Response, error) {
+	if resp.Header == nil {
+		resp.Header = http.Header{}
+	}
+	reuse := !h.close && (!h.http10 || h.keepAlive)
+	resp.Close = !reuse
+	if resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified {
+		resp.Body, resp.ContentLength = http.NoBody, 0
+		c.release(reuse)
+		return resp, nil
+	}
+	switch {
+	case h.chunked:
+		// A Content-Length beside chunked is ignored (RFC 9112 6.3), and
+		// the connection is not trusted afterwards.
+		resp.ContentLength = -1
+		resp.TransferEncoding = []string{"chunked"}
+		resp.Body = &body{c: c, chunks: newChunkReader(c.br), reuse: reuse && h.contentLength < 0}
+	case h.contentLength == 0:
+		resp.Body, resp.ContentLength = http.NoBody, 0
+		c.release(reuse)
+	case h.contentLength > 0:
+		resp.ContentLength = h.contentLength
+		resp.Body = &body{c: c, left: h.contentLength, reuse: reuse}
+	default:
+		// Neither: the body runs until the server closes.
+		resp.ContentLength = -1
+		resp.Close = true
+		resp.Body = &body{c: c, left: -1}
+	}
+	return resp, nil
+}
+
+// body reads one answer's body and frees the connection at its end.
+type body struct {
+	c      *conn
+	left   int64 // bytes left of a Content-Length body; -1: until close
+	chunks *chunkReader
+	reuse  bool
+	done   bool
+	err    error
+}
+
+func (b *body) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, io.EOF
+	}
+	if b.err != nil {
+		return 0, b.err
+	}
+	var n int
+	var err error
+	switch {
+	case b.chunks != nil:
+		n, err = b.chunks.Read(p)
+		if err == io.EOF {
+			b.end(b.reuse)
+			return n, io.EOF
+		}
+	case b.left < 0:
+		n, err = b.c.br.Read(p)
+		if err == io.EOF {
+			b.end(false)
+			return n, io.EOF
+		}
+	default:
+		if int64(len(p)) > b.left {
+			p = p[:b.left]
+		}
+		n, err = b.c.br.Read(p)
+		b.left -= int64(n)
+		if b.left == 0 {
+			b.end(b.reuse)
+			return n, io.EOF
+		}
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+	}
+	if err != nil {
+		b.err = fmt.Errorf("read response body: %w", err)
+		b.done = true
+		b.c.close()
+		return n, b.err
+	}
+	return n, nil
+}
+
+func (b *body) end(reuse bool) {
+	b.done = true
+	b.c.release(reuse)
+}
+
+// Close frees the connection: a body not read to its end cannot share
+// the connection with the next answer, so the connection is closed.
+func (b *body) Close() error {
+	if !b.done {
+		b.done = true
+		b.c.close()
+	}
+	return nil
+}
+
+// chunkReader decodes a chunked body (RFC 9112 7.1) and reads its
+// trailers, so that at io.EOF the next answer starts at the reader.
+type chunkReader struct {
+	br   *bufio.Reader
+	left int64 // of the current chunk
+	data bool  // the current chunk's data is being read
+	head int   // bytes of chunk-size lines and trailers read
+}
+
+func newChunkReader(br *bufio.Reader) *chunkReader { return &chunkReader{br: br} }
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	for !r.data {
+		line, err := r.line()
+		if err != nil {
+			return 0, err
+		}
+		if i := bytes.IndexByte(line, ';'); i >= 0 {
+			line = line[:i] // chunk extensions
+		}
+		line = bytes.Trim(line, " \t")
+		size, err := strconv.ParseInt(string(line), 16, 64)
+		if err != nil || size < 0 || len(line) == 0 || len(line) > 16 {
+			return 0, &ProtocolError{Msg: "chunk size " + strconv.Quote(truncate(line))}
+		}
+		if size == 0 {
+			for { // trailers, up to the empty line
+				t, err := r.line()
+				if err != nil {
+					return 0, err
+				}
+				if len(t) == 0 {
+					return 0, io.EOF
+				}
+			}
+		}
+		r.left, r.data = size, true
+	}
+	if int64(len(p)) > r.left {
+		p = p[:r.left]
+	}
+	n, err := r.br.Read(p)
+	r.left -= int64(n)
+	if err == io.EOF {
+		return n, io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return n, err
+	}
+	if r.left == 0 {
+		// The CRLF after the chunk's data.
+		crlf, err := r.line()
+		if err != nil {
+			return n, err
+		}
+		if len(crlf) != 0 {
+			return n, &ProtocolError{Msg: "no CRLF after a chunk"}
+		}
+		r.data = false
+	}
+	return n, nil
+}
+
+func (r *chunkReader) line() ([]byte, error) {
+	line, err := r.br.ReadSlice('\n')
+	r.head += len(line)
+	if errors.Is(err, bufio.ErrBufferFull) || r.head > maxHeaderBytes {
+		return nil, &ProtocolError{Msg: "chunk framing lines too long"}
+	}
+	if err == io.EOF {
+		return nil, io.ErrUnexpectedEOF
+	}
+	if err != nil {
+		return nil, err
+	}
+	line = line[:len(line)-1]
+	if n := len(line); n > 0 && line[n-1] == '\r' {
+		line = line[:n-1]
+	}
+	return line, nil
+}
+
+// appendRequest appends req on the wire: request line, Host, the
+// request's headers, Content-Length, the body.
+func appendRequest(b []byte, req *http.Request) ([]byte, error) {
+	u := req.URL
+	host := req.Host
+	if host == "" {
+		host = u.Host
+	}
+	if host == "" || !validValue(host) {
+		return b, fmt.Errorf("h1: invalid Host %q", host)
+	}
+	method := req.Method
+	if method == "" {
+		method = http.MethodGet
+	}
+	if !validName([]byte(method)) {
+		return b, fmt.Errorf("h1: invalid method %q", method)
+	}
+	uri := u.RequestURI()
+	if !validValue(uri) || bytes.ContainsAny([]byte(uri), " \t") {
+		return b, fmt.Errorf("h1: invalid request target %q", uri)
+	}
+	b = append(b, method...)
+	b = append(b, ' ')
+	b = append(b, uri...)
+	b = append(b, " HTTP/1.1\r\nHost: "...)
+	b = append(b, host...)
+	b = append(b, "\r\n"...)
+	for k, vs := range req.Header {
+		if !validName([]byte(k)) {
+			return b, fmt.Errorf("h1: invalid header field name %q", k)
+		}
+		switch http.CanonicalHeaderKey(k) {
+		case "Host", "Content-Length", "Transfer-Encoding", "Connection":
+			continue // framing is the transport's
+		}
+		for _, v := range vs {
+			if !validValue(v) {
+				return b, fmt.Errorf("h1: invalid header field value for %q", k)
+			}
+			b = append(b, k...)
+			b = append(b, ": "...)
+			b = append(b, v...)
+			b = append(b, "\r\n"...)
+		}
+	}
+	if u.User != nil && req.Header.Get("Authorization") == "" {
+		pass, _ := u.User.Password()
+		cred := u.User.Username() + ":" + pass
+		b = append(b, "Authorization: Basic "...)
+		b = base64.StdEncoding.AppendEncode(b, []byte(cred))
+		b = append(b, "\r\n"...)
+	}
+	start := len(b)
+	b = append(b, "Content-Length: 0000000000\r\n\r\n"...)
+	bodyStart := len(b)
+	if req.Body != nil && req.Body != http.NoBody {
+		buf := bytes.NewBuffer(b)
+		if _, err := buf.ReadFrom(req.Body); err != nil {
+			return b, fmt.Errorf("h1: read request body: %w", err)
+		}
+		b = buf.Bytes()
+	}
+	n := len(b) - bodyStart
+	if req.ContentLength > 0 && int64(n) != req.ContentLength {
+		return b, fmt.Errorf("h1: request body is %d bytes, ContentLength says %d", n, req.ContentLength)
+	}
+	// Write the length into its slot, then close the gap the slot left.
+	num := strconv.AppendInt(nil, int64(n), 10)
+	if len(num) > 10 {
+		return b, fmt.Errorf("h1: request body of %d bytes is too large", n)
+	}
+	slot := b[start+len("Content-Length: ") : start+len("Content-Length: ")+10]
+	gap := 10 - len(num)
+	copy(slot, num)
+	copy(b[start+len("Content-Length: ")+len(num):], b[start+len("Content-Length: ")+10:])
+	return b[:len(b)-gap], nil
+}
+
+// closedByPeer: the error is the server closing or resetting the
+// connection, not a timeout or a local failure.
+func closedByPeer(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return false
+	}
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED)
+}
+
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
+	}
+}
+
+// validName: a token (RFC 9110 5.6.2).
+func validName(s []byte) bool {
+	if len(s) == 0 {
+		return false
+	}
+	for _, c := range s {
+		if c >= 0x80 || !tokenChar[c] {
+			return false
+		}
+	}
+	return true
+}
+
+// validValue: no control characters but HTAB, as net/http requires.
+func validValue(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+var tokenChar = func() (t [128]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c], t[c-'a'+'A'] = true, true
+	}
+	for _, c := range "!#$%&'*+-.^_`|~" {
+		t[c] = true
+	}
+	return t
+}()
+
+// equalFold compares s with lower, which is lower case ASCII.
+func equalFold(s []byte, lower string) bool {
+	if len(s) != len(lower) {
+		return false
+	}
+	for i := range s {
+		c := s[i]
+		if 'A' <= c && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != lower[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func truncate(b []byte) string {
+	if len(b) > 64 {
+		return string(b[:64]) + "..."
+	}
+	return string(b)
+}
