@@ -32,6 +32,6 @@
 //
 // What it does not do: proxies, TLS, HTTP/2, redirects (the relay follows
 // none), compression, or keeping every response header. The response it
-// returns holds only the headers the relay reads: Location and
-// Retry-After.
+// returns holds only the headers the relay reads, Location and
+// Retry-After; its Header is nil when the answer had neither.
 package h1

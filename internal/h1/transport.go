@@ -66,6 +66,8 @@ type conn struct {
 	stop func() bool
 	// read says whether any byte of an answer arrived on this request.
 	read bool
+	// broken: the request was not written whole; never reuse.
+	broken bool
 }
 
 var wirePool = sync.Pool{New: func() any { b := make([]byte, 0, 2048); return &b }}
@@ -237,7 +239,7 @@ func (c *conn) release(reuse bool) {
 		}
 		c.stop = nil
 	}
-	if !reuse || c.br.Buffered() > 0 {
+	if !reuse || c.broken || c.br.Buffered() > 0 {
 		// Bytes past the answer's end: the server is not speaking HTTP/1.1
 		// as framed, and the next answer could not be trusted.
 		c.nc.Close()
@@ -247,7 +249,7 @@ func (c *conn) release(reuse bool) {
 }
 
 func (c *conn) roundTrip(ctx context.Context, req *http.Request, wire []byte) (*http.Response, error) {
-	c.read = false
+	c.read, c.broken = false, false
 	deadline, _ := ctx.Deadline() // zero: none
 	if err := c.nc.SetDeadline(deadline); err != nil {
 		return nil, err
@@ -255,6 +257,13 @@ func (c *conn) roundTrip(ctx context.Context, req *http.Request, wire []byte) (*
 	nc := c.nc
 	c.stop = context.AfterFunc(ctx, func() { nc.SetDeadline(aLongTimeAgo) }) //nolint:errcheck // best effort
 	if _, err := c.nc.Write(wire); err != nil {
+		// A server may answer before it has read the whole request (a 413
+		// for a body it will not take) and close: its answer, if it made
+		// one, says more than the write's error.
+		c.broken = true
+		if resp, rerr := c.readResponse(req); rerr == nil {
+			return resp, nil
+		}
 		return nil, fmt.Errorf("write request: %w", err)
 	}
 	return c.readResponse(req)
@@ -368,12 +377,29 @@ func parseStatusLine(line []byte) (*http.Response, head, error) {
 		return nil, h, &ProtocolError{Msg: "status code " + strconv.Quote(string(code))}
 	}
 	resp.StatusCode = status
-	resp.Status = strconv.Itoa(status)
-	if len(line) > 13 {
-		resp.Status += " " + string(line[13:])
+	reason := line[min(13, len(line)):]
+	if st, ok := usualStatus[status]; ok && string(reason) == http.StatusText(status) {
+		resp.Status = st // no allocation for the usual answers
+	} else {
+		resp.Status = strconv.Itoa(status)
+		if len(reason) > 0 {
+			resp.Status += " " + string(reason)
+		}
 	}
 	return resp, h, nil
 }
+
+// usualStatus holds "200 OK" and the like, for answers whose reason
+// phrase is the standard one.
+var usualStatus = func() map[int]string {
+	m := make(map[int]string)
+	for code := 100; code <= 599; code++ {
+		if text := http.StatusText(code); text != "" {
+			m[code] = strconv.Itoa(code) + " " + text
+		}
+	}
+	return m
+}()
 
 func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
 	for {
@@ -427,9 +453,6 @@ func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
 
 // frame attaches the body as the headers frame it.
 func (c *conn) frame(resp *http.Response, h *head) (*http.Response, error) {
-	if resp.Header == nil {
-		resp.Header = http.Header{}
-	}
 	reuse := !h.close && (!h.http10 || h.keepAlive)
 	resp.Close = !reuse
 	if resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified {

@@ -466,3 +466,52 @@ func TestIdleTimeout(t *testing.T) {
 		t.Errorf("%d connections, want 2 (the first expired)", n)
 	}
 }
+
+// A server that answers before reading the whole request and closes: its
+// answer is returned, not the write's error.
+func TestEarlyAnswerToAnUnreadBody(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		br := bufio.NewReader(c)
+		if _, err := http.ReadRequest(br); err != nil { // the head only
+			c.Close()
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 413 Request Entity Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big!")
+		c.(*net.TCPConn).CloseWrite()
+		time.Sleep(200 * time.Millisecond)
+		c.Close()
+	}()
+	tr := newTransport()
+	resp, b, err := post(t, tr, context.Background(), "http://"+ln.Addr().String()+"/", strings.Repeat("x", 32<<20), nil)
+	if err != nil {
+		t.Fatalf("error %v, want the 413", err)
+	}
+	if resp.StatusCode != 413 || resp.Status != "413 Request Entity Too Large" || string(b) != "too big!" {
+		t.Errorf("status %q, body %q", resp.Status, b)
+	}
+}
+
+func TestStatusText(t *testing.T) {
+	for line, want := range map[string]string{
+		"HTTP/1.1 200 OK":                  "200 OK",
+		"HTTP/1.1 200":                     "200",
+		"HTTP/1.1 200 ":                    "200",
+		"HTTP/1.1 200 Fine":                "200 Fine",
+		"HTTP/1.0 503 Service Unavailable": "503 Service Unavailable",
+		"HTTP/1.1 599 Whatever":            "599 Whatever",
+	} {
+		resp, _, err := parseStatusLine([]byte(line))
+		if err != nil || resp.Status != want {
+			t.Errorf("%q: status %q, error %v; want %q", line, resp.Status, err, want)
+		}
+	}
+}
