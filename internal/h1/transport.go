@@ -332,11 +332,16 @@ func (c *conn) readLine(total *int) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return trimEOL(line), nil
+}
+
+// trimEOL drops a line's LF and the CR before it, if any.
+func trimEOL(line []byte) []byte {
 	line = line[:len(line)-1]
 	if n := len(line); n > 0 && line[n-1] == '\r' {
 		line = line[:n-1]
 	}
-	return line, nil
+	return line
 }
 
 // head is what the headers say about framing and the connection.
@@ -446,7 +451,7 @@ func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
 			if resp.Header == nil {
 				resp.Header = make(http.Header, 2)
 			}
-			resp.Header.Add(http.CanonicalHeaderKey(string(name)), string(value))
+			resp.Header.Add(string(name), string(value))
 		}
 	}
 }
@@ -627,11 +632,7 @@ func (r *chunkReader) line() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	line = line[:len(line)-1]
-	if n := len(line); n > 0 && line[n-1] == '\r' {
-		line = line[:n-1]
-	}
-	return line, nil
+	return trimEOL(line), nil
 }
 
 // appendRequest appends req on the wire: request line, Host, the
