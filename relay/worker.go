@@ -78,7 +78,7 @@ func newDeliveryClient(cfg Config) *deliveryClient {
 	}
 	var plain *h1.Transport
 	if cfg.HTTPClient != HTTPClientNetHTTP {
-		plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: cfg.Workers, IdleTimeout: 90 * time.Second}
+		plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: cfg.Workers, MaxIdle: cfg.Workers * 4, IdleTimeout: 90 * time.Second}
 	}
 	return &deliveryClient{
 		plain: plain,

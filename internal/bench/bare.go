@@ -43,7 +43,7 @@ func newBareClient(url string, workers, size int, sign *signer.Signer, lean bool
 	}
 	c := &bareClient{http: &http.Client{Transport: tr}, url: url, size: size, sign: sign}
 	if lean {
-		c.lean = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers}
+		c.lean = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers, MaxIdle: workers * 4}
 	}
 	return c
 }

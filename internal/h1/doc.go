@@ -13,7 +13,8 @@
 // What it promises:
 //   - http:// URLs only; the relay keeps net/http (and HTTP/2) for https.
 //   - Keep-alive per host:port, at most MaxIdlePerHost idle connections
-//     each, reused newest first, closed after IdleTimeout idle.
+//     each and MaxIdle over all hosts (the longest idle goes first),
+//     reused newest first, closed after IdleTimeout idle.
 //   - The request context's deadline bounds the dial, the write and the
 //     read of the answer; cancelling the context ends them at once.
 //   - Answers are framed as RFC 9112 says: Content-Length, chunked (with

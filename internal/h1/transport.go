@@ -3,6 +3,8 @@ package h1
 import (
 	"bufio"
 	"bytes"
+	"cmp"
+	"container/list"
 	"context"
 	"encoding/base64"
 	"errors"
@@ -19,6 +21,7 @@ import (
 // Defaults of the Transport's fields.
 const (
 	DefaultMaxIdlePerHost = 64
+	DefaultMaxIdle        = 256
 	DefaultIdleTimeout    = 90 * time.Second
 )
 
@@ -30,9 +33,6 @@ const (
 	maxHeaderBytes = 64 << 10
 	// keepWireBytes: a request buffer that grew past this is not pooled.
 	keepWireBytes = 64 << 10
-	// pruneEvery is how often a put also closes other hosts' expired
-	// idle connections.
-	pruneEvery = 15 * time.Second
 )
 
 // Transport is an http.RoundTripper for http:// URLs (see the package
@@ -45,13 +45,17 @@ type Transport struct {
 	// MaxIdlePerHost is how many idle connections are kept per host:port.
 	// Default DefaultMaxIdlePerHost.
 	MaxIdlePerHost int
+	// MaxIdle bounds the idle connections over every host, so that many
+	// receivers on many hosts do not hold a file descriptor each for
+	// ever; past it the longest idle is closed. Default DefaultMaxIdle.
+	MaxIdle int
 	// IdleTimeout: a connection idle this long is closed, not reused.
 	// Default DefaultIdleTimeout.
 	IdleTimeout time.Duration
 
-	mu        sync.Mutex
-	idle      map[string][]*conn // by host:port, oldest first
-	lastPrune time.Time
+	mu   sync.Mutex
+	idle map[string][]*conn // by host:port, oldest first
+	lru  list.List          // of *conn, every idle one, newest first
 }
 
 // conn is one connection, owned by one request at a time.
@@ -61,6 +65,7 @@ type conn struct {
 	nc     net.Conn
 	br     *bufio.Reader
 	idleAt time.Time
+	elem   *list.Element // in Transport.lru while idle
 	// stop unregisters the request context's cancel hook; false means the
 	// hook ran (or is running) and the connection's deadline is spoiled.
 	stop func() bool
@@ -128,13 +133,15 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // CloseIdleConnections closes every idle connection.
 func (t *Transport) CloseIdleConnections() {
 	t.mu.Lock()
-	idle := t.idle
-	t.idle = nil
+	lru := t.lru
+	t.idle, t.lru = nil, list.List{}
+	var closing []*conn
+	for e := lru.Front(); e != nil; e = e.Next() {
+		closing = append(closing, e.Value.(*conn))
+	}
 	t.mu.Unlock()
-	for _, list := range idle {
-		for _, c := range list {
-			c.nc.Close()
-		}
+	for _, c := range closing {
+		c.nc.Close()
 	}
 }
 
@@ -147,28 +154,21 @@ func (t *Transport) idleTimeout() time.Duration {
 
 // get returns an idle connection to addr, newest first, or dials one.
 func (t *Transport) get(ctx context.Context, addr string) (*conn, bool, error) {
-	now := time.Now()
-	var stale []*conn
 	t.mu.Lock()
-	list := t.idle[addr]
+	closing := t.expireLocked(time.Now(), 0)
 	var c *conn
-	for len(list) > 0 {
-		last := list[len(list)-1]
-		list[len(list)-1] = nil
-		list = list[:len(list)-1]
-		if now.Sub(last.idleAt) < t.idleTimeout() {
-			c = last
-			break
+	if stack := t.idle[addr]; len(stack) > 0 {
+		c = stack[len(stack)-1]
+		stack[len(stack)-1] = nil
+		t.idle[addr] = stack[:len(stack)-1]
+		if len(stack) == 1 {
+			delete(t.idle, addr)
 		}
-		stale = append(stale, last)
-	}
-	if t.idle != nil {
-		t.idle[addr] = list
+		t.lru.Remove(c.elem)
+		c.elem = nil
 	}
 	t.mu.Unlock()
-	for _, s := range stale {
-		s.nc.Close()
-	}
+	closeAll(closing)
 	if c != nil {
 		return c, true, nil
 	}
@@ -179,45 +179,60 @@ func (t *Transport) get(ctx context.Context, addr string) (*conn, bool, error) {
 	return &conn{t: t, addr: addr, nc: nc, br: bufio.NewReaderSize(nc, readBufferBytes)}, false, nil
 }
 
-// put returns c to the idle pool, or closes it when the pool is full.
+// put returns c to the idle pool, or closes it when its host's share or
+// the whole pool is full (the pool then closes its oldest instead).
 func (t *Transport) put(c *conn) {
 	now := time.Now()
 	c.idleAt = now
-	max := t.MaxIdlePerHost
-	if max <= 0 {
-		max = DefaultMaxIdlePerHost
-	}
-	var closing []*conn
+	perHost := cmp.Or(max(t.MaxIdlePerHost, 0), DefaultMaxIdlePerHost)
+	total := cmp.Or(max(t.MaxIdle, 0), DefaultMaxIdle)
 	t.mu.Lock()
 	if t.idle == nil {
 		t.idle = make(map[string][]*conn)
 	}
-	list := t.idle[c.addr]
-	if len(list) >= max {
+	var closing []*conn
+	if stack := t.idle[c.addr]; len(stack) >= perHost {
 		closing = append(closing, c)
 	} else {
-		t.idle[c.addr] = append(list, c)
+		t.idle[c.addr] = append(stack, c)
+		c.elem = t.lru.PushFront(c)
 	}
-	if now.Sub(t.lastPrune) >= pruneEvery {
-		t.lastPrune = now
-		for addr, list := range t.idle {
-			n := 0
-			for n < len(list) && now.Sub(list[n].idleAt) >= t.idleTimeout() {
-				n++
-			}
-			if n == 0 {
-				continue
-			}
-			closing = append(closing, list[:n]...)
-			if n == len(list) {
-				delete(t.idle, addr)
-			} else {
-				t.idle[addr] = append(list[:0], list[n:]...)
+	closing = append(closing, t.expireLocked(now, total)...)
+	t.mu.Unlock()
+	closeAll(closing)
+}
+
+// expireLocked takes out of the pool, oldest first, the connections idle
+// past IdleTimeout and, when keep > 0, those past the newest keep. It
+// returns them for closing outside the lock.
+func (t *Transport) expireLocked(now time.Time, keep int) []*conn {
+	var out []*conn
+	for e := t.lru.Back(); e != nil; e = t.lru.Back() {
+		c := e.Value.(*conn)
+		if (keep <= 0 || t.lru.Len() <= keep) && now.Sub(c.idleAt) < t.idleTimeout() {
+			break
+		}
+		t.lru.Remove(e)
+		c.elem = nil
+		stack := t.idle[c.addr]
+		for i, s := range stack { // the oldest of its host: near the front
+			if s == c {
+				stack = append(stack[:i], stack[i+1:]...)
+				break
 			}
 		}
+		if len(stack) == 0 {
+			delete(t.idle, c.addr)
+		} else {
+			t.idle[c.addr] = stack
+		}
+		out = append(out, c)
 	}
-	t.mu.Unlock()
-	for _, c := range closing {
+	return out
+}
+
+func closeAll(cs []*conn) {
+	for _, c := range cs {
 		c.nc.Close()
 	}
 }

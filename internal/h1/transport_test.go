@@ -515,3 +515,41 @@ func TestStatusText(t *testing.T) {
 		}
 	}
 }
+
+// Past MaxIdle over all hosts, the longest idle connection is closed.
+func TestMaxIdleOverHosts(t *testing.T) {
+	var srvs []*httptest.Server
+	var conns []*atomic.Int64
+	for range 6 {
+		srv, n := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
+		srvs, conns = append(srvs, srv), append(conns, n)
+	}
+	tr := &Transport{Dial: (&net.Dialer{}).DialContext, MaxIdle: 3}
+	defer tr.CloseIdleConnections()
+	send := func(i int) {
+		if _, _, err := post(t, tr, context.Background(), srvs[i].URL, "{}", nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 6 {
+		send(i)
+	}
+	tr.mu.Lock()
+	idle, hosts := tr.lru.Len(), len(tr.idle)
+	tr.mu.Unlock()
+	if idle != 3 || hosts != 3 {
+		t.Fatalf("%d idle connections over %d hosts, want 3 and 3", idle, hosts)
+	}
+	for i := 5; i >= 0; i-- { // 5, 4, 3 reuse theirs; 2, 1, 0 dial again
+		send(i)
+	}
+	for i, n := range conns {
+		want := int64(1)
+		if i < 3 {
+			want = 2
+		}
+		if n.Load() != want {
+			t.Errorf("server %d: %d connections, want %d", i, n.Load(), want)
+		}
+	}
+}
