@@ -475,7 +475,7 @@ func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
 func (c *conn) frame(resp *http.Response, h *head) (*http.Response, error) {
 	reuse := !h.close && (!h.http10 || h.keepAlive)
 	resp.Close = !reuse
-	if resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified {
+	if resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified || resp.Request.Method == http.MethodHead {
 		resp.Body, resp.ContentLength = http.NoBody, 0
 		c.release(reuse)
 		return resp, nil

@@ -204,6 +204,28 @@ func TestAnswerFraming(t *testing.T) {
 
 // A body that runs until the server closes is read to its end; the
 // connection is not reused.
+// The answer to a HEAD has no body, whatever its Content-Length says.
+func TestHeadHasNoBody(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a body HEAD leaves out") })
+	tr := newTransport()
+	defer tr.CloseIdleConnections()
+	for _, method := range []string{http.MethodHead, http.MethodGet} {
+		req, _ := http.NewRequest(method, srv.URL, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := io.ReadAll(resp.Body)
+		want := map[string]string{http.MethodHead: "", http.MethodGet: "a body HEAD leaves out"}[method]
+		if err != nil || string(b) != want {
+			t.Errorf("%s: body %q, error %v; want %q", method, b, err, want)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}
+
 func TestBodyUntilClose(t *testing.T) {
 	srv := newScripted(t, func(c net.Conn, _ int) bool {
 		io.WriteString(c, "HTTP/1.0 200 OK\r\n\r\nall of it")
