@@ -443,8 +443,9 @@ func (c *conn) readHeaders(resp *http.Response, h *head, total *int) error {
 		name, value := line[:i], bytes.Trim(line[i+1:], " \t")
 		switch {
 		case equalFold(name, "content-length"):
-			n, err := strconv.ParseInt(string(value), 10, 64)
-			if err != nil || n < 0 || (h.contentLength >= 0 && n != h.contentLength) {
+			u, err := strconv.ParseUint(string(value), 10, 63) // digits only: no sign
+			n := int64(u)
+			if err != nil || (h.contentLength >= 0 && n != h.contentLength) {
 				return &ProtocolError{Msg: "Content-Length " + strconv.Quote(truncate(value))}
 			}
 			h.contentLength = n
@@ -593,8 +594,9 @@ func (r *chunkReader) Read(p []byte) (int, error) {
 			line = line[:i] // chunk extensions
 		}
 		line = bytes.Trim(line, " \t")
-		size, err := strconv.ParseInt(string(line), 16, 64)
-		if err != nil || size < 0 || len(line) == 0 || len(line) > 16 {
+		u, err := strconv.ParseUint(string(line), 16, 63)
+		size := int64(u)
+		if err != nil || len(line) == 0 || len(line) > 16 {
 			return 0, &ProtocolError{Msg: "chunk size " + strconv.Quote(truncate(line))}
 		}
 		if size == 0 {

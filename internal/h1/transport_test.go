@@ -325,6 +325,8 @@ func TestBadAnswers(t *testing.T) {
 		{"HTTP/2 status line", "HTTP/2 200 OK\r\n\r\n", "other", false},
 		{"bad status code", "HTTP/1.1 2x0 OK\r\n\r\n", "other", false},
 		{"bad header line", "HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "other", false},
+		{"signed length", "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", "other", false},
+		{"signed chunk size", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n", "other", true},
 		{"conflicting lengths", "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", "other", false},
 		{"unsupported transfer-encoding", "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "other", false},
 		{"headers too long", "HTTP/1.1 200 OK\r\nX-Long: " + strings.Repeat("a", 70<<10) + "\r\n\r\n", "other", false},
