@@ -184,6 +184,39 @@ VALUES ('00000000-0000-0000-0000-0000000000aa', 'ep', 't', 'lapsed', 'pending', 
 	}
 }
 
+// The loader's cursor moves past what it loaded; a row made due behind
+// it (as a dead-letter replay does on a server whose clock lags the
+// relay's) is still found, by a pass from the front within
+// fromFrontTicks poll ticks.
+func TestRowDueBehindTheCursorIsDelivered(t *testing.T) {
+	t.Parallel()
+	e, rcv := relayPastStartup(t)
+	insert := func(id, due string) {
+		// The outbox row's tenant has no endpoint: only the pending row
+		// below brings it to "ep".
+		e.Exec(`INSERT INTO relay.outbox (id, tenant_id, event_type, payload) VALUES ($1::uuid, 'nobody', 'behind', jsonb_build_object('id', $2::text))`, id, id)
+		e.Exec(`INSERT INTO relay.deliveries (event_id, endpoint_id, tenant_id, event_type, state, next_attempt_at, committed_at)
+VALUES ($1, 'ep', 't', 'behind', 'pending', now() + $2::interval, now())`, id, due)
+	}
+	insert("00000000-0000-0000-0000-0000000000b1", "0 seconds")
+	e.WaitFor("the first row delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'behind' AND endpoint_id = 'ep' AND state = 'succeeded'`) == 1
+	})
+	insert("00000000-0000-0000-0000-0000000000b2", "-1 hour")
+	e.WaitFor("the row due behind the cursor delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'behind' AND endpoint_id = 'ep' AND state = 'succeeded'`) == 2
+	})
+	seen := map[string]int{}
+	for _, r := range rcv.requests() {
+		seen[string(r.body)]++
+	}
+	for _, id := range []string{"00000000-0000-0000-0000-0000000000b1", "00000000-0000-0000-0000-0000000000b2"} {
+		if n := seen[`{"id": "`+id+`"}`]; n != 1 {
+			t.Errorf("row %s delivered %d times, want 1", id, n)
+		}
+	}
+}
+
 // A database migrated by an older version lacks the claim indexes: the
 // relay names them (and warns at startup) instead of failing.
 func TestMissingIndexesAreNamed(t *testing.T) {
