@@ -121,6 +121,9 @@ func (r *Relay) Ready() (bool, string) {
 func (r *Relay) Run(ctx context.Context) error {
 	defer r.state.Store("stopped")
 	defer r.client.closeIdle()
+	r.heldMu.Lock()
+	r.held, r.released = nil, nil // a run holds only what it loaded
+	r.heldMu.Unlock()
 	pool, err := openPool(ctx, r.cfg.DatabaseURL, 8)
 	if err != nil {
 		return err
