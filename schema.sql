@@ -94,21 +94,17 @@ CREATE TABLE IF NOT EXISTS relay.deliveries (
     updated_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (event_id, endpoint_id)
 );
--- Due rows no claim holds, in due order and then by key: the loader reads
--- this index from where its last pass stopped, and writes nothing (it
--- keeps what it loaded in memory), so a pass never walks past the
--- thousands of rows a busy endpoint has loaded. Rows claimed by a probe
--- or an ordered endpoint's lane leave it; an expired claim is found in the
--- second index and released (set NULL).
-CREATE INDEX IF NOT EXISTS deliveries_due_load_idx ON relay.deliveries (next_attempt_at, event_id, endpoint_id)
+-- Due rows no relay holds, in due order: the loader's claim reads the
+-- front of this index. A claimed row (in a relay's memory) leaves it, so a
+-- claim never walks past the thousands of rows a busy endpoint has loaded.
+-- An expired claim is found in the second index and released (set NULL).
+CREATE INDEX IF NOT EXISTS deliveries_due_unclaimed_idx ON relay.deliveries (next_attempt_at)
     WHERE state IN ('pending', 'retrying') AND claimed_until IS NULL;
 CREATE INDEX IF NOT EXISTS deliveries_claimed_idx ON relay.deliveries (claimed_until)
     WHERE state IN ('pending', 'retrying') AND claimed_until IS NOT NULL;
--- Replaced by the two above (schema versions before 2026-12): the first
--- held claimed rows too, and every claim walked past them; the second had
--- no key to resume a pass at within rows due at the same instant.
+-- Replaced by the two above (schema versions before 2026-12): it held
+-- claimed rows too, and every claim walked past them.
 DROP INDEX IF EXISTS relay.deliveries_due_idx;
-DROP INDEX IF EXISTS relay.deliveries_due_unclaimed_idx;
 -- Most rows end succeeded (or unrouted) and are only ever read again by
 -- the retention cleanup, so the indexes skip them: a row a second costs
 -- Postgres a heap insert, the primary key and two BRIN page summaries.

@@ -52,7 +52,6 @@ type delivery struct {
 	persisted bool     // a row exists already (loaded): write through the upsert path
 	maybeDup  bool     // re-streamed after a restart: a row may exist
 	fromLane  bool     // loaded by an ordered endpoint's lane as its oldest unfinished rows
-	held      bool     // loaded without a claim: in Relay.held until its next row is durable
 
 	// Outcome of the last attempt, written by the worker.
 	state        State

@@ -519,15 +519,11 @@ func (r *Relay) evict(ds []*delivery, until time.Time) {
 	r.writer.addNoWait(r.toPending(ds, until)...) // called under the scheduler's lock
 }
 
-// loadLoop reads due retries and spilled deliveries back from
+// loadLoop claims due retries and spilled deliveries from
 // relay.deliveries when the queues have room.
 func (r *Relay) loadLoop(ctx context.Context) {
 	t := time.NewTicker(r.cfg.PollInterval)
 	defer t.Stop()
-	var cursor loadCursor // past the last row read; zero: from the front
-	var excludedBefore map[string]bool
-	lastSweep := r.now()
-	ticks := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -536,29 +532,13 @@ func (r *Relay) loadLoop(ctx context.Context) {
 			// A claim that lapsed (its relay held the row past the
 			// lease) makes the row claimable again, as it always was;
 			// claims only read unclaimed rows, so lapsed ones are
-			// released here, once a tick. Probes and lanes claim.
+			// released here, once a tick.
 			if n, err := releaseExpired(ctx, r.pool); err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("releasing lapsed claims failed", slog.Any("error", err))
 				}
 			} else if n > 0 {
 				r.log.Info("released lapsed claims", slog.Int64("rows", n))
-				cursor = loadCursor{} // they are due behind the cursor
-			}
-			now := r.now()
-			if now.Sub(lastSweep) >= r.cfg.ClaimLease {
-				lastSweep = now
-				if n := r.sweepHeld(now, r.cfg.ClaimLease); n > 0 {
-					r.log.Warn("loaded rows held past the claim lease without a written outcome; they may be loaded again", slog.Int("rows", n))
-				}
-			}
-			// Now and then a pass from the front finds a row that became
-			// due behind the cursor: one made due by SQL (a dead-letter
-			// replay) on a server whose clock is behind the relay's, a
-			// clock step back, two rows due at one microsecond spilled
-			// apart. It walks past every row still held, so not often.
-			if ticks++; ticks%fromFrontTicks == 0 {
-				cursor = loadCursor{}
 			}
 		case <-r.sched.room:
 			if !r.spilled.Load() {
@@ -572,13 +552,6 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				break
 			}
 			excluded, probes := r.sched.loadExcluded(r.now())
-			// The cursor moved past the rows of endpoints left out. One
-			// that is back (a circuit closed, a lane turned off) has its
-			// rows behind it: start at the front.
-			if endpointBack(excluded, probes, excludedBefore) {
-				cursor = loadCursor{}
-			}
-			excludedBefore = setOf(excludedBefore, excluded, probes)
 			if len(probes) > 0 && !probed {
 				// One row each for the open circuits whose cooldown is
 				// over: their probes. The rest of their rows stay put.
@@ -590,73 +563,26 @@ func (r *Relay) loadLoop(ctx context.Context) {
 					}
 					break
 				}
-				r.acceptLoaded(r.dropHeld(ds, r.now(), r.cfg.ClaimLease))
+				r.acceptLoaded(ds)
 			}
-			want := min(room, 1000)
-			r.beginLoad()
-			ds, next, err := loadDue(ctx, r.pool, want, append(excluded, probes...), cursor)
+			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, append(excluded, probes...))
 			if err != nil {
 				if ctx.Err() == nil {
-					r.log.Warn("loading due deliveries failed", slog.Any("error", err))
+					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))
 				}
 				break
 			}
-			got := len(ds)
-			cursor = next
-			r.acceptLoaded(r.holdLoaded(ds, r.now(), r.cfg.ClaimLease))
-			if got < want {
-				// The end of what is due. The cursor stays: what becomes
-				// due later (a spill, a retry, an eviction) is due after
-				// it, and starting at the front would walk past every
-				// row still held.
-				if got == 0 {
-					r.spilled.Store(false) // a spill or an eviction sets it again
-				}
+			if len(ds) == 0 {
+				r.spilled.Store(false)
+				break
+			}
+			r.acceptLoaded(ds)
+			if len(ds) < min(room, 1000) {
 				break
 			}
 		}
 	}
 }
-
-// endpointBack says whether an endpoint left out of the last pass (in
-// before) is in neither list of this one.
-func endpointBack(excluded, probes []string, before map[string]bool) bool {
-	if len(before) == 0 {
-		return false
-	}
-	now := make(map[string]bool, len(excluded)+len(probes))
-	for _, id := range excluded {
-		now[id] = true
-	}
-	for _, id := range probes {
-		now[id] = true
-	}
-	for id := range before {
-		if !now[id] {
-			return true
-		}
-	}
-	return false
-}
-
-// setOf fills m (cleared, or made) with the ids of both lists.
-func setOf(m map[string]bool, a, b []string) map[string]bool {
-	if m == nil {
-		m = make(map[string]bool, len(a)+len(b))
-	}
-	clear(m)
-	for _, id := range a {
-		m[id] = true
-	}
-	for _, id := range b {
-		m[id] = true
-	}
-	return m
-}
-
-// fromFrontTicks: every this many poll ticks, the loader's next pass
-// starts at the front (10 s at the default --poll-interval).
-const fromFrontTicks = 10
 
 // maxProbesPerLoad bounds the probes one loader pass claims (one row per
 // endpoint whose circuit awaits a probe); the next pass takes the rest.
@@ -674,7 +600,6 @@ func (r *Relay) acceptLoaded(ds []*delivery) {
 		d.state = StatePending
 		ep, ordered := r.sched.endpointForLoad(d.endpointID)
 		if ordered {
-			r.unhold(d)
 			continue // turned ordered since the claim: the row is its lane's
 		}
 		if ep == nil {

@@ -70,9 +70,9 @@ import (
 // flight at the change have ended. Turning it off makes the lane's queue an
 // ordinary one; the rows left are claimed by the general loader, as due.
 //
-// The general loader never loads a lane's rows (loadDue leaves them
+// The general loader never claims a lane's rows (claimDue leaves them
 // out; it still walks past those the lane has not loaded in
-// deliveries_due_load_idx, which costs it time in proportion to a
+// deliveries_due_unclaimed_idx, which costs it time in proportion to a
 // lane's backlog) and the lane ignores claimed_until (only one relay is active per
 // slot, and invariants 2 and 4 keep two copies of a delivery out of
 // memory); it still sets it, so rows it holds are left alone by the general

@@ -40,17 +40,10 @@ type Relay struct {
 	client *deliveryClient
 	config *configState
 
-	recorded cdc.LSN     // highest end LSN with recorded rows at startup
-	spilled  atomic.Bool // rows were spilled: the loader should look soon
-
-	// held are the rows the loader read back (loadDue, which writes
-	// nothing) and whose next row is not durable yet: the loader skips
-	// them, as a claim's claimed_until would make every other query do.
-	heldMu   sync.Mutex
-	held     map[pairKey]time.Time // when loaded
-	released map[pairKey]struct{}  // unheld since the loader's query began
-	history  historyBatch          // endpoint versions of the batch being dispatched (history.go)
-	recent   recentSet             // endpoints routed to lately; dispatch goroutine only
+	recorded cdc.LSN      // highest end LSN with recorded rows at startup
+	spilled  atomic.Bool  // rows were spilled: the loader should look soon
+	history  historyBatch // endpoint versions of the batch being dispatched (history.go)
+	recent   recentSet    // endpoints routed to lately; dispatch goroutine only
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
 
@@ -121,9 +114,6 @@ func (r *Relay) Ready() (bool, string) {
 func (r *Relay) Run(ctx context.Context) error {
 	defer r.state.Store("stopped")
 	defer r.client.closeIdle()
-	r.heldMu.Lock()
-	r.held, r.released = nil, nil // a run holds only what it loaded
-	r.heldMu.Unlock()
 	pool, err := openPool(ctx, r.cfg.DatabaseURL, 8)
 	if err != nil {
 		return err
@@ -138,7 +128,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	r.writer = &writer{
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
-		kick: make(chan struct{}, 1), written: r.rowsWritten, writeSecs: r.metrics.statusWriteSecs,
+		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
 		maxBuffered: 4 * r.cfg.StatusBatch, wrote: make(chan struct{}, 1),
 	}
 	r.writer.space = sync.NewCond(&r.writer.mu)
@@ -349,7 +339,7 @@ AND EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'relay
 // relay works without them, slowly.
 func missingIndexes(ctx context.Context, pool *pgxpool.Pool) []string {
 	var missing []string
-	for _, name := range []string{"relay.deliveries_due_load_idx", "relay.deliveries_claimed_idx"} {
+	for _, name := range []string{"relay.deliveries_due_unclaimed_idx", "relay.deliveries_claimed_idx"} {
 		var ok bool
 		if err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, name).Scan(&ok); err == nil && !ok {
 			missing = append(missing, name)

@@ -506,62 +506,15 @@ func existingRows(ctx context.Context, pool *pgxpool.Pool, events [][16]byte) (m
 	return out, nil
 }
 
-// loadDueSQL reads up to $1 due rows past the cursor ($3, $4, $5) in due
-// order, leaving out the endpoints in $2, and writes nothing: the loader
-// holds what it reads in memory (see held.go). The cursor keeps a pass
-// from walking again past the rows earlier passes loaded, which stay in
-// deliveries_due_load_idx until their outcome is written; rows due at the
-// same instant (a spilled batch) are told apart by their key, which the
-// index holds too.
-const loadDueSQL = `
-SELECT d.event_id, d.endpoint_id, d.tenant_id, d.event_type, d.attempts,
-    COALESCE(d.payload, o.payload)::text,
-    CASE WHEN d.payload IS NULL THEN o.headers ELSE d.headers END::text,
-    CASE WHEN d.payload IS NULL THEN o.traceparent ELSE d.traceparent END,
-    (d.commit_lsn - '0/0')::int8, d.committed_at, d.first_attempt_at, d.next_attempt_at, d.event_seq
-FROM relay.deliveries d LEFT JOIN relay.outbox o ON d.payload IS NULL AND o.id = d.event_id
-WHERE d.state IN ('pending', 'retrying') AND d.claimed_until IS NULL AND d.next_attempt_at <= now()
-  AND NOT (d.endpoint_id = ANY($2::text[]))
-  AND (d.next_attempt_at, d.event_id, d.endpoint_id) > ($3::timestamptz, $4::uuid, $5::text)
-ORDER BY d.next_attempt_at, d.event_id, d.endpoint_id
-LIMIT $1`
-
-// loadCursor is where the loader's next pass starts: just past the last
-// row it read. The zero value starts at the front.
-type loadCursor struct {
-	due      time.Time
-	event    [16]byte
-	endpoint string
-}
-
-// loadDue reads up to n due pending or retrying rows after c, leaving out
-// the endpoints in exclude (ordered ones, whose lanes load them, and open
-// circuits), and returns them with the cursor past the last.
-func loadDue(ctx context.Context, pool *pgxpool.Pool, n int, exclude []string, c loadCursor) ([]*delivery, loadCursor, error) {
-	if exclude == nil {
-		exclude = []string{}
-	}
-	due := c.due
-	if due.IsZero() {
-		due = time.Unix(0, 0) // before every row; time.Time{} is not a valid timestamptz everywhere
-	}
-	rows, err := pool.Query(ctx, loadDueSQL, n, exclude, due, c.event, c.endpoint)
-	if err != nil {
-		return nil, c, fmt.Errorf("load due deliveries: %w", err)
-	}
-	ds, err := scanClaimed(rows, true)
-	if err != nil {
-		return nil, c, err
-	}
-	if len(ds) > 0 {
-		last := ds[len(ds)-1]
-		c = loadCursor{due: last.nextAttempt, event: last.eventID, endpoint: last.endpointID}
-	}
-	for _, d := range ds {
-		d.nextAttempt = time.Time{} // the outcome row sets its own
-	}
-	return ds, c, nil
-}
+const claimSQL = `
+WITH due AS (
+    SELECT event_id, endpoint_id, payload IS NULL AS by_ref FROM relay.deliveries
+    WHERE state IN ('pending', 'retrying') AND claimed_until IS NULL AND next_attempt_at <= now()
+      AND NOT (endpoint_id = ANY($3::text[]))
+    ORDER BY next_attempt_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED)
+` + claimDueRowsSQL
 
 // claimDueRowsSQL follows a CTE "due" (event_id, endpoint_id, by_ref) of
 // locked rows: it claims them for the lease in $2 and returns what
@@ -601,7 +554,7 @@ func claimProbes(ctx context.Context, pool *pgxpool.Pool, ids []string, lease ti
 }
 
 // releaseExpiredSQL makes rows whose claim has lapsed claimable again
-// (loadDueSQL reads only unclaimed rows, through deliveries_due_load_idx;
+// (claimSQL reads only unclaimed rows, through deliveries_due_unclaimed_idx;
 // this walks deliveries_claimed_idx, and only its lapsed part).
 const releaseExpiredSQL = `UPDATE relay.deliveries SET claimed_until = NULL
 WHERE state IN ('pending', 'retrying') AND claimed_until IS NOT NULL AND claimed_until < now()`
@@ -615,7 +568,21 @@ func releaseExpired(ctx context.Context, pool *pgxpool.Pool) (int64, error) {
 	return tag.RowsAffected(), nil
 }
 
-// scanClaimed reads the rows of loadDueSQL, claimProbesSQL or claimLanesSQL; withNext keeps
+// claimDue claims up to n due pending or retrying deliveries for lease,
+// leaving out the ordered endpoints in lanes: their rows are loaded in
+// commit order by their lanes (see claimLanes).
+func claimDue(ctx context.Context, pool *pgxpool.Pool, n int, lease time.Duration, exclude []string) ([]*delivery, error) {
+	if exclude == nil {
+		exclude = []string{}
+	}
+	rows, err := pool.Query(ctx, claimSQL, n, lease.String(), exclude)
+	if err != nil {
+		return nil, fmt.Errorf("claim due deliveries: %w", err)
+	}
+	return scanClaimed(rows, false)
+}
+
+// scanClaimed reads the rows of claimSQL or claimLanesSQL; withNext keeps
 // next_attempt_at in nextAttempt (the lanes look at it; the loaded
 // delivery must not carry it into its outcome row).
 func scanClaimed(rows pgx.Rows, withNext bool) ([]*delivery, error) {
