@@ -92,10 +92,11 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 				}
 			}
 			if policy == "block" {
-				// Held back longer than the relay's tcp_user_timeout (10 s):
-				// the blocked stream keeps its walsender, since standby
-				// status updates still flow and the server's data is
-				// acknowledged (a zero window is not a dead peer).
+				// Held back longer than 10 s, the tcp_user_timeout of the
+				// relay's ordinary connections and its walsender's
+				// wal_sender_timeout: the blocked stream keeps its
+				// walsender, since standby status updates still flow (a
+				// zero receive window is not a dead peer).
 				walsender := func() int {
 					return count(t, pool, `SELECT coalesce(max(active_pid), 0) FROM pg_replication_slots WHERE database = current_database()`)
 				}

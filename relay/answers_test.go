@@ -1,10 +1,14 @@
 package relay
 
 import (
+	"bufio"
+	"context"
 	"crypto/x509"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -117,5 +121,66 @@ func TestTLSVerification(t *testing.T) {
 	}
 	if len(got) != 1 {
 		t.Errorf("the TLS receiver handled %d requests, want 1 (the trusted one)", len(got))
+	}
+}
+
+// An answer that is not HTTP as framed (garbage, a conflicting length)
+// fails the attempt with a reason that says so, is retried, and the
+// delivery ends dead with that reason when attempts run out; the relay
+// goes on delivering to a sound receiver beside it. Both clients.
+func TestMalformedAnswersGetAClearError(t *testing.T) {
+	t.Parallel()
+	for _, client := range []string{HTTPClientLean, HTTPClientNetHTTP} {
+		t.Run(client, func(t *testing.T) {
+			t.Parallel()
+			e := newEnv(t)
+			fine := newReceiver(t)
+			e.addEndpoint("fine", "t", fine)
+			for id, answer := range map[string]string{
+				"garbage": "garbage\r\n\r\n",
+				"lengths": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+			} {
+				ln, err := net.Listen("tcp", "127.0.0.1:0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { ln.Close() })
+				go func() {
+					for {
+						c, err := ln.Accept()
+						if err != nil {
+							return
+						}
+						go func() {
+							defer c.Close()
+							if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
+								io.WriteString(c, answer)
+							}
+						}()
+					}
+				}()
+				e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ($1, 't', $2, ARRAY[$3])`,
+					id, "http://"+ln.Addr().String()+"/hook", fine.secret)
+			}
+			e.startRelay(func(c *Config) {
+				c.HTTPClient = client
+				c.RetrySchedule = []time.Duration{0, 10 * time.Millisecond}
+			})
+			e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+			e.WaitFor("both bad receivers dead, the sound one succeeded", 20*time.Second, func() bool {
+				return e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id IN ('garbage', 'lengths') AND state = 'dead' AND attempts = 2`) == 2 &&
+					e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'fine' AND state = 'succeeded'`) == 1
+			})
+			// What each reason must name (both clients word it so).
+			for id, names := range map[string]string{"garbage": "malformed", "lengths": "Content-Length"} {
+				var reason string
+				if err := e.Pool.QueryRow(context.Background(), `SELECT error FROM relay.deliveries WHERE endpoint_id = $1`, id).Scan(&reason); err != nil {
+					t.Fatal(err)
+				}
+				if !strings.Contains(reason, names) || !strings.Contains(reason, "attempts exhausted (2)") {
+					t.Errorf("%s: error %q, want attempts exhausted and %q named", id, reason, names)
+				}
+			}
+		})
 	}
 }

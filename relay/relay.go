@@ -113,7 +113,7 @@ func (r *Relay) Ready() (bool, string) {
 // streams and delivers until ctx is done or a fatal error occurs.
 func (r *Relay) Run(ctx context.Context) error {
 	defer r.state.Store("stopped")
-	defer r.client.closeIdle()
+	defer r.client.CloseIdleConnections()
 	pool, err := openPool(ctx, r.cfg.DatabaseURL, 8)
 	if err != nil {
 		return err
@@ -399,9 +399,6 @@ func (r *Relay) keepLock(ctx context.Context, lock **pgx.Conn, lost func(error))
 	}
 }
 
-// becomeActive takes the slot's advisory lock on a dedicated connection,
-// waiting as a standby while another relay holds it. The lock lives as
-// long as the returned connection.
 // connectLock opens a connection for the advisory lock, with the relay's
 // session settings: the server notices within seconds if this relay
 // vanishes without closing it (its keepalives), so a standby can take over.
@@ -414,6 +411,9 @@ func (r *Relay) connectLock(ctx context.Context) (*pgx.Conn, error) {
 	return pgx.ConnectConfig(ctx, cfg)
 }
 
+// becomeActive takes the slot's advisory lock on a dedicated connection,
+// waiting as a standby while another relay holds it. The lock lives as
+// long as the returned connection.
 func (r *Relay) becomeActive(ctx context.Context) (*pgx.Conn, error) {
 	key := r.lockKey()
 	logged := false

@@ -31,10 +31,7 @@ const (
 // deliveryClient is the one HTTP client every worker shares: keep-alive,
 // no redirects, and the SSRF guard on every dial.
 type deliveryClient struct {
-	http *http.Client
-	// plain sends http:// requests when the lean client is on; nil: the
-	// http client sends them.
-	plain     *h1.Transport
+	h1.Client // plain http:// through h1 when the lean client is on
 	userAgent []string
 }
 
@@ -43,23 +40,6 @@ const (
 	HTTPClientLean    = "lean"
 	HTTPClientNetHTTP = "net/http"
 )
-
-// do sends req; https, and http with the net/http client chosen, go
-// through net/http, plain http through the lean transport.
-func (c *deliveryClient) do(req *http.Request) (*http.Response, error) {
-	if c.plain != nil && req.URL.Scheme == "http" {
-		return c.plain.RoundTrip(req)
-	}
-	return c.http.Do(req)
-}
-
-// closeIdle closes the idle connections of both transports.
-func (c *deliveryClient) closeIdle() {
-	c.http.CloseIdleConnections()
-	if c.plain != nil {
-		c.plain.CloseIdleConnections()
-	}
-}
 
 func newDeliveryClient(cfg Config) *deliveryClient {
 	guard := &netguard.Guard{Allow: cfg.AllowNetworks}
@@ -81,13 +61,12 @@ func newDeliveryClient(cfg Config) *deliveryClient {
 		plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: cfg.Workers, MaxIdle: cfg.Workers * 4, IdleTimeout: 90 * time.Second}
 	}
 	return &deliveryClient{
-		plain: plain,
-		http: &http.Client{
+		Client: h1.Client{Plain: plain, Other: &http.Client{
 			Transport: tr,
 			// Never follow redirects: a moved receiver must be
 			// reconfigured, and the row says where it pointed.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
-		},
+		}},
 		userAgent: []string{cfg.UserAgent},
 	}
 }
@@ -174,7 +153,7 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		defer func() { endAttemptSpan(span, d, d.httpStatus, d.failClass) }()
 	}
 
-	resp, err := r.client.do(req)
+	resp, err := r.client.Do(req)
 	var status int
 	var respHeader http.Header
 	var snippet []byte

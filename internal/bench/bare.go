@@ -19,11 +19,10 @@ import (
 // bareClient is the ceiling: a plain keep-alive client, no signing, no
 // database, the same concurrency as the relay's workers.
 type bareClient struct {
-	http *http.Client
-	lean *h1.Transport // when set, posts go through it instead of http
-	url  string
-	size int
-	sign *signer.Signer // nil: unsigned
+	h1.Client // Plain set: posts go through the lean transport
+	url       string
+	size      int
+	sign      *signer.Signer // nil: unsigned
 }
 
 // The values of Config.BareClient.
@@ -41,25 +40,11 @@ func newBareClient(url string, workers, size int, sign *signer.Signer, lean bool
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
 	}
-	c := &bareClient{http: &http.Client{Transport: tr}, url: url, size: size, sign: sign}
+	c := &bareClient{Client: h1.Client{Other: &http.Client{Transport: tr}}, url: url, size: size, sign: sign}
 	if lean {
-		c.lean = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers, MaxIdle: workers * 4}
+		c.Plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers, MaxIdle: workers * 4}
 	}
 	return c
-}
-
-func (c *bareClient) do(req *http.Request) (*http.Response, error) {
-	if c.lean != nil {
-		return c.lean.RoundTrip(req)
-	}
-	return c.http.Do(req)
-}
-
-func (c *bareClient) closeIdle() {
-	c.http.CloseIdleConnections()
-	if c.lean != nil {
-		c.lean.CloseIdleConnections()
-	}
 }
 
 var contentTypeJSON = []string{"application/json"}
@@ -78,7 +63,7 @@ func (c *bareClient) post(ctx context.Context, tag uint32, seq int, t int64, buf
 		req.Header["Webhook-Timestamp"] = []string{strconv.FormatInt(now, 10)}
 		req.Header["Webhook-Signature"] = []string{string(c.sign.AppendSignature(nil, id, now, buf))}
 	}
-	resp, err := c.do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return buf, err
 	}

@@ -434,7 +434,7 @@ func (r *run) bare(ctx context.Context) error {
 	tl := newTally(r.tag(tagBare), r.cfg.Events, r.cfg.BodyBytes, false, r.verifier())
 	r.rcv.expect(tl)
 	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner(), r.cfg.BareClient == BareLean)
-	defer c.closeIdle()
+	defer c.CloseIdleConnections()
 	cpu0 := r.cpuNow()
 	took, err := c.drain(ctx, r.tag(tagBare), r.cfg.Events, r.cfg.Workers)
 	if err != nil {
@@ -664,7 +664,7 @@ func (r *run) bareLatency(ctx context.Context) error {
 	r.rcv.expect(tl)
 	r.progress("bare HTTP client: %d posts/s for %s", r.cfg.Rate, r.cfg.Duration)
 	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner(), r.cfg.BareClient == BareLean)
-	defer c.closeIdle()
+	defer c.CloseIdleConnections()
 	bufs := make(chan []byte, r.cfg.Workers)
 	for range r.cfg.Workers {
 		bufs <- nil

@@ -405,7 +405,7 @@ func TestBareClientSigns(t *testing.T) {
 		if _, err := c.drain(context.Background(), tagBare, 20, 4); err != nil {
 			t.Fatal(err)
 		}
-		c.closeIdle()
+		c.CloseIdleConnections()
 		var got Counts
 		got.count(tl)
 		want := int64(0)

@@ -133,12 +133,14 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 // CloseIdleConnections closes every idle connection.
 func (t *Transport) CloseIdleConnections() {
 	t.mu.Lock()
-	lru := t.lru
-	t.idle, t.lru = nil, list.List{}
-	var closing []*conn
-	for e := lru.Front(); e != nil; e = e.Next() {
-		closing = append(closing, e.Value.(*conn))
+	closing := make([]*conn, 0, t.lru.Len())
+	for e := t.lru.Front(); e != nil; e = e.Next() {
+		c := e.Value.(*conn)
+		c.elem = nil
+		closing = append(closing, c)
 	}
+	t.idle = nil
+	t.lru.Init()
 	t.mu.Unlock()
 	for _, c := range closing {
 		c.nc.Close()

@@ -577,3 +577,38 @@ func TestMaxIdleOverHosts(t *testing.T) {
 		}
 	}
 }
+
+// Client sends http:// through Plain and https:// through Other.
+func TestClientRoutesByScheme(t *testing.T) {
+	plainSrv, plainConns := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "plain") })
+	tlsSrv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls") }))
+	defer tlsSrv.Close()
+	tr := newTransport()
+	c := &Client{Plain: tr, Other: tlsSrv.Client()}
+	defer c.CloseIdleConnections()
+	for url, want := range map[string]string{plainSrv.URL: "plain", tlsSrv.URL: "tls"} {
+		req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader("{}"))
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != want {
+			t.Errorf("%s answered %q, want %q", url, b, want)
+		}
+	}
+	tr.mu.Lock()
+	pooled := tr.lru.Len()
+	tr.mu.Unlock()
+	if pooled != 1 || plainConns.Load() != 1 {
+		t.Errorf("the plain transport holds %d idle connections after %d dials, want 1 and 1", pooled, plainConns.Load())
+	}
+	c.CloseIdleConnections()
+	tr.mu.Lock()
+	pooled = tr.lru.Len()
+	tr.mu.Unlock()
+	if pooled != 0 {
+		t.Errorf("%d idle connections after CloseIdleConnections", pooled)
+	}
+}
