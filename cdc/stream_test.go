@@ -215,10 +215,21 @@ func outboxRows(txns []Txn) []string {
 	return rows
 }
 
+// insertOutbox commits rows from..to-1 as single-row transactions, in
+// order, on one connection.
 func insertOutbox(t *testing.T, connString string, from, to int) {
 	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, connString)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer conn.Close(ctx)
 	for i := from; i < to; i++ {
-		exec(t, connString, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', jsonb_build_object('n', $1::int))`, i)
+		if _, err := conn.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', jsonb_build_object('n', $1::int))`, i); err != nil {
+			t.Fatalf("insert outbox row %d: %v", i, err)
+		}
 	}
 }
 
@@ -601,22 +612,11 @@ func TestConfigValidate(t *testing.T) {
 // the same backlog comes in batches of many transactions.
 func TestStreamBatchBytesBound(t *testing.T) {
 	t.Parallel()
-	maxTxns := func(t *testing.T, bound, n int) int {
+	const n = 200
+	maxTxns := func(t *testing.T, bound int) int {
 		u := newDB(t, cluster)
 		s := newStream(t, u, func(c *Config) { c.MaxBatchBytes = bound; c.MaxBatchDelay = time.Second })
-		// A backlog of single-row transactions, committed before the
-		// stream starts, on one connection.
-		ctx := context.Background()
-		conn, err := pgx.Connect(ctx, u)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i := range n {
-			if _, err := conn.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t1', 'e', jsonb_build_object('n', $1::int))`, i); err != nil {
-				t.Fatal(err)
-			}
-		}
-		conn.Close(ctx)
+		insertOutbox(t, u, 0, n) // a backlog of single-row transactions, committed before the stream starts
 		// The consumer waits a moment before its first receive, so the
 		// stream has the backlog buffered: whether transactions share a
 		// Batch then depends on the bound, not on whether the reader
@@ -637,10 +637,10 @@ func TestStreamBatchBytesBound(t *testing.T) {
 		}
 		return most
 	}
-	if n := maxTxns(t, 1, 200); n != 1 {
+	if n := maxTxns(t, 1); n != 1 {
 		t.Errorf("MaxBatchBytes 1: a Batch held %d transactions, want 1", n)
 	}
-	if n := maxTxns(t, 1<<30, 200); n < 2 {
+	if n := maxTxns(t, 1<<30); n < 2 {
 		t.Errorf("without a byte bound every Batch held one transaction: the test cannot tell the bound works")
 	}
 }

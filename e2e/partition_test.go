@@ -45,14 +45,8 @@ func newPartitionNet(t *testing.T) *partitionNet {
 	sub := os.Getpid() % 200
 	n := &partitionNet{t: t, ns: fmt.Sprintf("orpart%d", id), hostDev: fmt.Sprintf("orh%d", id), nsDev: fmt.Sprintf("orn%d", id),
 		hostIP: fmt.Sprintf("10.231.%d.1", sub), nsIP: fmt.Sprintf("10.231.%d.2", sub), cidr: fmt.Sprintf("10.231.%d.0/30", sub)}
-	run := func(args ...string) error {
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, out)
-		}
-		return nil
-	}
 	exec.Command("ip", "netns", "del", n.ns).Run() // a leftover of a killed run
-	if err := run("ip", "netns", "add", n.ns); err != nil {
+	if err := runCmd("ip", "netns", "add", n.ns); err != nil {
 		t.Skipf("cannot create a network namespace: %v", err)
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.ns).Run() })
@@ -66,7 +60,7 @@ func newPartitionNet(t *testing.T) *partitionNet {
 		{"ip", "netns", "exec", n.ns, "ip", "link", "set", "lo", "up"},
 	}
 	for _, st := range steps {
-		if err := run(st...); err != nil {
+		if err := runCmd(st...); err != nil {
 			t.Skipf("cannot set up the partition's link: %v", err)
 		}
 	}
@@ -80,7 +74,11 @@ func (n *partitionNet) setCut(cut bool) error {
 	if cut {
 		state = "down"
 	}
-	args := []string{"ip", "netns", "exec", n.ns, "ip", "link", "set", n.nsDev, state}
+	return runCmd("ip", "netns", "exec", n.ns, "ip", "link", "set", n.nsDev, state)
+}
+
+// runCmd runs a command, its output in the error if it fails.
+func runCmd(args ...string) error {
 	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
 		return fmt.Errorf("%s: %v: %s", strings.Join(args, " "), err, out)
 	}
