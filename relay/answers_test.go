@@ -1,7 +1,6 @@
 package relay
 
 import (
-	"bufio"
 	"context"
 	"crypto/x509"
 	"io"
@@ -12,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 )
 
 // 429 with Retry-After waits at least that long, even when the schedule
@@ -140,27 +141,12 @@ func TestMalformedAnswersGetAClearError(t *testing.T) {
 				"garbage": "garbage\r\n\r\n",
 				"lengths": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
 			} {
-				ln, err := net.Listen("tcp", "127.0.0.1:0")
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { ln.Close() })
-				go func() {
-					for {
-						c, err := ln.Accept()
-						if err != nil {
-							return
-						}
-						go func() {
-							defer c.Close()
-							if _, err := http.ReadRequest(bufio.NewReader(c)); err == nil {
-								io.WriteString(c, answer)
-							}
-						}()
-					}
-				}()
+				srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
+					io.WriteString(c, answer)
+					return false
+				})
 				e.Exec(`INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ($1, 't', $2, ARRAY[$3])`,
-					id, "http://"+ln.Addr().String()+"/hook", fine.secret)
+					id, srv.URL()+"hook", fine.secret)
 			}
 			e.startRelay(func(c *Config) {
 				c.HTTPClient = client

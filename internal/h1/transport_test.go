@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/internal/retrypolicy"
 )
 
@@ -107,52 +108,6 @@ func TestRequestsArriveIntactOverOneConnection(t *testing.T) {
 	}
 }
 
-// scripted is a raw TCP server: for each connection, answer is called
-// with the connection's requests one by one (after reading each request's
-// head and body) and writes whatever it likes; returning false closes the
-// connection.
-type scripted struct {
-	ln    net.Listener
-	conns atomic.Int64
-	reqs  atomic.Int64
-}
-
-func newScripted(t *testing.T, answer func(conn net.Conn, n int) bool) *scripted {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := &scripted{ln: ln}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s.conns.Add(1)
-			go func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for n := 0; ; n++ {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
-					s.reqs.Add(1)
-					if !answer(c, n) {
-						return
-					}
-				}
-			}()
-		}
-	}()
-	return s
-}
-
-func (s *scripted) url() string { return "http://" + s.ln.Addr().String() + "/" }
-
 func TestAnswerFraming(t *testing.T) {
 	cases := []struct {
 		name   string
@@ -173,7 +128,7 @@ func TestAnswerFraming(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			var answered atomic.Int64
-			srv := newScripted(t, func(c net.Conn, _ int) bool {
+			srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
 				if answered.Add(1) == 1 {
 					io.WriteString(c, tc.answer)
 					return true
@@ -183,11 +138,11 @@ func TestAnswerFraming(t *testing.T) {
 			})
 			tr := newTransport()
 			defer tr.CloseIdleConnections()
-			_, b, err := post(t, tr, context.Background(), srv.url(), "{}", nil)
+			_, b, err := post(t, tr, context.Background(), srv.URL(), "{}", nil)
 			if err != nil || string(b) != tc.body {
 				t.Fatalf("first answer: body %q, error %v; want %q", b, err, tc.body)
 			}
-			_, b, err = post(t, tr, context.Background(), srv.url(), "{}", nil)
+			_, b, err = post(t, tr, context.Background(), srv.URL(), "{}", nil)
 			if err != nil || string(b) != "next" {
 				t.Fatalf("second answer: body %q, error %v", b, err)
 			}
@@ -195,7 +150,7 @@ func TestAnswerFraming(t *testing.T) {
 			if !tc.reuse {
 				want = 2
 			}
-			if n := srv.conns.Load(); n != want {
+			if n := srv.Conns.Load(); n != want {
 				t.Errorf("%d connections, want %d", n, want)
 			}
 		})
@@ -227,18 +182,18 @@ func TestHeadHasNoBody(t *testing.T) {
 }
 
 func TestBodyUntilClose(t *testing.T) {
-	srv := newScripted(t, func(c net.Conn, _ int) bool {
+	srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
 		io.WriteString(c, "HTTP/1.0 200 OK\r\n\r\nall of it")
 		return false
 	})
 	tr := newTransport()
 	for range 2 {
-		_, b, err := post(t, tr, context.Background(), srv.url(), "{}", nil)
+		_, b, err := post(t, tr, context.Background(), srv.URL(), "{}", nil)
 		if err != nil || string(b) != "all of it" {
 			t.Fatalf("body %q, error %v", b, err)
 		}
 	}
-	if n := srv.conns.Load(); n != 2 {
+	if n := srv.Conns.Load(); n != 2 {
 		t.Errorf("%d connections, want 2", n)
 	}
 }
@@ -247,7 +202,7 @@ func TestBodyUntilClose(t *testing.T) {
 // next request goes over a new connection without failing, and the server
 // sees it once.
 func TestIdleConnectionClosedByServer(t *testing.T) {
-	srv := newScripted(t, func(c net.Conn, _ int) bool {
+	srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
 		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 		return false // closes without saying so
 	})
@@ -257,14 +212,14 @@ func TestIdleConnectionClosedByServer(t *testing.T) {
 		if i > 0 {
 			time.Sleep(20 * time.Millisecond) // the FIN arrives
 		}
-		if _, b, err := post(t, tr, context.Background(), srv.url(), "{}", nil); err != nil || string(b) != "ok" {
+		if _, b, err := post(t, tr, context.Background(), srv.URL(), "{}", nil); err != nil || string(b) != "ok" {
 			t.Fatalf("request %d: body %q, error %v", i, b, err)
 		}
 	}
-	if n := srv.reqs.Load(); n != 3 {
+	if n := srv.Reqs.Load(); n != 3 {
 		t.Errorf("server read %d requests, want 3", n)
 	}
-	if n := srv.conns.Load(); n != 3 {
+	if n := srv.Conns.Load(); n != 3 {
 		t.Errorf("%d connections, want 3", n)
 	}
 }
@@ -274,7 +229,7 @@ func TestIdleConnectionClosedByServer(t *testing.T) {
 func TestHangingReceiverTimesOutOnce(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	srv := newScripted(t, func(c net.Conn, n int) bool {
+	srv := relaytest.NewScripted(t, func(c net.Conn, n int) bool {
 		if n == 0 {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 			return true
@@ -284,13 +239,13 @@ func TestHangingReceiverTimesOutOnce(t *testing.T) {
 	})
 	tr := newTransport()
 	defer tr.CloseIdleConnections()
-	if _, _, err := post(t, tr, context.Background(), srv.url(), "{}", nil); err != nil {
+	if _, _, err := post(t, tr, context.Background(), srv.URL(), "{}", nil); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
 	defer cancel()
 	start := time.Now()
-	_, _, err := post(t, tr, ctx, srv.url(), "{}", nil) // over the kept-alive connection
+	_, _, err := post(t, tr, ctx, srv.URL(), "{}", nil) // over the kept-alive connection
 	if took := time.Since(start); took > 2*time.Second {
 		t.Errorf("took %s to time out at 150ms", took)
 	}
@@ -298,7 +253,7 @@ func TestHangingReceiverTimesOutOnce(t *testing.T) {
 		t.Errorf("error %v: class %q, want timeout", err, class)
 	}
 	time.Sleep(50 * time.Millisecond)
-	if n := srv.reqs.Load(); n != 2 {
+	if n := srv.Reqs.Load(); n != 2 {
 		t.Errorf("server read %d requests, want 2 (no resend after a timeout)", n)
 	}
 }
@@ -306,11 +261,11 @@ func TestHangingReceiverTimesOutOnce(t *testing.T) {
 func TestCancelEndsAWait(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
-	srv := newScripted(t, func(net.Conn, int) bool { <-release; return false })
+	srv := relaytest.NewScripted(t, func(net.Conn, int) bool { <-release; return false })
 	tr := newTransport()
 	ctx, cancel := context.WithCancel(context.Background())
 	time.AfterFunc(100*time.Millisecond, cancel)
-	_, _, err := post(t, tr, ctx, srv.url(), "{}", nil)
+	_, _, err := post(t, tr, ctx, srv.URL(), "{}", nil)
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("error %v, want context.Canceled", err)
 	}
@@ -337,12 +292,12 @@ func TestBadAnswers(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			srv := newScripted(t, func(c net.Conn, _ int) bool {
+			srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
 				io.WriteString(c, tc.answer)
 				return false
 			})
 			tr := newTransport()
-			resp, _, err := post(t, tr, context.Background(), srv.url(), "{}", nil)
+			resp, _, err := post(t, tr, context.Background(), srv.URL(), "{}", nil)
 			if err == nil {
 				t.Fatalf("no error; status %d", resp.StatusCode)
 			}
@@ -352,7 +307,7 @@ func TestBadAnswers(t *testing.T) {
 			if resp != nil != tc.bodyErr {
 				t.Errorf("error %v: response returned %v, want %v", err, resp != nil, tc.bodyErr)
 			}
-			if n := srv.reqs.Load(); n != 1 {
+			if n := srv.Reqs.Load(); n != 1 {
 				t.Errorf("server read %d requests, want 1", n)
 			}
 		})
@@ -362,16 +317,16 @@ func TestBadAnswers(t *testing.T) {
 // A reset before any answer on a new connection fails the request; it is
 // not sent again.
 func TestResetOnNewConnectionIsNotResent(t *testing.T) {
-	srv := newScripted(t, func(c net.Conn, _ int) bool {
+	srv := relaytest.NewScripted(t, func(c net.Conn, _ int) bool {
 		c.(*net.TCPConn).SetLinger(0)
 		return false
 	})
 	tr := newTransport()
-	_, _, err := post(t, tr, context.Background(), srv.url(), "{}", nil)
+	_, _, err := post(t, tr, context.Background(), srv.URL(), "{}", nil)
 	if class := retrypolicy.ErrorClass(err); class != "connection_reset" && class != "eof" {
 		t.Errorf("error %v: class %q, want connection_reset or eof", err, class)
 	}
-	if n := srv.reqs.Load(); n != 1 {
+	if n := srv.Reqs.Load(); n != 1 {
 		t.Errorf("server read %d requests, want 1", n)
 	}
 }
@@ -404,14 +359,14 @@ func TestUnreadBodyClosesTheConnection(t *testing.T) {
 }
 
 func TestInvalidRequestsAreNotSent(t *testing.T) {
-	srv := newScripted(t, func(net.Conn, int) bool { return false })
+	srv := relaytest.NewScripted(t, func(net.Conn, int) bool { return false })
 	tr := newTransport()
 	for _, h := range []http.Header{
 		{"X-Bad": {"a\r\nInjected: yes"}},
 		{"Bad Name": {"v"}},
 		{"X-Nul": {"a\x00b"}},
 	} {
-		if _, _, err := post(t, tr, context.Background(), srv.url(), "{}", h); err == nil {
+		if _, _, err := post(t, tr, context.Background(), srv.URL(), "{}", h); err == nil {
 			t.Errorf("header %v: no error", h)
 		}
 	}
@@ -420,7 +375,7 @@ func TestInvalidRequestsAreNotSent(t *testing.T) {
 		t.Error("https:// URL: no error")
 	}
 	time.Sleep(20 * time.Millisecond)
-	if n := srv.conns.Load(); n != 0 {
+	if n := srv.Conns.Load(); n != 0 {
 		t.Errorf("%d connections opened for invalid requests", n)
 	}
 }
