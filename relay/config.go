@@ -41,6 +41,15 @@ type Config struct {
 	QueueEvents int
 	// QueueBytes bounds the payload bytes held in memory. Default 64 MiB.
 	QueueBytes int
+	// HeldEvents bounds, under OverflowSpill, the deliveries of an
+	// endpoint past its share of the queues that wait in memory without
+	// their payload (about 100 bytes each) before any is spilled as a
+	// pending row; the acknowledged LSN waits for them. Default 5 ×
+	// QueueEvents; negative: none, every such delivery spills at once.
+	HeldEvents int
+	// HoldFor is the longest a delivery waits that way; then it spills,
+	// and the acknowledged LSN moves past it. Default 1 minute.
+	HoldFor time.Duration
 	// EndpointMaxInFlight bounds concurrent deliveries to one endpoint.
 	// Default 64.
 	EndpointMaxInFlight int
@@ -149,6 +158,8 @@ func (c Config) withDefaults() Config {
 	c.Workers = cmp.Or(c.Workers, 64)
 	c.QueueEvents = cmp.Or(c.QueueEvents, 20000)
 	c.QueueBytes = cmp.Or(c.QueueBytes, 64<<20)
+	c.HeldEvents = cmp.Or(c.HeldEvents, 5*c.QueueEvents)
+	c.HoldFor = cmp.Or(c.HoldFor, time.Minute)
 	c.EndpointMaxInFlight = cmp.Or(c.EndpointMaxInFlight, 64)
 	c.TenantMaxInFlight = cmp.Or(c.TenantMaxInFlight, max(1, c.Workers-c.Workers/4))
 	c.Overflow = cmp.Or(c.Overflow, OverflowSpill)
@@ -199,6 +210,9 @@ func (c Config) Validate() error {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
 		}
+	}
+	if c.HoldFor < 0 {
+		errs = append(errs, fmt.Errorf("HoldFor must not be negative (got %s)", c.HoldFor))
 	}
 	if c.Overflow != "" && c.Overflow != OverflowSpill && c.Overflow != OverflowBlock {
 		errs = append(errs, fmt.Errorf("Overflow must be %q or %q (got %q)", OverflowSpill, OverflowBlock, c.Overflow))

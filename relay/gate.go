@@ -200,6 +200,7 @@ func (s *scheduler) evictLocked(q *endpointQueue, until time.Time) {
 		s.evictLaneLocked(q, until)
 		return
 	}
+	s.spillHeldLocked(q, until)
 	if s.evicted == nil || q.items.len() <= 1 {
 		return
 	}

@@ -75,6 +75,7 @@ func New(cfg Config) (*Relay, error) {
 		// Under block, nothing is written to make room: a long-parked
 		// endpoint keeps its deliveries in memory.
 		r.sched.evicted = r.evict
+		r.sched.maxHeld = max(0, cfg.HeldEvents)
 	}
 	// Ordered endpoints keep their deliveries as rows under either policy
 	// (lane.go).
@@ -152,12 +153,13 @@ func (r *Relay) Run(ctx context.Context) error {
 		workers.Add(1)
 		go func() { defer workers.Done(); r.work(workCtx) }()
 	}
-	wg.Add(6)
+	wg.Add(7)
 	go func() { defer wg.Done(); r.sched.unparkLoop() }()
 	go func() { defer wg.Done(); r.laneLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.runHealth(writerCtx) }()
 	go func() { defer wg.Done(); r.slotLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.loadLoop(streamCtx) }()
+	go func() { defer wg.Done(); r.holdLoop(streamCtx) }()
 	go func() { defer wg.Done(); r.cleanupLoop(streamCtx) }()
 
 	batches := make(chan cdc.Batch, 1) // with the stream's byte bound per Batch, what waits outside the queues stays small

@@ -47,6 +47,9 @@ type endpointQueue struct {
 	parkIdx     int       // index in scheduler.parked, -1 when not parked
 
 	lane *lane // non-nil while the endpoint is ordered (see lane.go)
+
+	held    fifo[heldRef] // waiting without payload, after items (hold.go)
+	filling int           // taken from held, payloads being read
 }
 
 func (q *endpointQueue) maxInFlight(def int) int {
@@ -117,6 +120,13 @@ type scheduler struct {
 	laneKick  chan struct{}             // wakes the lane loader
 	toRows    func(ds []*delivery)      // writes deliveries as rows, without waiting; called under mu; nil in unit tests
 	loadSoon  func()                    // asks the general loader to look soon; nil in unit tests
+
+	// Held deliveries (hold.go): at most maxHeld (0: none), in the queues
+	// of holding.
+	held, heldTotal, maxHeld int
+	filling                  int // taken from held lists, not queued yet
+	holding                  map[*endpointQueue]struct{}
+	fillKick                 chan struct{} // wakes the filler
 }
 
 func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
@@ -132,6 +142,7 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 		lanes:       make(map[string]*endpointQueue),
 		laneKick:    make(chan struct{}, 1),
 		tripped:     make(map[string]bool),
+		fillKick:    make(chan struct{}, 1),
 	}
 	s.work = sync.NewCond(&s.mu)
 	return s
@@ -179,6 +190,7 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 	}
 	switch {
 	case ep.Ordered && q.lane == nil:
+		s.spillHeldLocked(q, s.now()) // the lane reads the endpoint's rows
 		s.startLaneLocked(q)
 	case !ep.Ordered && q.lane != nil:
 		s.stopLaneLocked(q)
@@ -196,6 +208,7 @@ func (s *scheduler) setEndpoint(ep *Endpoint) []*delivery {
 		d := s.popLocked(q)
 		out = append(out, d)
 	}
+	s.spillHeldLocked(q, s.now())
 	s.signalRoomLocked()
 	return out
 }
@@ -214,6 +227,7 @@ func (s *scheduler) removeEndpoint(id string) []*delivery {
 		d := s.popLocked(q)
 		out = append(out, d)
 	}
+	s.spillHeldLocked(q, s.now())
 	if q.inFlight == 0 {
 		delete(s.endpoints, id)
 		s.setTripped(id, false)
@@ -285,6 +299,9 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 		if q == nil {
 			continue
 		}
+		if q.held.len() > 0 && s.holdLocked(q, d) {
+			continue // behind the endpoint's held deliveries
+		}
 		s.pushLocked(q, d)
 		s.makeReadyLocked(q)
 		added = true
@@ -329,13 +346,15 @@ func (s *scheduler) popLocked(q *endpointQueue) *delivery {
 	}
 	s.count--
 	s.bytes -= d.size()
+	s.wantFillLocked(q)
 	return d
 }
 
 // pushShare queues deliveries when the queues are full: a delivery whose
 // endpoint holds less than its share of the bound (the bound divided by
 // the endpoints with work waiting, or busy lately, whichever is more) is
-// queued anyway, up to twice the bound in all. The others are returned:
+// queued anyway, up to twice the bound in all. The others are held in
+// memory without their payload (hold.go) or, past that bound, returned:
 // to be spilled (spill) when their endpoint holds far more than the
 // others do on average, so an endpoint that does not drain cannot keep
 // others' events in the WAL; to wait for room (wait) otherwise, because a
@@ -349,6 +368,9 @@ func (s *scheduler) pushShare(ds []*delivery, busy int, force bool) (spill, wait
 	for _, d := range ds {
 		q := s.queueForPushLocked(d)
 		if q == nil {
+			continue
+		}
+		if q.held.len() > 0 && s.holdLocked(q, d) {
 			continue
 		}
 		n := q.items.len()
@@ -369,6 +391,9 @@ func (s *scheduler) pushShare(ds []*delivery, busy int, force bool) (spill, wait
 		}
 		average := (s.count - n) / max(1, otherActive)
 		if force || n > heavyFactor*average+heavySlack {
+			if s.holdLocked(q, d) {
+				continue
+			}
 			spill = append(spill, d)
 		} else {
 			wait = append(wait, d)

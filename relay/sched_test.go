@@ -363,3 +363,74 @@ func TestSchedulerLoadExcludesTrippedEndpoints(t *testing.T) {
 		t.Fatalf("cooldown over, nothing in memory: excluded %v, probes %v; want none and [dead] (one loaded row is the probe)", ex, probes)
 	}
 }
+
+// Past its share, a heavy endpoint's fresh deliveries are held without
+// payload up to maxHeld, then spilled; later ones queue behind the held
+// ones. Held deliveries keep their transaction's mark (the watermark waits
+// for them) and come back in order, with their identity, when filled;
+// aged ones and those of a disabled endpoint leave as pending rows.
+func TestSchedulerHoldsTheHeavyExcess(t *testing.T) {
+	now := time.Unix(1000, 0)
+	s := newScheduler(100, 1<<40, 1000)
+	s.now = func() time.Time { return now }
+	s.maxHeld = 30
+	var evicted []*delivery
+	s.evicted = func(ds []*delivery, _ time.Time) { evicted = append(evicted, ds...) }
+	slow := &Endpoint{ID: "slow", TenantID: "a", Enabled: true}
+	mark := &txnMark{}
+	fresh := func(i int) *delivery {
+		mark.remaining.Add(1)
+		return &delivery{eventID: [16]byte{byte(i)}, endpointID: "slow", tenantID: "a", eventType: "x", ep: slow,
+			payload: []byte(`{}`), mark: mark, eventSeq: int32(i), committedAt: time.Unix(900, int64(i))}
+	}
+	var ds []*delivery
+	for i := range 140 {
+		ds = append(ds, fresh(i))
+	}
+	s.push(ds[:95], true)
+	s.push([]*delivery{{endpointID: "fast", tenantID: "b", ep: &Endpoint{ID: "fast", TenantID: "b", Enabled: true}, payload: []byte(`{}`)}}, true)
+	spill, wait := s.pushShare(ds[95:], 2, false)
+	if held, _ := s.heldCount(); held != 30 || len(spill) != 15 || len(wait) != 0 {
+		t.Fatalf("held %d, spilled %d, wait %d; want 30 held (the bound), 15 spilled, 0 waiting", held, len(spill), len(wait))
+	}
+	if got := mark.remaining.Load(); got != 140 {
+		t.Fatalf("the transaction's mark counts %d pending, want all 140: holding must not let the watermark pass", got)
+	}
+	// Room for 20: the filler takes the first held, in order.
+	for range 20 {
+		s.popLocked(s.endpoints["slow"])
+	}
+	got, qs := s.takeHeld(1000)
+	if len(got) == 0 || len(got) != len(qs) {
+		t.Fatalf("took %d held deliveries (%d queues)", len(got), len(qs))
+	}
+	for i, d := range got {
+		want := ds[95+i]
+		if d.eventID != want.eventID || d.eventSeq != want.eventSeq || d.mark != mark || d.payload != nil ||
+			!d.committedAt.Equal(want.committedAt) || d.endpointID != "slow" || d.tenantID != "a" || d.eventType != "x" {
+			t.Fatalf("held delivery %d came back as %+v", i, d)
+		}
+		d.payload = []byte(`{}`)
+	}
+	before := s.endpoints["slow"].items.len()
+	if rows := s.acceptFilled(got, qs); len(rows) != 0 {
+		t.Fatalf("%d filled deliveries turned into rows for a usable endpoint", len(rows))
+	}
+	if after := s.endpoints["slow"].items.len(); after != before+len(got) {
+		t.Fatalf("queue went from %d to %d after filling %d", before, after, len(got))
+	}
+	// Aged: everything held now was held at 1000 s.
+	now = now.Add(time.Minute)
+	if aged := s.takeAged(30 * time.Second); len(aged) != 30-len(got) {
+		t.Fatalf("%d aged, want the %d still held", len(aged), 30-len(got))
+	}
+	// Disabled: what is held again leaves as pending rows.
+	s.pushShare([]*delivery{fresh(200), fresh(201)}, 2, true)
+	if held, _ := s.heldCount(); held != 2 {
+		t.Fatalf("held %d after two more, want 2", held)
+	}
+	s.setEndpoint(&Endpoint{ID: "slow", TenantID: "a", Enabled: false})
+	if held, _ := s.heldCount(); held != 0 || len(evicted) != 2 || evicted[0].eventSeq != 200 {
+		t.Fatalf("after disabling: held %d, evicted %d; want 0 and the 2 held", held, len(evicted))
+	}
+}

@@ -25,6 +25,8 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.IntVar(&cfg.Workers, "workers", 64, "concurrent HTTP deliveries")
 	fs.IntVar(&cfg.QueueEvents, "queue-events", 20000, "deliveries held in memory at most")
 	fs.IntVar(&cfg.QueueBytes, "queue-bytes", 64<<20, "payload bytes held in memory at most")
+	fs.IntVar(&cfg.HeldEvents, "queue-held", 0, "under spill: deliveries of an endpoint past its share of the queues that wait in memory without their payload (about 100 bytes each) before any spills as a pending row; the acknowledged LSN waits for them (0: 5 × --queue-events; -1: none, spill at once)")
+	fs.DurationVar(&cfg.HoldFor, "hold-for", time.Minute, "under spill: the longest a delivery waits in memory without its payload; then it spills and the acknowledged LSN moves past it")
 	fs.IntVar(&cfg.EndpointMaxInFlight, "endpoint-max-in-flight", 64, "concurrent deliveries to one endpoint at most")
 	fs.IntVar(&cfg.TenantMaxInFlight, "tenant-max-in-flight", 0, "concurrent deliveries of one tenant at most, over all its endpoints, so a slow tenant leaves workers to the others (0: three quarters of --workers)")
 	fs.StringVar(overflow, "overflow", "spill", "when queues are full: spill (record as pending rows, keep streaming) or block (stop reading the WAL)")

@@ -1,0 +1,210 @@
+package relay
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+// holdSetup has tenant A's endpoint answer slowly and tenant B's at
+// once, with queues far smaller than A's backlog.
+func holdSetup(t *testing.T, slow func() time.Duration) (*env, *receiver, *receiver) {
+	t.Helper()
+	e := newEnv(t)
+	rcvA, rcvB := newReceiver(t), newReceiver(t)
+	rcvA.answer = func(int, *http.Request) int {
+		time.Sleep(slow())
+		return 200
+	}
+	e.addEndpoint("ep_a", "ta", rcvA)
+	e.addEndpoint("ep_b", "tb", rcvB)
+	return e, rcvA, rcvB
+}
+
+// insertBacklog commits a few events of tenant B, then n events of
+// tenant A in txns transactions, then more of B: both endpoints are busy
+// when A's fill the queues.
+func (e *env) insertBacklog(n, txns int) {
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tb', 'b', jsonb_build_object('b', -j) FROM generate_series(1, 10) j`)
+	for k := range txns {
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload, headers, traceparent)
+SELECT 'ta', 'held', jsonb_build_object('i', i, 'text', 'ünïcode ' || i), jsonb_build_object('X-Seq', i::text),
+       '00-0af7651916cd43dd8448eb211c80319c-' || lpad(to_hex(i), 16, '0') || '-01'
+FROM generate_series($1::int, $2::int) i`, k*n/txns+1, (k+1)*n/txns)
+	}
+	for i := range 4 {
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tb', 'b', jsonb_build_object('b', $1 * 10 + j) FROM generate_series(1, 10) j`, i)
+	}
+}
+
+// checkArrivals checks that every one of A's n events reached rcv intact,
+// and returns how many arrived more than once.
+func checkArrivals(t *testing.T, rcv *receiver, n int) (dups int) {
+	t.Helper()
+	seen := map[int]bool{}
+	for _, req := range rcv.requests() {
+		var body struct {
+			I    int    `json:"i"`
+			Text string `json:"text"`
+		}
+		if err := json.Unmarshal(req.body, &body); err != nil {
+			t.Fatalf("body %q: %v", req.body, err)
+		}
+		if req.verifyErr != nil {
+			t.Errorf("event %d: signature does not verify: %v", body.I, req.verifyErr)
+		}
+		if body.Text != fmt.Sprintf("ünïcode %d", body.I) || req.header.Get("X-Seq") != fmt.Sprint(body.I) ||
+			req.header.Get("traceparent") != fmt.Sprintf("00-0af7651916cd43dd8448eb211c80319c-%016x-01", body.I) {
+			t.Errorf("event %d arrived altered: body %q, X-Seq %q, traceparent %q", body.I, req.body, req.header.Get("X-Seq"), req.header.Get("traceparent"))
+		}
+		if seen[body.I] {
+			dups++
+		}
+		seen[body.I] = true
+	}
+	if len(seen) != n {
+		t.Errorf("%d of A's %d events arrived", len(seen), n)
+	}
+	return dups
+}
+
+// A backlog far past the queues, for one endpoint while another is busy,
+// waits in memory without its payloads: nothing is spilled or loaded
+// back, each delivery is attempted once, and payload, headers and
+// traceparent (read back from the outbox) arrive intact.
+func TestHeldBacklogIsNotSpilled(t *testing.T) {
+	t.Parallel()
+	e, rcvA, rcvB := holdSetup(t, func() time.Duration { return 2 * time.Millisecond })
+	r, _ := e.startRelay(func(c *Config) {
+		c.QueueEvents = 200
+		c.HeldEvents = 5000
+		c.EndpointMaxInFlight = 4
+	})
+	const n = 2000
+	e.insertBacklog(n, 1)
+	e.WaitFor("all delivered", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == n+50
+	})
+	if dups := checkArrivals(t, rcvA, n); dups != 0 {
+		t.Errorf("%d of A's events arrived twice; a held delivery is attempted once", dups)
+	}
+	if got := len(rcvB.requests()); got != 50 {
+		t.Errorf("B's receiver saw %d requests, want 50", got)
+	}
+	_, held := r.sched.heldCount()
+	spilled, loaded := testutil.ToFloat64(r.metrics.spilled), testutil.ToFloat64(r.metrics.loaded)
+	t.Logf("held %d, spilled %v, loaded %v", held, spilled, loaded)
+	if held < n/2 {
+		t.Errorf("%d deliveries were held; the queues (200) cannot have taken most of A's %d", held, n)
+	}
+	if spilled != 0 || loaded != 0 {
+		t.Errorf("spilled %v and loaded %v: a backlog that drains within HoldFor is not written twice", spilled, loaded)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE attempts <> 1`); got != 0 {
+		t.Errorf("%d rows with attempts other than 1", got)
+	}
+}
+
+// A delivery held longer than HoldFor spills as a pending row, so the
+// acknowledgement watermark can move past it, and is loaded back and
+// delivered once.
+func TestHeldTooLongSpills(t *testing.T) {
+	t.Parallel()
+	e, rcvA, _ := holdSetup(t, func() time.Duration { return 5 * time.Millisecond })
+	r, _ := e.startRelay(func(c *Config) {
+		c.QueueEvents = 100
+		c.EndpointMaxInFlight = 2
+		c.HoldFor = 200 * time.Millisecond
+	})
+	const n = 1000
+	e.insertBacklog(n, 1)
+	e.WaitFor("all delivered", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == n+50
+	})
+	if dups := checkArrivals(t, rcvA, n); dups != 0 {
+		t.Errorf("%d of A's events arrived twice", dups)
+	}
+	_, held := r.sched.heldCount()
+	spilled, loaded := testutil.ToFloat64(r.metrics.spilled), testutil.ToFloat64(r.metrics.loaded)
+	t.Logf("held %d, spilled %v, loaded %v", held, spilled, loaded)
+	if held == 0 || spilled < n/2 || loaded != spilled {
+		t.Errorf("held %d, spilled %v, loaded %v: want most of A's %d held, then spilled after 200ms and all loaded back", held, spilled, loaded, n)
+	}
+}
+
+// A relay stopped while deliveries are held has no row for them, and the
+// watermark never passed them: the next relay reads them again from the
+// slot and delivers every one.
+func TestHeldDeliveriesSurviveARestart(t *testing.T) {
+	t.Parallel()
+	var slow atomic.Int64
+	slow.Store(int64(20 * time.Millisecond))
+	e, rcvA, _ := holdSetup(t, func() time.Duration { return time.Duration(slow.Load()) })
+	mod := func(c *Config) {
+		c.QueueEvents = 100
+		c.HeldEvents = 5000
+		c.EndpointMaxInFlight = 2
+	}
+	r1, stop1 := e.startRelay(mod)
+	const n = 1000
+	e.insertBacklog(n, 50)
+	e.WaitFor("deliveries held", 20*time.Second, func() bool { held, _ := r1.sched.heldCount(); return held > n/2 })
+	stop1()
+	rows := e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta'`)
+	if rows > n/2 {
+		t.Fatalf("%d of A's %d deliveries have rows after the stop; most were held", rows, n)
+	}
+	slow.Store(int64(time.Millisecond))
+	r2, _ := e.startRelay(mod)
+	e.WaitFor("all delivered", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded' AND tenant_id = 'ta'`) == n
+	})
+	dups := checkArrivals(t, rcvA, n)
+	t.Logf("rows at the stop %d, duplicates %d, restart skipped %v", rows, dups, testutil.ToFloat64(r2.metrics.restartSkipped))
+	if dups > 2*2 { // at most what was in flight at the stop, per relay
+		t.Errorf("%d duplicates; only deliveries in flight at the stop may arrive twice", dups)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state <> 'succeeded'`); got != 0 {
+		t.Errorf("%d of A's rows are not succeeded", got)
+	}
+}
+
+// Held deliveries of an endpoint that is disabled end like its queued
+// ones: each gets one final row that says why, none is lost.
+func TestHeldDeliveriesOfADisabledEndpoint(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	e, rcvA, _ := holdSetup(t, func() time.Duration { <-release; return 0 })
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open) // before the receiver closes, which waits for its handlers
+	r, _ := e.startRelay(func(c *Config) {
+		c.QueueEvents = 100
+		c.HeldEvents = 5000
+		c.EndpointMaxInFlight = 2
+	})
+	const n = 1000
+	e.insertBacklog(n, 1)
+	e.WaitFor("deliveries held", 20*time.Second, func() bool { held, _ := r.sched.heldCount(); return held > n/2 })
+	e.Exec(`UPDATE relay.endpoints SET enabled = false WHERE id = 'ep_a'`)
+	e.WaitFor("nothing held", 20*time.Second, func() bool { held, _ := r.sched.heldCount(); return held == 0 })
+	open()
+	e.WaitFor("every A delivery final", 30*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state NOT IN ('pending', 'retrying')`) == n
+	})
+	delivered := e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state = 'succeeded'`)
+	refused := e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state = 'rejected' AND error = 'endpoint ep_a is disabled'`)
+	t.Logf("delivered %d, refused %d", delivered, refused)
+	if delivered+refused != n || delivered > 10 {
+		t.Errorf("delivered %d and refused %d of %d: all but those in flight should be refused, saying why", delivered, refused, n)
+	}
+	if got := len(rcvA.requests()); got != delivered {
+		t.Errorf("A's receiver saw %d requests, %d rows say succeeded", got, delivered)
+	}
+}
