@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/sony/gobreaker/v2"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
 )
@@ -51,11 +52,14 @@ func holdable(d *delivery) bool {
 	return !d.persisted && !d.maybeDup && !d.fromLane && d.payload != nil
 }
 
-// holdLocked keeps d in q's held list if d is holdable and the bound
-// allows; it reports whether it did.
+// holdLocked keeps d in q's held list if d is holdable, the bound allows
+// and q's circuit is closed; it reports whether it did.
 func (s *scheduler) holdLocked(q *endpointQueue, d *delivery) bool {
 	if s.held >= s.maxHeld || !holdable(d) || q.ep == nil {
 		return false
+	}
+	if q.breaker != nil && q.breaker.cb.State() != gobreaker.StateClosed {
+		return false // not draining: spilled, the watermark can pass it
 	}
 	q.held.push(heldRef{
 		eventID: d.eventID, tenantID: d.tenantID, eventType: d.eventType,
