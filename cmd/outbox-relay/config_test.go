@@ -89,8 +89,8 @@ func TestHeapLimit(t *testing.T) {
 		queueBytes int
 		want       int64
 	}{
-		{"", 0, 64 << 20, 128 << 20},
-		{"", 0, 16 << 20, 80 << 20},
+		{"", 0, 64 << 20, 112 << 20},
+		{"", 0, 16 << 20, 64 << 20},
 		{"", 300 << 20, 64 << 20, 300 << 20},
 		{"", -1, 64 << 20, 0},
 		{"200MiB", 0, 64 << 20, 0}, // the runtime applies GOMEMLIMIT itself
