@@ -27,6 +27,16 @@ func holdSetup(t *testing.T, slow func() time.Duration) (*env, *receiver, *recei
 	return e, rcvA, rcvB
 }
 
+// smallQueues makes the queues far smaller than the tests' backlogs, with
+// room to hold all of them.
+func smallQueues(events, inFlight int) func(*Config) {
+	return func(c *Config) {
+		c.QueueEvents = events
+		c.HeldEvents = 5000
+		c.EndpointMaxInFlight = inFlight
+	}
+}
+
 // insertBacklog commits a few events of tenant B, then n events of
 // tenant A in txns transactions, then more of B: both endpoints are busy
 // when A's fill the queues.
@@ -81,11 +91,7 @@ func checkArrivals(t *testing.T, rcv *receiver, n int) (dups int) {
 func TestHeldBacklogIsNotSpilled(t *testing.T) {
 	t.Parallel()
 	e, rcvA, rcvB := holdSetup(t, func() time.Duration { return 2 * time.Millisecond })
-	r, _ := e.startRelay(func(c *Config) {
-		c.QueueEvents = 200
-		c.HeldEvents = 5000
-		c.EndpointMaxInFlight = 4
-	})
+	r, _ := e.startRelay(smallQueues(200, 4))
 	const n = 2000
 	e.insertBacklog(n, 1)
 	e.WaitFor("all delivered", 60*time.Second, func() bool {
@@ -146,11 +152,7 @@ func TestHeldDeliveriesSurviveARestart(t *testing.T) {
 	var slow atomic.Int64
 	slow.Store(int64(20 * time.Millisecond))
 	e, rcvA, _ := holdSetup(t, func() time.Duration { return time.Duration(slow.Load()) })
-	mod := func(c *Config) {
-		c.QueueEvents = 100
-		c.HeldEvents = 5000
-		c.EndpointMaxInFlight = 2
-	}
+	mod := smallQueues(100, 2)
 	r1, stop1 := e.startRelay(mod)
 	const n = 1000
 	e.insertBacklog(n, 50)
@@ -184,11 +186,7 @@ func TestHeldDeliveriesOfADisabledEndpoint(t *testing.T) {
 	var once sync.Once
 	open := func() { once.Do(func() { close(release) }) }
 	t.Cleanup(open) // before the receiver closes, which waits for its handlers
-	r, _ := e.startRelay(func(c *Config) {
-		c.QueueEvents = 100
-		c.HeldEvents = 5000
-		c.EndpointMaxInFlight = 2
-	})
+	r, _ := e.startRelay(smallQueues(100, 2))
 	const n = 1000
 	e.insertBacklog(n, 1)
 	e.WaitFor("deliveries held", 20*time.Second, func() bool { held, _ := r.sched.heldCount(); return held > n/2 })
@@ -206,5 +204,36 @@ func TestHeldDeliveriesOfADisabledEndpoint(t *testing.T) {
 	}
 	if got := len(rcvA.requests()); got != delivered {
 		t.Errorf("A's receiver saw %d requests, %d rows say succeeded", got, delivered)
+	}
+}
+
+// The relay's database connections dropping while deliveries are held
+// (the payload reads and the status writes fail and are retried) loses
+// none and sends none twice.
+func TestHeldDeliveriesSurviveLostConnections(t *testing.T) {
+	t.Parallel()
+	e, rcvA, _ := holdSetup(t, func() time.Duration { return 3 * time.Millisecond })
+	r, _ := e.startRelay(smallQueues(100, 2))
+	const n = 1000
+	e.insertBacklog(n, 1)
+	e.WaitFor("deliveries held", 20*time.Second, func() bool { held, _ := r.sched.heldCount(); return held > n/2 })
+	kills := 0
+	for range 15 {
+		kills += e.Count(`SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend' AND application_name = 'outbox-relay' AND pid <> pg_backend_pid()) k`)
+		time.Sleep(100 * time.Millisecond)
+	}
+	e.WaitFor("all delivered", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == n+50
+	})
+	t.Logf("terminated %d relay connections", kills)
+	if kills == 0 {
+		t.Fatal("no relay connection was terminated: the test did not test anything")
+	}
+	if dups := checkArrivals(t, rcvA, n); dups != 0 {
+		t.Errorf("%d of A's events arrived twice", dups)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries`); got != n+50 {
+		t.Errorf("%d rows, want %d", got, n+50)
 	}
 }

@@ -434,3 +434,37 @@ func TestSchedulerHoldsTheHeavyExcess(t *testing.T) {
 		t.Fatalf("after disabling: held %d, evicted %d; want 0 and the 2 held", held, len(evicted))
 	}
 }
+
+// Held deliveries taken for a fill whose payload read failed go back to
+// the front of their list, in order, still counted and still marked.
+func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
+	s := newScheduler(10, 1<<40, 1000)
+	s.maxHeld = 100
+	ep := &Endpoint{ID: "slow", TenantID: "a", Enabled: true}
+	mark := &txnMark{}
+	q := &endpointQueue{ep: ep, tenant: s.tenantLocked("a"), parkIdx: -1}
+	s.endpoints["slow"] = q
+	for i := range 30 {
+		mark.remaining.Add(1)
+		if !s.holdLocked(q, &delivery{eventID: [16]byte{byte(i)}, endpointID: "slow", tenantID: "a", ep: ep, payload: []byte(`{}`), mark: mark, eventSeq: int32(i)}) {
+			t.Fatalf("delivery %d not held", i)
+		}
+	}
+	ds, qs := s.takeHeld(1000)
+	if len(ds) != 10 {
+		t.Fatalf("took %d, want 10 (the queue's room)", len(ds))
+	}
+	if s.filling != 10 || q.filling != 10 {
+		t.Fatalf("filling %d / %d after the take, want 10", s.filling, q.filling)
+	}
+	s.untake(ds, qs)
+	if held, _ := s.heldCount(); held != 30 || s.filling != 0 || q.filling != 0 {
+		t.Fatalf("after untake: held %d, filling %d / %d; want 30, 0, 0", held, s.filling, q.filling)
+	}
+	for i := range 30 {
+		h := q.held.pop()
+		if h.eventSeq != int32(i) || h.mark != mark {
+			t.Fatalf("held %d is event %d (mark kept: %v), want %d in order", i, h.eventSeq, h.mark == mark, i)
+		}
+	}
+}
