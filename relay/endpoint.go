@@ -7,8 +7,10 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/h1"
 	"github.com/outbox-relay/outbox-relay/limiter"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
@@ -42,7 +44,14 @@ type Endpoint struct {
 
 	signer      *signer.Signer
 	maxAttempts int
-	u           *url.URL // URL, parsed
+	u           *url.URL  // URL, parsed
+	head        *postHead // the request head for h1.Post (worker.go)
+}
+
+// postHead is an endpoint version's request head, rendered once.
+type postHead struct {
+	once sync.Once
+	p    *h1.Prepared
 }
 
 // schedule returns the retry schedule in force for this endpoint: its own
@@ -110,7 +119,7 @@ func parseEndpoint(r row) (*Endpoint, error) {
 	if !ok || id == "" {
 		return nil, fmt.Errorf("endpoint row without id")
 	}
-	ep := &Endpoint{ID: id, Enabled: true, Timeout: 10 * time.Second}
+	ep := &Endpoint{ID: id, Enabled: true, Timeout: 10 * time.Second, head: &postHead{}}
 	ep.TenantID, _ = r.text("tenant_id")
 	ep.URL, _ = r.text("url")
 	if v, ok := r.text("enabled"); ok {

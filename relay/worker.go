@@ -116,44 +116,24 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	msgID := d.webhookID()
 	sig = ep.signer.AppendSignature(sig[:0], msgID, now.Unix(), d.payload)
 
-	actx, cancel := context.WithTimeout(ctx, ep.Timeout)
-	defer cancel()
-	// Built by hand from the URL parsed once per config version: the
-	// request path runs thousands of times a second.
-	u := *ep.u
-	req := (&http.Request{
-		Method: http.MethodPost, URL: &u, Host: u.Host,
-		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Body: io.NopCloser(bytes.NewReader(d.payload)), ContentLength: int64(len(d.payload)),
-	}).WithContext(actx)
-	h := make(http.Header, 8+len(ep.Headers))
-	for k, v := range ep.Headers {
-		h[k] = v
-	}
-	if d.headers != nil {
-		if extra, err := parseHeaders(string(d.headers)); err == nil {
-			for k, v := range extra {
-				h[k] = v
-			}
+	ts := strconv.FormatInt(now.Unix(), 10)
+	var resp *http.Response
+	var err error
+	if p := r.preparedHead(ep); p != nil && d.headers == nil && r.cfg.Tracer == nil {
+		// The common case: a request head rendered once per endpoint
+		// version, four fields and the body appended (h1.Post).
+		fields := [...]h1.Field{{Name: "Webhook-Id", Value: msgID}, {Name: "Webhook-Timestamp", Value: ts},
+			{Name: "Webhook-Signature", Value: string(sig)}, {Name: "Traceparent", Value: d.traceparent}}
+		n := len(fields)
+		if d.traceparent == "" {
+			n--
 		}
+		resp, err = r.client.Plain.Post(ctx, time.Now().Add(ep.Timeout), p, fields[:n], d.payload)
+	} else {
+		var finish func()
+		resp, finish, err = r.attemptRequest(ctx, d, ep, msgID, ts, sig)
+		defer finish() // after the answer is read and d holds the outcome
 	}
-	vals := [...]string{msgID, strconv.FormatInt(now.Unix(), 10), string(sig), d.traceparent}
-	h["Content-Type"] = contentTypeJSON
-	h["User-Agent"] = r.client.userAgent
-	h["Webhook-Id"] = vals[0:1:1]
-	h["Webhook-Timestamp"] = vals[1:2:2]
-	h["Webhook-Signature"] = vals[2:3:3]
-	if d.traceparent != "" {
-		h["Traceparent"] = vals[3:4:4]
-	}
-	req.Header = h
-	if r.cfg.Tracer != nil {
-		var span trace.Span
-		_, span = r.startAttemptSpan(actx, d, msgID, h)
-		defer func() { endAttemptSpan(span, d, d.httpStatus, d.failClass) }()
-	}
-
-	resp, err := r.client.Do(req)
 	var status int
 	var respHeader http.Header
 	var snippet []byte
@@ -220,6 +200,69 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	r.log.Debug("delivery attempt failed", slog.String("endpoint_id", d.endpointID), slog.String("webhook_id", msgID),
 		slog.Int("attempt", d.attempts), slog.Int("http_status", status), slog.String("error", d.errText))
 	return sig
+}
+
+// attemptRequest sends an attempt as an http.Request: for https://, the
+// net/http client, per-event headers and traces. finish ends the attempt's
+// context and span; call it once the answer is read and d holds the
+// outcome.
+func (r *Relay) attemptRequest(ctx context.Context, d *delivery, ep *Endpoint, msgID, ts string, sig []byte) (resp *http.Response, finish func(), err error) {
+	actx, cancel := context.WithTimeout(ctx, ep.Timeout)
+	// Built by hand from the URL parsed once per config version: the
+	// request path runs thousands of times a second.
+	u := *ep.u
+	req := (&http.Request{
+		Method: http.MethodPost, URL: &u, Host: u.Host,
+		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Body: io.NopCloser(bytes.NewReader(d.payload)), ContentLength: int64(len(d.payload)),
+	}).WithContext(actx)
+	h := make(http.Header, 8+len(ep.Headers))
+	for k, v := range ep.Headers {
+		h[k] = v
+	}
+	if d.headers != nil {
+		if extra, err := parseHeaders(string(d.headers)); err == nil {
+			for k, v := range extra {
+				h[k] = v
+			}
+		}
+	}
+	vals := [...]string{msgID, ts, string(sig), d.traceparent}
+	h["Content-Type"] = contentTypeJSON
+	h["User-Agent"] = r.client.userAgent
+	h["Webhook-Id"] = vals[0:1:1]
+	h["Webhook-Timestamp"] = vals[1:2:2]
+	h["Webhook-Signature"] = vals[2:3:3]
+	if d.traceparent != "" {
+		h["Traceparent"] = vals[3:4:4]
+	}
+	req.Header = h
+	finish = cancel
+	if r.cfg.Tracer != nil {
+		var span trace.Span
+		_, span = r.startAttemptSpan(actx, d, msgID, h)
+		finish = func() { endAttemptSpan(span, d, d.httpStatus, d.failClass); cancel() }
+	}
+	resp, err = r.client.Do(req)
+	return resp, finish, err
+}
+
+// preparedHead is ep's request head for h1.Post, rendered on first use,
+// or nil when its requests go another way (https://, or net/http chosen).
+func (r *Relay) preparedHead(ep *Endpoint) *h1.Prepared {
+	if ep.head == nil || r.client.Plain == nil || ep.u == nil || ep.u.Scheme != "http" {
+		return nil
+	}
+	ep.head.once.Do(func() {
+		h := make(http.Header, 2+len(ep.Headers))
+		for k, v := range ep.Headers {
+			h[k] = v
+		}
+		h["Content-Type"] = contentTypeJSON
+		h["User-Agent"] = r.client.userAgent
+		ep.head.p, _ = h1.Prepare(ep.u, h) // nil on error: attemptRequest's path says why
+	})
+	return ep.head.p
 }
 
 func withSnippet(reason string, body []byte) string {

@@ -30,6 +30,11 @@
 //   - Request header names and values are checked as net/http checks them;
 //     userinfo in the URL becomes Basic authorization unless the request
 //     sets Authorization itself.
+//   - Post is RoundTrip without the http.Request: the request line, Host
+//     and fixed headers of one URL are rendered and checked once
+//     (Prepare), and each request appends its own fields, Content-Length
+//     and body to a copy of them, with an explicit deadline instead of a
+//     context per request.
 //
 // What it does not do: proxies, TLS, HTTP/2, redirects (the relay follows
 // none), compression, or keeping every response header. The response it

@@ -34,7 +34,7 @@ func FuzzReadResponse(f *testing.F) {
 		tr := &Transport{}
 		c := &conn{t: tr, addr: "fuzz:80", nc: local, br: bufio.NewReaderSize(io.MultiReader(bytes.NewReader(answer), eofReader{}), readBufferBytes)}
 		req, _ := http.NewRequest(http.MethodPost, "http://fuzz/", nil)
-		resp, err := c.readResponse(req)
+		resp, err := c.readResponse(req, false)
 		if err != nil {
 			return
 		}
