@@ -183,12 +183,19 @@ func (s *scheduler) untake(ds []*delivery, qs []*endpointQueue) {
 	now := s.now().UnixNano()
 	back := make(map[*endpointQueue][]heldRef)
 	for i, d := range ds {
-		qs[i].filling--
+		q := qs[i]
+		q.filling--
 		s.filling--
-		back[qs[i]] = append(back[qs[i]], heldRef{
+		// They were held before what is still held: as old as its front,
+		// so the oldest stay first for takeAged.
+		at := now
+		if q.held.len() > 0 {
+			at = min(at, q.held.items[q.held.head].heldAt)
+		}
+		back[q] = append(back[q], heldRef{
 			eventID: d.eventID, tenantID: d.tenantID, eventType: d.eventType,
 			commitLSN: d.commitLSN, endLSN: d.endLSN, committedAt: d.committedAt.UnixNano(),
-			heldAt: now, mark: d.mark, eventSeq: d.eventSeq,
+			heldAt: at, mark: d.mark, eventSeq: d.eventSeq,
 		})
 	}
 	for q, refs := range back {

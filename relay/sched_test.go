@@ -440,6 +440,8 @@ func TestSchedulerHoldsTheHeavyExcess(t *testing.T) {
 func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
 	s := newScheduler(10, 1<<40, 1000)
 	s.maxHeld = 100
+	now := time.Unix(1000, 0)
+	s.now = func() time.Time { return now }
 	ep := &Endpoint{ID: "slow", TenantID: "a", Enabled: true}
 	mark := &txnMark{}
 	q := &endpointQueue{ep: ep, tenant: s.tenantLocked("a"), parkIdx: -1}
@@ -457,6 +459,7 @@ func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
 	if s.filling != 10 || q.filling != 10 {
 		t.Fatalf("filling %d / %d after the take, want 10", s.filling, q.filling)
 	}
+	now = now.Add(time.Hour)
 	s.untake(ds, qs)
 	if held, _ := s.heldCount(); held != 30 || s.filling != 0 || q.filling != 0 {
 		t.Fatalf("after untake: held %d, filling %d / %d; want 30, 0, 0", held, s.filling, q.filling)
@@ -465,6 +468,9 @@ func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
 		h := q.held.pop()
 		if h.eventSeq != int32(i) || h.mark != mark {
 			t.Fatalf("held %d is event %d (mark kept: %v), want %d in order", i, h.eventSeq, h.mark == mark, i)
+		}
+		if h.heldAt != time.Unix(1000, 0).UnixNano() {
+			t.Fatalf("held %d: held at %v after untake, want the 1000 s of those behind it (oldest first for takeAged)", i, time.Unix(0, h.heldAt))
 		}
 	}
 }
