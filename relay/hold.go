@@ -45,6 +45,15 @@ type heldRef struct {
 	eventSeq    int32
 }
 
+// refOf is d as a heldRef, held since heldAt (unix nanoseconds).
+func refOf(d *delivery, heldAt int64) heldRef {
+	return heldRef{
+		eventID: d.eventID, tenantID: d.tenantID, eventType: d.eventType,
+		commitLSN: d.commitLSN, endLSN: d.endLSN, committedAt: d.committedAt.UnixNano(),
+		heldAt: heldAt, mark: d.mark, eventSeq: d.eventSeq,
+	}
+}
+
 // holdable reports whether d may wait without its payload: it is fresh
 // from the WAL, so no row exists for it and its outbox row holds its
 // payload, headers and traceparent.
@@ -61,11 +70,7 @@ func (s *scheduler) holdLocked(q *endpointQueue, d *delivery) bool {
 	if q.breaker != nil && q.breaker.cb.State() != gobreaker.StateClosed {
 		return false // not draining: spilled, the watermark can pass it
 	}
-	q.held.push(heldRef{
-		eventID: d.eventID, tenantID: d.tenantID, eventType: d.eventType,
-		commitLSN: d.commitLSN, endLSN: d.endLSN, committedAt: d.committedAt.UnixNano(),
-		heldAt: s.now().UnixNano(), mark: d.mark, eventSeq: d.eventSeq,
-	})
+	q.held.push(refOf(d, s.now().UnixNano()))
 	s.held++
 	s.heldTotal++
 	if s.holding == nil {
@@ -192,11 +197,7 @@ func (s *scheduler) untake(ds []*delivery, qs []*endpointQueue) {
 		if q.held.len() > 0 {
 			at = min(at, q.held.items[q.held.head].heldAt)
 		}
-		back[q] = append(back[q], heldRef{
-			eventID: d.eventID, tenantID: d.tenantID, eventType: d.eventType,
-			commitLSN: d.commitLSN, endLSN: d.endLSN, committedAt: d.committedAt.UnixNano(),
-			heldAt: at, mark: d.mark, eventSeq: d.eventSeq,
-		})
+		back[q] = append(back[q], refOf(d, at))
 	}
 	for q, refs := range back {
 		rest := q.held.items[q.held.head:]
