@@ -118,6 +118,7 @@ type chaosEndpoint struct {
 	rcv        *chaosReceiver
 	secret     string // the current (newest) secret
 	rotating   bool   // a second secret is listed
+	disabling  bool   // a disable fault is under way: its restore enables it again
 	ordered    bool   // relay.endpoints.ordered: first attempts in commit order
 }
 
@@ -440,8 +441,21 @@ func (c *chaos) receiverMode(m rcvMode) {
 
 func (c *chaos) disableEndpoint() {
 	ep := c.pick()
+	// One disable at a time per endpoint: a second one's window would
+	// outlast the first's restore, which enables the endpoint again, and
+	// the check would expect it disabled while it was not.
+	c.mu.Lock()
+	busy := ep.disabling
+	ep.disabling = true
+	c.mu.Unlock()
+	if busy {
+		return
+	}
 	from := time.Now()
 	if !c.exec(`UPDATE relay.endpoints SET enabled = false, updated_at = now() WHERE id = $1`, ep.id) {
+		c.mu.Lock()
+		ep.disabling = false
+		c.mu.Unlock()
 		return
 	}
 	sureFrom := time.Now()
@@ -450,6 +464,7 @@ func (c *chaos) disableEndpoint() {
 		c.exec(`UPDATE relay.endpoints SET enabled = true, disabled_reason = NULL, updated_at = now() WHERE id = $1`, ep.id)
 		c.mu.Lock()
 		c.disabled[ep.id] = append(c.disabled[ep.id], interval{from, time.Now(), sureFrom, sureTo})
+		ep.disabling = false
 		c.mu.Unlock()
 	})
 }
