@@ -417,8 +417,11 @@ func TestConcurrentRequests(t *testing.T) {
 	if want := int64(32 * (50 * 51 / 2)); total.Load() != want {
 		t.Errorf("server read %d body bytes, want %d", total.Load(), want)
 	}
-	if n := conns.Load(); n > 32 || n < 1 {
-		t.Errorf("%d connections for 32 concurrent senders", n)
+	// At most 8 stay idle, so a sender may find none and dial while the
+	// others' connections are busy: more than 32 connections in all is
+	// allowed (54 in a slow -race run), but most requests reuse one.
+	if n := conns.Load(); n > 32*50/4 || n < 1 {
+		t.Errorf("%d connections for 1,600 requests from 32 concurrent senders: most should reuse one", n)
 	}
 	tr.mu.Lock()
 	idle := len(tr.idle[strings.TrimPrefix(srv.URL, "http://")])
