@@ -201,3 +201,57 @@ func spillKeepsOthersFlowing(t *testing.T, extra []string, held bool) {
 		t.Errorf("%d rows, want %d", n, slowEvents+fastEvents)
 	}
 }
+
+// kill -9 of the relay while deliveries are held (no row written for them,
+// the acknowledged LSN held back): the next relay reads them again from
+// the slot, and every event ends with exactly one succeeded row.
+func TestKill9WhileHeldLosesNothing(t *testing.T) {
+	const slowEvents, fastEvents = 600, 300
+	url, pool := database(t)
+	slow, fast := newReceiver(t), newReceiver(t)
+	slow.fail = func() int { time.Sleep(20 * time.Millisecond); return 204 }
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, max_in_flight) VALUES
+  ('slow', 'a', $1, ARRAY[$2], 2), ('fast', 'b', $3, ARRAY[$4], NULL)`, slow.srv.URL, slow.secret, fast.srv.URL, fast.secret); err != nil {
+		t.Fatal(err)
+	}
+	args := func(addr string) []string {
+		return relayArgs(url, "--queue-events", "100", "--workers", "16", "--http-addr", addr)
+	}
+	addr := freeAddr(t)
+	p := startRelay(t, args(addr)...)
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'b', 'e', jsonb_build_object('i', i) FROM generate_series(1, 10) i`); err != nil {
+		t.Fatal(err)
+	}
+	for k := range 30 { // many transactions: most of them wholly held
+		if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'a', 'e', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i`,
+			k*slowEvents/30+1, (k+1)*slowEvents/30); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'b', 'e', jsonb_build_object('i', i) FROM generate_series(11, $1::int) i`, fastEvents); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "deliveries held", 30*time.Second, func() bool { return scrape(t, addr)["outbox_relay_queue_held"] > slowEvents/2 })
+	waitFor(t, "the fast tenant's events", time.Minute, func() bool { d, _, _, _ := fast.stats(); return d == fastEvents })
+	rowsAtKill := count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'a'`)
+	p.kill9()
+	slow.mu.Lock()
+	slow.fail = nil // answer at once now
+	slow.mu.Unlock()
+	startRelay(t, args(freeAddr(t))...)
+	waitFor(t, "every delivery to succeed", 2*time.Minute, func() bool {
+		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == slowEvents+fastEvents
+	})
+	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != slowEvents+fastEvents {
+		t.Errorf("%d rows, want exactly one per event: %d", n, slowEvents+fastEvents)
+	}
+	distinct, total, dups, bad := slow.stats()
+	t.Logf("slow endpoint: %d rows at the kill; %d requests for %d events, %d duplicates", rowsAtKill, total, distinct, dups)
+	if distinct != slowEvents || bad != 0 {
+		t.Errorf("slow receiver saw %d of %d events, %d bad signatures", distinct, slowEvents, bad)
+	}
+	if rowsAtKill > slowEvents/2 {
+		t.Errorf("%d of %d slow deliveries had rows at the kill: the test did not kill while most were held", rowsAtKill, slowEvents)
+	}
+}

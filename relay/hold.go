@@ -64,8 +64,8 @@ func holdable(d *delivery) bool {
 // holdLocked keeps d in q's held list if d is holdable, the bound allows
 // and q's circuit is closed; it reports whether it did.
 func (s *scheduler) holdLocked(q *endpointQueue, d *delivery) bool {
-	if s.held >= s.maxHeld || !holdable(d) || q.ep == nil {
-		return false
+	if s.held >= s.maxHeld || s.evicted == nil || !holdable(d) || q.ep == nil {
+		return false // (without evicted, nothing could spill what is held)
 	}
 	if q.breaker != nil && q.breaker.cb.State() != gobreaker.StateClosed {
 		return false // not draining: spilled, the watermark can pass it
@@ -73,9 +73,6 @@ func (s *scheduler) holdLocked(q *endpointQueue, d *delivery) bool {
 	q.held.push(refOf(d, s.now().UnixNano()))
 	s.held++
 	s.heldTotal++
-	if s.holding == nil {
-		s.holding = make(map[*endpointQueue]struct{})
-	}
 	s.holding[q] = struct{}{}
 	return true
 }
@@ -106,10 +103,7 @@ func (s *scheduler) spillHeldLocked(q *endpointQueue, due time.Time) {
 	if q.held.len() == 0 {
 		return
 	}
-	ds := s.unholdLocked(q, q.held.len())
-	if s.evicted != nil {
-		s.evicted(ds, due)
-	}
+	s.evicted(s.unholdLocked(q, q.held.len()), due) // set whenever anything is held
 }
 
 // fillTargetLocked is how many deliveries q's queue is refilled to from
@@ -165,7 +159,11 @@ func (s *scheduler) acceptFilled(ds []*delivery, qs []*endpointQueue) (rows []*d
 		q := qs[i]
 		q.filling--
 		s.filling--
-		if s.endpoints[d.endpointID] != q || q.lane != nil || q.ep == nil || !q.ep.Enabled || q.ep.Invalid != "" {
+		if s.endpoints[d.endpointID] != q || q.lane != nil || q.ep == nil {
+			rows = append(rows, d)
+			continue
+		}
+		if _, _, refused := q.ep.refusal(); refused {
 			rows = append(rows, d)
 			continue
 		}

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -235,5 +236,37 @@ WHERE datname = current_database() AND backend_type = 'client backend' AND appli
 	}
 	if got := e.Count(`SELECT count(*) FROM relay.deliveries`); got != n+50 {
 		t.Errorf("%d rows, want %d", got, n+50)
+	}
+}
+
+// A held delivery whose outbox row is deleted before its payload is read
+// back ends dead, saying why; the others are delivered.
+func TestHeldDeliveryWhoseOutboxRowIsGone(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	e, rcvA, _ := holdSetup(t, func() time.Duration { <-release; return 0 })
+	var once sync.Once
+	open := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(open)
+	r, _ := e.startRelay(smallQueues(100, 2))
+	const n = 1000
+	e.insertBacklog(n, 1)
+	e.WaitFor("deliveries held", 20*time.Second, func() bool { held, _ := r.sched.heldCount(); return held > n/2 })
+	var gone string
+	if err := e.Pool.QueryRow(context.Background(), `DELETE FROM relay.outbox WHERE tenant_id = 'ta' AND (payload->>'i')::int = $1 RETURNING id::text`, n).Scan(&gone); err != nil {
+		t.Fatal(err)
+	}
+	open()
+	e.WaitFor("every A delivery final", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state NOT IN ('pending', 'retrying')`) == n
+	})
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_id = $1::uuid AND state = 'dead' AND error LIKE '%outbox row%deleted%'`, gone); got != 1 {
+		t.Errorf("the held delivery whose outbox row was deleted is not dead with the reason")
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'ta' AND state = 'succeeded'`); got != n-1 {
+		t.Errorf("%d of A's other %d deliveries succeeded", got, n-1)
+	}
+	if got := len(rcvA.requests()); got != n-1 {
+		t.Errorf("A's receiver saw %d requests, want %d", got, n-1)
 	}
 }

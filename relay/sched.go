@@ -143,6 +143,7 @@ func newScheduler(maxCount, maxBytes, maxInFlight int) *scheduler {
 		laneKick:    make(chan struct{}, 1),
 		tripped:     make(map[string]bool),
 		fillKick:    make(chan struct{}, 1),
+		holding:     make(map[*endpointQueue]struct{}),
 	}
 	s.work = sync.NewCond(&s.mu)
 	return s

@@ -440,6 +440,7 @@ func TestSchedulerHoldsTheHeavyExcess(t *testing.T) {
 func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
 	s := newScheduler(10, 1<<40, 1000)
 	s.maxHeld = 100
+	s.evicted = func([]*delivery, time.Time) { t.Error("nothing is spilled here") }
 	now := time.Unix(1000, 0)
 	s.now = func() time.Time { return now }
 	ep := &Endpoint{ID: "slow", TenantID: "a", Enabled: true}

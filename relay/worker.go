@@ -216,10 +216,7 @@ func (r *Relay) attemptRequest(ctx context.Context, d *delivery, ep *Endpoint, m
 		Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Body: io.NopCloser(bytes.NewReader(d.payload)), ContentLength: int64(len(d.payload)),
 	}).WithContext(actx)
-	h := make(http.Header, 8+len(ep.Headers))
-	for k, v := range ep.Headers {
-		h[k] = v
-	}
+	h := r.fixedHeaders(ep, 6)
 	if d.headers != nil {
 		if extra, err := parseHeaders(string(d.headers)); err == nil {
 			for k, v := range extra {
@@ -228,7 +225,7 @@ func (r *Relay) attemptRequest(ctx context.Context, d *delivery, ep *Endpoint, m
 		}
 	}
 	vals := [...]string{msgID, ts, string(sig), d.traceparent}
-	h["Content-Type"] = contentTypeJSON
+	h["Content-Type"] = contentTypeJSON // over an event's own
 	h["User-Agent"] = r.client.userAgent
 	h["Webhook-Id"] = vals[0:1:1]
 	h["Webhook-Timestamp"] = vals[1:2:2]
@@ -254,15 +251,21 @@ func (r *Relay) preparedHead(ep *Endpoint) *h1.Prepared {
 		return nil
 	}
 	ep.head.once.Do(func() {
-		h := make(http.Header, 2+len(ep.Headers))
-		for k, v := range ep.Headers {
-			h[k] = v
-		}
-		h["Content-Type"] = contentTypeJSON
-		h["User-Agent"] = r.client.userAgent
-		ep.head.p, _ = h1.Prepare(ep.u, h) // nil on error: attemptRequest's path says why
+		ep.head.p, _ = h1.Prepare(ep.u, r.fixedHeaders(ep, 0)) // nil on error: attemptRequest's path says why
 	})
 	return ep.head.p
+}
+
+// fixedHeaders are the headers every attempt at ep carries: the
+// endpoint's own, Content-Type and User-Agent; room leaves space for more.
+func (r *Relay) fixedHeaders(ep *Endpoint, room int) http.Header {
+	h := make(http.Header, 2+len(ep.Headers)+room)
+	for k, v := range ep.Headers {
+		h[k] = v
+	}
+	h["Content-Type"] = contentTypeJSON
+	h["User-Agent"] = r.client.userAgent
+	return h
 }
 
 func withSnippet(reason string, body []byte) string {

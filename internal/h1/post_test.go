@@ -66,7 +66,9 @@ func TestPostWire(t *testing.T) {
 	tr := newTransport()
 	defer tr.CloseIdleConnections()
 	for i := range 2 {
-		resp, err := tr.Post(context.Background(), time.Now().Add(5*time.Second), p, []Field{{"Webhook-Id", "msg_1"}, {"Traceparent", "00-ab-cd-01"}}, []byte(`{"a":1}`))
+		// A framing field among the extra ones is the transport's: left out.
+		resp, err := tr.Post(context.Background(), time.Now().Add(5*time.Second), p,
+			[]Field{{"Webhook-Id", "msg_1"}, {"Content-Length", "999"}, {"Traceparent", "00-ab-cd-01"}}, []byte(`{"a":1}`))
 		if err != nil {
 			t.Fatalf("post %d: %v", i, err)
 		}
@@ -146,5 +148,27 @@ func TestPostDeadline(t *testing.T) {
 	time.AfterFunc(100*time.Millisecond, cancel)
 	if _, err := tr.Post(ctx, time.Time{}, p, nil, []byte(`{}`)); !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled post: %v, want context.Canceled", err)
+	}
+}
+
+// Post's deadline bounds the dial of a new connection too, not only the
+// exchange on it.
+func TestPostDeadlineBoundsTheDial(t *testing.T) {
+	tr := &Transport{Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		<-ctx.Done() // a dial that never completes on its own
+		return nil, ctx.Err()
+	}}
+	u, _ := url.Parse("http://192.0.2.1/")
+	p, err := Prepare(u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = tr.Post(context.Background(), time.Now().Add(100*time.Millisecond), p, nil, []byte(`{}`))
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("dial took %s against a 100ms deadline", took)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) || retrypolicy.ErrorClass(err) != "timeout" {
+		t.Errorf("error %v (class %q), want a deadline exceeded timeout", err, retrypolicy.ErrorClass(err))
 	}
 }

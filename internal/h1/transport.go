@@ -93,17 +93,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	wp := wirePool.Get().(*[]byte)
 	wire, err := appendRequest((*wp)[:0], req)
+	defer func() { putWire(wp, wire) }()
 	closeBody(req)
 	if err != nil {
-		wirePool.Put(wp)
 		return nil, err
 	}
-	defer func() {
-		if cap(wire) <= keepWireBytes {
-			*wp = wire[:0]
-			wirePool.Put(wp)
-		}
-	}()
 	deadline, _ := ctx.Deadline() // zero: none
 	return t.send(ctx, deadline, req, req.Method == http.MethodHead, hostPort(req.URL), wire)
 }
@@ -150,42 +144,33 @@ func (t *Transport) Post(ctx context.Context, deadline time.Time, p *Prepared, e
 	}
 	wp := wirePool.Get().(*[]byte)
 	wire := append((*wp)[:0], p.head...)
-	defer func() {
-		if cap(wire) <= keepWireBytes {
-			*wp = wire[:0]
-			wirePool.Put(wp)
-		}
-	}()
+	defer func() { putWire(wp, wire) }()
+	var err error
 	for _, f := range extra {
-		if !validName([]byte(f.Name)) {
-			return nil, fmt.Errorf("h1: invalid header field name %q", f.Name)
+		if wire, err = appendField(wire, f.Name, f.Value); err != nil {
+			return nil, err
 		}
-		if !validValue(f.Value) {
-			return nil, fmt.Errorf("h1: invalid header field value for %q", f.Name)
-		}
-		wire = append(wire, f.Name...)
-		wire = append(wire, ": "...)
-		wire = append(wire, f.Value...)
-		wire = append(wire, "\r\n"...)
 	}
 	wire = append(wire, "Content-Length: "...)
 	wire = strconv.AppendInt(wire, int64(len(body)), 10)
 	wire = append(wire, "\r\n\r\n"...)
 	wire = append(wire, body...)
-	resp, err := t.send(ctx, deadline, nil, false, p.addr, wire)
-	var ne net.Error
-	if err != nil && errors.As(err, &ne) && ne.Timeout() && !deadline.IsZero() && !time.Now().Before(deadline) {
-		// Worded as a context deadline would be, as RoundTrip's are.
-		return nil, fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
+	return t.send(ctx, deadline, nil, false, p.addr, wire)
+}
+
+// putWire returns a request buffer to the pool unless it grew too large.
+func putWire(wp *[]byte, wire []byte) {
+	if cap(wire) <= keepWireBytes {
+		*wp = wire[:0]
+		wirePool.Put(wp)
 	}
-	return resp, err
 }
 
 // send writes wire to addr and reads the answer, on a pooled connection;
 // req (nil from Post) becomes the response's Request.
 func (t *Transport) send(ctx context.Context, deadline time.Time, req *http.Request, isHead bool, addr string, wire []byte) (*http.Response, error) {
 	for try := 0; ; try++ {
-		c, reused, err := t.get(ctx, addr)
+		c, reused, err := t.get(ctx, deadline, addr)
 		if err != nil {
 			return nil, err
 		}
@@ -196,6 +181,10 @@ func (t *Transport) send(ctx context.Context, deadline time.Time, req *http.Requ
 		c.close()
 		if ctx.Err() != nil {
 			return nil, fmt.Errorf("%w (%v)", ctx.Err(), err)
+		}
+		if !deadline.IsZero() && !time.Now().Before(deadline) {
+			// Post's own deadline: worded as a context's would be.
+			return nil, fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
 		}
 		// The server closed an idle connection as it was taken: nothing of
 		// an answer came back, so the request goes once more on a new one.
@@ -232,7 +221,8 @@ func (t *Transport) idleTimeout() time.Duration {
 }
 
 // get returns an idle connection to addr, newest first, or dials one.
-func (t *Transport) get(ctx context.Context, addr string) (*conn, bool, error) {
+// A new connection's dial is bounded by deadline too.
+func (t *Transport) get(ctx context.Context, deadline time.Time, addr string) (*conn, bool, error) {
 	t.mu.Lock()
 	closing := t.expireLocked(time.Now(), 0)
 	var c *conn
@@ -250,6 +240,11 @@ func (t *Transport) get(ctx context.Context, addr string) (*conn, bool, error) {
 	closeAll(closing)
 	if c != nil {
 		return c, true, nil
+	}
+	if d, ok := ctx.Deadline(); !deadline.IsZero() && (!ok || deadline.Before(d)) {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, deadline)
+		defer cancel()
 	}
 	nc, err := t.Dial(ctx, "tcp", addr)
 	if err != nil {
@@ -767,22 +762,12 @@ func appendHead(b []byte, req *http.Request) ([]byte, error) {
 	b = append(b, " HTTP/1.1\r\nHost: "...)
 	b = append(b, host...)
 	b = append(b, "\r\n"...)
+	var err error
 	for k, vs := range req.Header {
-		if !validName([]byte(k)) {
-			return b, fmt.Errorf("h1: invalid header field name %q", k)
-		}
-		switch http.CanonicalHeaderKey(k) {
-		case "Host", "Content-Length", "Transfer-Encoding", "Connection":
-			continue // framing is the transport's
-		}
 		for _, v := range vs {
-			if !validValue(v) {
-				return b, fmt.Errorf("h1: invalid header field value for %q", k)
+			if b, err = appendField(b, k, v); err != nil {
+				return b, err
 			}
-			b = append(b, k...)
-			b = append(b, ": "...)
-			b = append(b, v...)
-			b = append(b, "\r\n"...)
 		}
 	}
 	if u.User != nil && req.Header.Get("Authorization") == "" {
@@ -793,6 +778,25 @@ func appendHead(b []byte, req *http.Request) ([]byte, error) {
 		b = append(b, "\r\n"...)
 	}
 	return b, nil
+}
+
+// appendField appends "name: value" and CRLF, after checking both as
+// net/http does. The framing fields are the transport's: left out.
+func appendField(b []byte, name, value string) ([]byte, error) {
+	if !validName([]byte(name)) {
+		return b, fmt.Errorf("h1: invalid header field name %q", name)
+	}
+	switch http.CanonicalHeaderKey(name) {
+	case "Host", "Content-Length", "Transfer-Encoding", "Connection":
+		return b, nil
+	}
+	if !validValue(value) {
+		return b, fmt.Errorf("h1: invalid header field value for %q", name)
+	}
+	b = append(b, name...)
+	b = append(b, ": "...)
+	b = append(b, value...)
+	return append(b, "\r\n"...), nil
 }
 
 // appendBody appends Content-Length and req's body.
