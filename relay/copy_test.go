@@ -12,17 +12,20 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 )
 
-// Both write paths (the hand-written binary COPY for large batches, the
-// pipelined upsert for small ones) must store exactly what the rows say,
-// for every column, NULLs included; COPY must stream batches larger than
-// one chunk.
+// Every write path (the hand-written binary COPY in a transaction for
+// large batches, the pipelined upsert for small ones, and the one-trip
+// COPY for batches of new rows without failed attempts) must store
+// exactly what the rows say, for every column, NULLs included; COPY must
+// stream batches larger than one chunk; the recorded LSN must follow.
 func TestStatusRowsRoundTrip(t *testing.T) {
 	t.Parallel()
-	t.Run("copy", func(t *testing.T) { t.Parallel(); testStatusRows(t, 3000) })
-	t.Run("small", func(t *testing.T) { t.Parallel(); testStatusRows(t, 0) })
+	t.Run("copy", func(t *testing.T) { t.Parallel(); testStatusRows(t, 3000, false) })
+	t.Run("small", func(t *testing.T) { t.Parallel(); testStatusRows(t, 0, false) })
+	t.Run("one-trip", func(t *testing.T) { t.Parallel(); testStatusRows(t, 3000, true) })
+	t.Run("one-trip-small", func(t *testing.T) { t.Parallel(); testStatusRows(t, 0, true) })
 }
 
-func testStatusRows(t *testing.T, padding int) {
+func testStatusRows(t *testing.T, padding int, oneTrip bool) {
 	if 3+padding <= smallWrite == (padding > 0) {
 		t.Fatalf("padding %d does not pick the intended path", padding)
 	}
@@ -42,13 +45,28 @@ func testStatusRows(t *testing.T, padding int) {
 	bare := &delivery{eventID: [16]byte{1}, endpointID: "", tenantID: "t", eventType: "x", state: StateUnrouted, completed: at}
 	done := &delivery{eventID: [16]byte{2}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{"gone": true}`),
 		state: StateSucceeded, attempts: 1, httpStatus: 204, lastAttempt: at, firstAttempt: at, completed: at, duration: 0}
+	if oneTrip {
+		full.failClass = "" // no attempt row: the batch goes in one trip
+	}
 	rows := []*delivery{full, bare, done}
+	var wm watermark
+	mark := wm.add(0x2_0000_0042, 1)
+	done.mark, done.endLSN = mark, mark.end
 	for i := range padding { // many small rows after the big one: several chunks
 		rows = append(rows, &delivery{eventID: [16]byte{3, byte(i >> 8), byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
 			payload: []byte(fmt.Sprintf(`{"i": %d}`, i)), state: StatePending, nextAttempt: at})
 	}
+	if w.oneTrip(rows) != oneTrip {
+		t.Fatalf("oneTrip = %v, want %v", !oneTrip, oneTrip)
+	}
 	if err := w.writeRetry(ctx, rows); err != nil {
 		t.Fatal(err)
+	}
+	if lsn, err := recordedLSN(ctx, pool, e.Slot); err != nil || lsn != 0x2_0000_0042 {
+		t.Errorf("recorded LSN %v, %v; want 2/42", lsn, err)
+	}
+	if n := mark.remaining.Load(); n != 0 {
+		t.Errorf("the transaction's mark still counts %d rows", n)
 	}
 
 	type got struct {
@@ -124,6 +142,12 @@ FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.
 	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'pending' AND payload ? 'i'`); n != padding {
 		t.Errorf("%d pending rows with their payload, want %d", n, padding)
 	}
+	if oneTrip {
+		if n := e.Count(`SELECT count(*) FROM relay.attempts`); n != 0 {
+			t.Errorf("%d attempt rows, want none", n)
+		}
+		return
+	}
 	var class, aerr string
 	var attempt, status int
 	var attempted time.Time
@@ -187,7 +211,57 @@ func newTestWriter(t *testing.T, slotPrefix string) (*relaytest.Env, *writer) {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
-	w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
+	w := &writer{pool: pool, slot: e.Slot, lsnSQL: lsnLiteralSQL(e.Slot), log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
 	w.space = sync.NewCond(&w.mu)
 	return e, w
+}
+
+// A batch of rows the writer thinks new, one of which exists (a restart
+// lookup that missed it), fails its one-trip COPY as a whole, recorded
+// LSN included, and is written again through the upsert, which keeps the
+// final state already recorded.
+func TestOneTripConflictFallsBackToTheUpsert(t *testing.T) {
+	t.Parallel()
+	e, w := newTestWriter(t, "trip")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	at := time.Now()
+	var wm watermark
+	old := &delivery{eventID: [16]byte{7}, endpointID: "ep", tenantID: "t", eventType: "x", state: StateSucceeded, attempts: 1, completed: at}
+	if err := w.writeRetry(ctx, []*delivery{old}); err != nil {
+		t.Fatal(err)
+	}
+	mark := wm.add(0x5_0000_0000, 2)
+	again := &delivery{eventID: [16]byte{7}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{}`),
+		state: StatePending, nextAttempt: at, mark: mark, endLSN: mark.end}
+	other := &delivery{eventID: [16]byte{8}, endpointID: "ep", tenantID: "t", eventType: "x", state: StateSucceeded,
+		attempts: 1, completed: at, mark: mark, endLSN: mark.end}
+	rows := []*delivery{again, other}
+	if !w.oneTrip(rows) {
+		t.Fatal("the batch does not take the one-trip path")
+	}
+	if err := w.write(ctx, rows, false); err == nil || !strings.Contains(err.Error(), "23505") {
+		t.Fatalf("one-trip write of an existing row: %v, want a unique violation", err)
+	}
+	if lsn, err := recordedLSN(ctx, w.pool, e.Slot); err != nil || lsn != 0 {
+		t.Errorf("recorded LSN %v, %v after the failed batch; want none", lsn, err)
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries`); n != 1 {
+		t.Errorf("%d rows after the failed batch, want 1", n)
+	}
+	if err := w.writeRetry(ctx, rows); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_id = $1 AND state = 'succeeded'`, old.eventID); n != 1 {
+		t.Error("the recorded final state was overwritten")
+	}
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_id = $1 AND state = 'succeeded'`, other.eventID); n != 1 {
+		t.Error("the new row of the batch is missing")
+	}
+	if lsn, err := recordedLSN(ctx, w.pool, e.Slot); err != nil || lsn != 0x5_0000_0000 {
+		t.Errorf("recorded LSN %v, %v; want 5/0", lsn, err)
+	}
+	if n := mark.remaining.Load(); n != 0 {
+		t.Errorf("the mark counts %d rows", n)
+	}
 }

@@ -19,7 +19,7 @@ import (
 
 // Env is one isolated database with the relay schema.
 type Env struct {
-	T    *testing.T
+	T    testing.TB
 	URL  string
 	Slot string // slots are cluster-wide: each Env has its own name
 	Pool *pgxpool.Pool
@@ -27,7 +27,7 @@ type Env struct {
 
 // New creates the database (dropped when t ends), applies the schema and
 // picks a slot name starting with prefix.
-func New(t *testing.T, cluster *pgtemp.Cluster, prefix string) *Env {
+func New(t testing.TB, cluster *pgtemp.Cluster, prefix string) *Env {
 	t.Helper()
 	url := pgtemp.NewDatabase(t, cluster)
 	pool, err := pgxpool.New(context.Background(), url)
