@@ -47,10 +47,14 @@ type Relay struct {
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
 
-	metrics *metrics
-	health  *health
-	state   atomic.Value // string: "starting", "standby", "active", "stopped"
+	metrics  *metrics
+	health   *health
+	state    atomic.Value  // string: "starting", "standby", "active", "stopped"
+	attempts atomic.Uint64 // HTTP attempts made, for Attempts
 }
+
+// Attempts is the number of HTTP delivery attempts this relay has made.
+func (r *Relay) Attempts() uint64 { return r.attempts.Load() }
 
 // New validates cfg and builds a Relay. It does not connect.
 func New(cfg Config) (*Relay, error) {

@@ -149,6 +149,7 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 	end := r.now()
 	d.duration = end.Sub(now)
 	r.metrics.attemptDuration.Observe(d.duration.Seconds())
+	r.attempts.Add(1)
 	d.httpStatus = status
 	dec := retrypolicy.Classify(status, respHeader, err)
 	if dec.Outcome != retrypolicy.Success {
