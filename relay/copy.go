@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // The status writer encodes COPY's binary format itself. pgx's CopyFrom
@@ -150,12 +150,13 @@ func (c *copyReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// copyRows runs one binary COPY of rows on tx's connection.
-func (e *copyEncoder) copyRows(ctx context.Context, tx pgx.Tx, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
+// copy runs one binary COPY of rows on conn; sql may hold more
+// statements after the COPY (a simple-protocol query).
+func (e *copyEncoder) copy(ctx context.Context, conn *pgconn.PgConn, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
 	e.reset()
 	r := &copyReader{enc: e, rows: rows, encode: encode}
-	_, err := tx.Conn().PgConn().CopyFrom(ctx, r, sql)
-	if cap(e.b) > 4*copyChunk {
+	_, err := conn.CopyFrom(ctx, r, sql)
+	if err == nil && cap(e.b) > 4*copyChunk {
 		e.b = nil // one huge payload must not stay allocated
 	}
 	return err

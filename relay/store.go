@@ -146,8 +146,8 @@ type writer struct {
 	released    bool
 	kick        chan struct{}
 
-	enc    copyEncoder // owned by the goroutine in run
-	lsnSQL string      // lsnLiteralSQL(slot), set by newWriter
+	enc    *copyEncoder // see encoder; owned by the goroutine in run
+	lsnSQL string       // lsnLiteralSQL(slot), set by newWriter
 
 	// Rows are written in the order they were added (one goroutine, whole
 	// batches taken from the front of buf), so "the first n rows ever
@@ -364,7 +364,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck // after Commit it is a no-op
 	if len(fresh) > 0 {
-		if err := w.enc.copyRows(ctx, tx, copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
+		if err := w.copyRows(ctx, tx, copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
 			return fmt.Errorf("copy status rows: %w", err)
 		}
 	}
@@ -377,7 +377,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 		}
 	}
 	if failed := failedAttempts(rows); len(failed) > 0 {
-		if err := w.enc.copyRows(ctx, tx, copyAttemptsSQL, failed, encodeAttempt); err != nil {
+		if err := w.copyRows(ctx, tx, copyAttemptsSQL, failed, encodeAttempt); err != nil {
 			return fmt.Errorf("copy attempt rows: %w", err)
 		}
 	}
@@ -457,16 +457,31 @@ func (w *writer) writeFresh(ctx context.Context, rows []*delivery, maxLSN cdc.LS
 		return fmt.Errorf("write status rows: %w", err)
 	}
 	defer conn.Release()
-	w.enc.reset()
-	r := &copyReader{enc: &w.enc, rows: rows, encode: encodeDelivery}
-	_, err = conn.Conn().PgConn().CopyFrom(ctx, r, sql)
-	if cap(w.enc.b) > 4*copyChunk {
-		w.enc.b = nil
-	}
-	if err != nil {
+	if err := w.encoder().copy(ctx, conn.Conn().PgConn(), sql, rows, encodeDelivery); err != nil {
+		w.enc = nil
 		return fmt.Errorf("copy status rows: %w", err)
 	}
 	return nil
+}
+
+// copyRows runs one binary COPY of rows on tx's connection.
+func (w *writer) copyRows(ctx context.Context, tx pgx.Tx, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
+	if err := w.encoder().copy(ctx, tx.Conn().PgConn(), sql, rows, encode); err != nil {
+		w.enc = nil
+		return err
+	}
+	return nil
+}
+
+// encoder is the writer's COPY buffer, reused from batch to batch. When
+// the connection breaks in the middle of a COPY, pgconn returns without
+// waiting for its goroutine that reads the rows from the encoder, so a
+// failed COPY retires its encoder and the next batch gets a new one.
+func (w *writer) encoder() *copyEncoder {
+	if w.enc == nil {
+		w.enc = &copyEncoder{}
+	}
+	return w.enc
 }
 
 // lsnLiteralSQL is recordLSNSQL with the slot as a literal, for
