@@ -18,7 +18,10 @@ import (
 // BenchmarkStatusWrite writes batches of new succeeded rows each way the
 // writer can: the pipelined unnest upsert (what batches of up to
 // smallWrite rows took before the one-trip path), COPY in a transaction
-// (four round trips; larger batches before it) and the one-trip COPY.
+// (four round trips; larger batches before it) and the one-trip COPY,
+// and for small batches the one-trip COPY without the recorded LSN
+// ("nolsn", which no real batch of a streaming relay is: it shows what
+// the relay_state upsert costs).
 // Besides ns/op (the writer's wall time per batch) it reports pg-us/row,
 // the CPU the Postgres backend spent per row (from /proc/PID/schedstat),
 // which is what competes with other tenants' commits. The test cluster
