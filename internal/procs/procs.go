@@ -91,7 +91,7 @@ func Run(ctx context.Context, attempts func() uint64, log *slog.Logger) {
 		if want == was {
 			continue
 		}
-		if want == max {
+		if want > 1 {
 			// Back to the default, which also lets the runtime follow a
 			// changed container CPU limit again.
 			runtime.SetDefaultGOMAXPROCS()
