@@ -56,6 +56,7 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 			args := relayArgs(url, "--overflow", policy, "--queue-events", "2000", "--http-addr", addr,
 				"--retry-schedule", "0s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s,1s")
 			p := startRelay(t, args...)
+			waitServing(t, addr)
 			payload := `{"pad": "` + strings.Repeat("x", 400) + `"}`
 			for i := 0; i < events; i += 1000 {
 				if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', $1::jsonb || jsonb_build_object('i', i) FROM generate_series($2::int, $2::int + 999) i`, payload, i); err != nil {
@@ -232,6 +233,7 @@ func TestKill9WhileHeldLosesNothing(t *testing.T) {
 	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'b', 'e', jsonb_build_object('i', i) FROM generate_series(11, $1::int) i`, fastEvents); err != nil {
 		t.Fatal(err)
 	}
+	waitServing(t, addr)
 	waitFor(t, "deliveries held", 30*time.Second, func() bool { return scrape(t, addr)["outbox_relay_queue_held"] > slowEvents/2 })
 	waitFor(t, "the fast tenant's events", time.Minute, func() bool { d, _, _, _ := fast.stats(); return d == fastEvents })
 	rowsAtKill := count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE tenant_id = 'a'`)

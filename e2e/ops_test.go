@@ -37,6 +37,14 @@ func scrape(t *testing.T, addr string) map[string]float64 {
 	return out
 }
 
+// waitServing waits until the relay's ops server at addr answers, so a
+// scrape (which fails the test on a refused connection) can follow a
+// start on a loaded machine.
+func waitServing(t *testing.T, addr string) {
+	t.Helper()
+	waitFor(t, "the ops server at "+addr, 30*time.Second, func() bool { code, _ := get(addr, "/healthz"); return code != 0 })
+}
+
 func get(addr, path string) (int, string) {
 	resp, err := http.Get("http://" + addr + path)
 	if err != nil {
