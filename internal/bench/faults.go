@@ -484,12 +484,23 @@ func (rc *faultReceiver) repeat(first, now time.Time) {
 	rc.unexplained++
 }
 
-// setFirst records ns in first if it is unset, as a delivery after mark.
-// If arm moved the mark meanwhile, this delivery belongs to the previous
-// kill (it read the old mark), so it is taken back; arm stores the new mark
-// before clearing first, so one of the two always wins.
+// setFirst records ns in first if it is unset or later, as a delivery
+// after mark: handlers read their arrival time before they get here, so
+// two concurrent ones can arrive out of order. If arm moved the mark
+// meanwhile, this delivery belongs to the previous kill (it read the old
+// mark), so it is taken back; arm stores the new mark before clearing
+// first, so one of the two always wins.
 func (rc *faultReceiver) setFirst(first *atomic.Int64, mark, ns int64) {
-	if first.CompareAndSwap(0, ns) && rc.mark.Load() != mark {
+	for {
+		cur := first.Load()
+		if cur != 0 && cur <= ns {
+			return
+		}
+		if first.CompareAndSwap(cur, ns) {
+			break
+		}
+	}
+	if rc.mark.Load() != mark {
 		first.CompareAndSwap(ns, 0)
 	}
 }

@@ -167,6 +167,13 @@ func (s *faultSetup) timeKill(ctx context.Context, p *relayProc, sent, dead time
 	if err != nil {
 		return Kill{}, first, err
 	}
+	// A delivery of a new event is a delivery: when two arrive together,
+	// the one whose handler started first may record itself only as the
+	// new event's (the other won the race to be "first"), so the first
+	// delivery is the earlier of the two.
+	if fresh.Before(first) {
+		first = fresh
+	}
 	// /readyz may lag the first delivery by its 10 ms poll.
 	deadline := time.Now().Add(time.Second)
 	for streaming().IsZero() && time.Now().Before(deadline) {
