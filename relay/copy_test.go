@@ -25,7 +25,7 @@ func TestStatusRowsRoundTrip(t *testing.T) {
 	t.Run("one-trip-small", func(t *testing.T) { t.Parallel(); testStatusRows(t, 0, true) })
 }
 
-func testStatusRows(t *testing.T, padding int, oneTrip bool) {
+func testStatusRows(t *testing.T, padding int, trip bool) {
 	if 3+padding <= smallWrite == (padding > 0) {
 		t.Fatalf("padding %d does not pick the intended path", padding)
 	}
@@ -45,7 +45,7 @@ func testStatusRows(t *testing.T, padding int, oneTrip bool) {
 	bare := &delivery{eventID: [16]byte{1}, endpointID: "", tenantID: "t", eventType: "x", state: StateUnrouted, completed: at}
 	done := &delivery{eventID: [16]byte{2}, endpointID: "ep", tenantID: "t", eventType: "x", payload: []byte(`{"gone": true}`),
 		state: StateSucceeded, attempts: 1, httpStatus: 204, lastAttempt: at, firstAttempt: at, completed: at, duration: 0}
-	if oneTrip {
+	if trip {
 		full.failClass = "" // no attempt row: the batch goes in one trip
 	}
 	rows := []*delivery{full, bare, done}
@@ -56,8 +56,8 @@ func testStatusRows(t *testing.T, padding int, oneTrip bool) {
 		rows = append(rows, &delivery{eventID: [16]byte{3, byte(i >> 8), byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
 			payload: []byte(fmt.Sprintf(`{"i": %d}`, i)), state: StatePending, nextAttempt: at})
 	}
-	if w.oneTrip(rows) != oneTrip {
-		t.Fatalf("oneTrip = %v, want %v", !oneTrip, oneTrip)
+	if oneTrip(rows) != trip {
+		t.Fatalf("oneTrip = %v, want %v", !trip, trip)
 	}
 	if err := w.writeRetry(ctx, rows); err != nil {
 		t.Fatal(err)
@@ -142,7 +142,7 @@ FROM relay.deliveries WHERE event_id = $1`, id).Scan(&g.endpoint, &g.tenant, &g.
 	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'pending' AND payload ? 'i'`); n != padding {
 		t.Errorf("%d pending rows with their payload, want %d", n, padding)
 	}
-	if oneTrip {
+	if trip {
 		if n := e.Count(`SELECT count(*) FROM relay.attempts`); n != 0 {
 			t.Errorf("%d attempt rows, want none", n)
 		}
@@ -202,16 +202,16 @@ func TestWriterKeepsTheLaterOfTwoOutcomes(t *testing.T) {
 }
 
 // newTestWriter is a status writer on a fresh database, batches of up to
-// 5,000 rows, driven by the test through writeRetry.
-func newTestWriter(t *testing.T, slotPrefix string) (*relaytest.Env, *writer) {
+// 5,000 rows, driven by the test through writeRetry, over one connection.
+func newTestWriter(t testing.TB, slotPrefix string) (*relaytest.Env, *writer) {
 	t.Helper()
 	e := relaytest.New(t, cluster, slotPrefix)
-	pool, err := openPool(context.Background(), e.URL, 2)
+	pool, err := openPool(context.Background(), e.URL, 1) // one backend does every write (BenchmarkStatusWrite reads its CPU)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(pool.Close)
-	w := &writer{pool: pool, slot: e.Slot, lsnSQL: lsnLiteralSQL(e.Slot), log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
+	w := &writer{pool: pool, slot: e.Slot, log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
 	w.space = sync.NewCond(&w.mu)
 	return e, w
 }
@@ -237,7 +237,7 @@ func TestOneTripConflictFallsBackToTheUpsert(t *testing.T) {
 	other := &delivery{eventID: [16]byte{8}, endpointID: "ep", tenantID: "t", eventType: "x", state: StateSucceeded,
 		attempts: 1, completed: at, mark: mark, endLSN: mark.end}
 	rows := []*delivery{again, other}
-	if !w.oneTrip(rows) {
+	if !oneTrip(rows) {
 		t.Fatal("the batch does not take the one-trip path")
 	}
 	if err := w.write(ctx, rows, false); err == nil || !strings.Contains(err.Error(), "23505") {

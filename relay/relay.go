@@ -131,7 +131,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer func() { lock.Close(context.Background()) }()
 	r.writer = &writer{
-		pool: pool, slot: r.cfg.SlotName, lsnSQL: lsnLiteralSQL(r.cfg.SlotName), log: r.log,
+		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
 		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
 		maxBuffered: 4 * r.cfg.StatusBatch, wrote: make(chan struct{}, 1),

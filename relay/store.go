@@ -146,8 +146,7 @@ type writer struct {
 	released    bool
 	kick        chan struct{}
 
-	enc    *copyEncoder // see encoder; owned by the goroutine in run
-	lsnSQL string       // lsnLiteralSQL(slot), set with slot
+	enc *copyEncoder // see copy; owned by the goroutine in run
 
 	// Rows are written in the order they were added (one goroutine, whole
 	// batches taken from the front of buf), so "the first n rows ever
@@ -339,8 +338,10 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 			maxLSN = d.endLSN
 		}
 	}
-	if w.oneTrip(rows) {
-		return w.writeFresh(ctx, rows, maxLSN)
+	if oneTrip(rows) {
+		if sql, ok := oneTripSQL(w.slot, maxLSN); ok {
+			return w.writeFresh(ctx, sql, rows)
+		}
 	}
 	if len(rows) <= smallWrite {
 		upserts := rows
@@ -349,6 +350,13 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 		}
 		return w.writeSmall(ctx, upserts, failedAttempts(rows), maxLSN)
 	}
+	return w.writeTx(ctx, rows, dedupe, maxLSN)
+}
+
+// writeTx writes a batch in an explicit transaction: COPY for the new
+// rows, the upsert for the others, COPY for failed attempts' rows, and
+// the recorded LSN.
+func (w *writer) writeTx(ctx context.Context, rows []*delivery, dedupe bool, maxLSN cdc.LSN) error {
 	fresh := make([]*delivery, 0, len(rows))
 	var other []*delivery
 	for _, d := range rows {
@@ -364,7 +372,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 	}
 	defer tx.Rollback(context.Background()) //nolint:errcheck // after Commit it is a no-op
 	if len(fresh) > 0 {
-		if err := w.copyRows(ctx, tx, copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
+		if err := w.copy(ctx, tx.Conn().PgConn(), copyDeliveriesSQL, fresh, encodeDelivery); err != nil {
 			return fmt.Errorf("copy status rows: %w", err)
 		}
 	}
@@ -377,7 +385,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 		}
 	}
 	if failed := failedAttempts(rows); len(failed) > 0 {
-		if err := w.copyRows(ctx, tx, copyAttemptsSQL, failed, encodeAttempt); err != nil {
+		if err := w.copy(ctx, tx.Conn().PgConn(), copyAttemptsSQL, failed, encodeAttempt); err != nil {
 			return fmt.Errorf("copy attempt rows: %w", err)
 		}
 	}
@@ -428,73 +436,64 @@ func (w *writer) writeSmall(ctx context.Context, rows, failed []*delivery, maxLS
 // is new (nothing recorded for it yet, so nothing to upsert) and none
 // carries a failed attempt's row (a second COPY stream in the same query
 // is not possible).
-func (w *writer) oneTrip(rows []*delivery) bool {
-	if w.lsnSQL == "" {
-		return false
-	}
+func oneTrip(rows []*delivery) bool {
 	for _, d := range rows {
-		if d.persisted || d.maybeDup || (d.failClass != "" && !d.lastAttempt.IsZero()) {
+		if d.persisted || d.maybeDup || hasAttemptRow(d) {
 			return false
 		}
 	}
 	return true
 }
 
-// writeFresh writes new status rows in one round trip: a binary COPY
-// and the recorded LSN as one simple-protocol query, which Postgres runs
-// as one implicit transaction. It costs the server less per row than the
-// unnest upsert (about half at 64 rows; BenchmarkStatusWrite), and the
-// relay no argument arrays. A row
-// that exists after all (unique violation) sends the batch down the
-// upsert path, as the COPY in write does.
-func (w *writer) writeFresh(ctx context.Context, rows []*delivery, maxLSN cdc.LSN) error {
-	sql := copyDeliveriesSQL
-	if maxLSN != 0 {
-		sql += "; " + w.lsnSQL + strconv.FormatInt(int64(maxLSN), 10) + lsnSQLTail
+// oneTripSQL is writeFresh's simple-protocol query: the COPY, then
+// recordLSNSQL with the slot and LSN as literals when lsn is set. It is
+// false when the slot's name cannot be written as a plain literal
+// (Postgres allows only a-z, 0-9 and _ in slot names, so no slot has it).
+func oneTripSQL(slot string, lsn cdc.LSN) (string, bool) {
+	for _, c := range slot {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+			return "", false
+		}
 	}
+	if lsn == 0 {
+		return copyDeliveriesSQL, true
+	}
+	return copyDeliveriesSQL + `; INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ('` + slot + `', pg_lsn '0/0' + ` +
+		strconv.FormatInt(int64(lsn), 10) + lsnSQLTail, true
+}
+
+// writeFresh writes new status rows in one round trip: sql (oneTripSQL)
+// runs the binary COPY and records the LSN, and Postgres runs it as one
+// implicit transaction. It costs the server less per row than the unnest
+// upsert (about half at 64 rows; BenchmarkStatusWrite), and the relay no
+// argument arrays. A row that exists after all (unique violation) sends
+// the batch down the upsert path, as the COPY in writeTx does.
+func (w *writer) writeFresh(ctx context.Context, sql string, rows []*delivery) error {
 	conn, err := w.pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("write status rows: %w", err)
 	}
 	defer conn.Release()
-	if err := w.encoder().copy(ctx, conn.Conn().PgConn(), sql, rows, encodeDelivery); err != nil {
-		w.enc = nil
+	if err := w.copy(ctx, conn.Conn().PgConn(), sql, rows, encodeDelivery); err != nil {
 		return fmt.Errorf("copy status rows: %w", err)
 	}
 	return nil
 }
 
-// copyRows runs one binary COPY of rows on tx's connection.
-func (w *writer) copyRows(ctx context.Context, tx pgx.Tx, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
-	if err := w.encoder().copy(ctx, tx.Conn().PgConn(), sql, rows, encode); err != nil {
+// copy runs one binary COPY of rows on conn with the writer's encoder,
+// which is reused from batch to batch. When the connection breaks in the
+// middle of a COPY, pgconn returns without waiting for its goroutine that
+// reads the rows from the encoder, so a failed COPY retires the encoder
+// and the next batch gets a new one.
+func (w *writer) copy(ctx context.Context, conn *pgconn.PgConn, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
+	if w.enc == nil {
+		w.enc = &copyEncoder{}
+	}
+	if err := w.enc.copy(ctx, conn, sql, rows, encode); err != nil {
 		w.enc = nil
 		return err
 	}
 	return nil
-}
-
-// encoder is the writer's COPY buffer, reused from batch to batch. When
-// the connection breaks in the middle of a COPY, pgconn returns without
-// waiting for its goroutine that reads the rows from the encoder, so a
-// failed COPY retires its encoder and the next batch gets a new one.
-func (w *writer) encoder() *copyEncoder {
-	if w.enc == nil {
-		w.enc = &copyEncoder{}
-	}
-	return w.enc
-}
-
-// lsnLiteralSQL is recordLSNSQL with the slot as a literal, for
-// writeFresh's simple-protocol query, up to the LSN's offset; "" when the
-// slot's name cannot be written as a plain literal (Postgres allows only
-// a-z, 0-9 and _ in slot names, so that is a name no slot has).
-func lsnLiteralSQL(slot string) string {
-	for _, c := range slot {
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
-			return ""
-		}
-	}
-	return `INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ('` + slot + `', pg_lsn '0/0' + `
 }
 
 const lsnSQLTail = `::int8)
@@ -540,10 +539,14 @@ func lastPerDelivery(rows []*delivery) []*delivery {
 
 var attemptColumns = []string{"event_id", "endpoint_id", "attempt", "attempted_at", "duration_ms", "http_status", "error_class", "error"}
 
+// hasAttemptRow says whether d's outcome is a failed attempt, which
+// relay.attempts records.
+func hasAttemptRow(d *delivery) bool { return d.failClass != "" && !d.lastAttempt.IsZero() }
+
 func failedAttempts(rows []*delivery) []*delivery {
 	var out []*delivery
 	for _, d := range rows {
-		if d.failClass != "" && !d.lastAttempt.IsZero() {
+		if hasAttemptRow(d) {
 			out = append(out, d)
 		}
 	}

@@ -3,16 +3,13 @@ package relay
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
-	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 )
 
 // BenchmarkStatusWrite writes batches of new succeeded rows each way the
@@ -41,17 +38,10 @@ func BenchmarkStatusWrite(b *testing.B) {
 }
 
 func benchStatusWrite(b *testing.B, path string, n int) {
-	e := relaytest.New(b, cluster, "bw")
+	e, w := newTestWriter(b, "bw")
 	ctx := context.Background()
-	pool, err := openPool(ctx, e.URL, 1) // one backend does every write
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(pool.Close)
-	w := &writer{pool: pool, slot: e.Slot, lsnSQL: lsnLiteralSQL(e.Slot), log: slog.New(slog.DiscardHandler), maxBatch: 5000, maxBuffered: 5000}
-	w.space = sync.NewCond(&w.mu)
 	var pid int
-	if err := pool.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+	if err := w.pool.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
 		b.Fatal(err)
 	}
 	var wm watermark
@@ -75,13 +65,12 @@ func benchStatusWrite(b *testing.B, path string, n int) {
 		case "upsert":
 			return w.writeSmall(ctx, rows, nil, maxLSN)
 		case "copy-tx":
-			w.lsnSQL = "" // write takes its COPY-in-a-transaction branch
-			return w.write(ctx, rows, false)
+			return w.writeTx(ctx, rows, false, maxLSN)
 		case "nolsn":
-			return w.writeFresh(ctx, rows, 0)
-		default:
-			return w.writeFresh(ctx, rows, maxLSN)
+			maxLSN = 0
 		}
+		sql, _ := oneTripSQL(w.slot, maxLSN)
+		return w.writeFresh(ctx, sql, rows)
 	}
 	if err := write(batch()); err != nil { // warm: the connection's prepared statements
 		b.Fatal(err)
