@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // peakRSS reads a process's peak resident set size (VmHWM) in bytes.
@@ -158,16 +160,25 @@ func TestSpillKeepsOtherTenantsFlowing(t *testing.T) {
 	}
 }
 
+// slowAndFast configures endpoint "slow" of tenant a, whose receiver
+// answers after delay with at most maxInFlight attempts at a time, and
+// endpoint "fast" of tenant b.
+func slowAndFast(t *testing.T, pool *pgxpool.Pool, delay time.Duration, maxInFlight int) (slow, fast *receiver) {
+	t.Helper()
+	slow, fast = newReceiver(t), newReceiver(t)
+	slow.fail = func() int { time.Sleep(delay); return 204 }
+	if _, err := pool.Exec(context.Background(), `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, max_in_flight) VALUES
+  ('slow', 'a', $1, ARRAY[$2], $5), ('fast', 'b', $3, ARRAY[$4], NULL)`, slow.srv.URL, slow.secret, fast.srv.URL, fast.secret, maxInFlight); err != nil {
+		t.Fatal(err)
+	}
+	return slow, fast
+}
+
 func spillKeepsOthersFlowing(t *testing.T, extra []string, held bool) {
 	const slowEvents, fastEvents = 400, 2000
 	url, pool := database(t)
-	slow, fast := newReceiver(t), newReceiver(t)
-	slow.fail = func() int { time.Sleep(100 * time.Millisecond); return 204 }
+	slow, fast := slowAndFast(t, pool, 100*time.Millisecond, 5)
 	ctx := context.Background()
-	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, max_in_flight) VALUES
-  ('slow', 'a', $1, ARRAY[$2], 5), ('fast', 'b', $3, ARRAY[$4], NULL)`, slow.srv.URL, slow.secret, fast.srv.URL, fast.secret); err != nil {
-		t.Fatal(err)
-	}
 	addr := freeAddr(t)
 	startRelay(t, relayArgs(url, append([]string{"--queue-events", "200", "--workers", "16", "--http-addr", addr}, extra...)...)...)
 	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'a', 'e', jsonb_build_object('i', i) FROM generate_series(1, $1::int) i`, slowEvents); err != nil {
@@ -209,13 +220,8 @@ func spillKeepsOthersFlowing(t *testing.T, extra []string, held bool) {
 func TestKill9WhileHeldLosesNothing(t *testing.T) {
 	const slowEvents, fastEvents = 600, 300
 	url, pool := database(t)
-	slow, fast := newReceiver(t), newReceiver(t)
-	slow.fail = func() int { time.Sleep(20 * time.Millisecond); return 204 }
+	slow, fast := slowAndFast(t, pool, 20*time.Millisecond, 2)
 	ctx := context.Background()
-	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets, max_in_flight) VALUES
-  ('slow', 'a', $1, ARRAY[$2], 2), ('fast', 'b', $3, ARRAY[$4], NULL)`, slow.srv.URL, slow.secret, fast.srv.URL, fast.secret); err != nil {
-		t.Fatal(err)
-	}
 	args := func(addr string) []string {
 		return relayArgs(url, "--queue-events", "100", "--workers", "16", "--http-addr", addr)
 	}

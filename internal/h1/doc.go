@@ -34,7 +34,7 @@
 //     and fixed headers of one URL are rendered and checked once
 //     (Prepare), and each request appends its own fields, Content-Length
 //     and body to a copy of them, with an explicit deadline instead of a
-//     context per request.
+//     timeout context per request.
 //
 // What it does not do: proxies, TLS, HTTP/2, redirects (the relay follows
 // none), compression, or keeping every response header. The response it

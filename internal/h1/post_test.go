@@ -124,21 +124,9 @@ func TestPostDeadline(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	srv := relaytest.NewScripted(t, func(c net.Conn, n int) bool { <-release; return false })
-	u, _ := url.Parse(srv.URL())
-	p, err := Prepare(u, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
 	tr := newTransport()
 	defer tr.CloseIdleConnections()
-	start := time.Now()
-	_, err = tr.Post(context.Background(), time.Now().Add(150*time.Millisecond), p, nil, []byte(`{}`))
-	if took := time.Since(start); took > 2*time.Second {
-		t.Errorf("took %s to time out at 150ms", took)
-	}
-	if !errors.Is(err, context.DeadlineExceeded) || retrypolicy.ErrorClass(err) != "timeout" {
-		t.Errorf("error %v (class %q), want a deadline exceeded timeout", err, retrypolicy.ErrorClass(err))
-	}
+	p := postTimesOut(t, tr, srv.URL(), 150*time.Millisecond)
 	time.Sleep(50 * time.Millisecond)
 	if n := srv.Reqs.Load(); n != 1 {
 		t.Errorf("server read %d requests, want 1", n)
@@ -158,17 +146,26 @@ func TestPostDeadlineBoundsTheDial(t *testing.T) {
 		<-ctx.Done() // a dial that never completes on its own
 		return nil, ctx.Err()
 	}}
-	u, _ := url.Parse("http://192.0.2.1/")
+	postTimesOut(t, tr, "http://192.0.2.1/", 100*time.Millisecond)
+}
+
+// postTimesOut posts to rawURL through tr with a deadline of d from now
+// and checks that the post ends soon after it with a timeout worded as
+// a context deadline. It returns the prepared head.
+func postTimesOut(t *testing.T, tr *Transport, rawURL string, d time.Duration) *Prepared {
+	t.Helper()
+	u, _ := url.Parse(rawURL)
 	p, err := Prepare(u, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
-	_, err = tr.Post(context.Background(), time.Now().Add(100*time.Millisecond), p, nil, []byte(`{}`))
+	_, err = tr.Post(context.Background(), time.Now().Add(d), p, nil, []byte(`{}`))
 	if took := time.Since(start); took > 2*time.Second {
-		t.Errorf("dial took %s against a 100ms deadline", took)
+		t.Errorf("took %s to time out at %s", took, d)
 	}
 	if !errors.Is(err, context.DeadlineExceeded) || retrypolicy.ErrorClass(err) != "timeout" {
 		t.Errorf("error %v (class %q), want a deadline exceeded timeout", err, retrypolicy.ErrorClass(err))
 	}
+	return p
 }
