@@ -137,8 +137,9 @@ type Field struct{ Name, Value string }
 // must not repeat p's), and reads the answer's status line and headers,
 // as RoundTrip does. The request must be done by deadline (zero: none, or
 // ctx's if earlier); ending ctx interrupts it. It costs less than
-// RoundTrip: no http.Request, no header map, no timeout context per request (ending ctx still interrupts through one
-// context.AfterFunc per request).
+// RoundTrip: no http.Request, no header map, no timeout context per
+// request (ending ctx still interrupts it through one context.AfterFunc
+// per request).
 func (t *Transport) Post(ctx context.Context, deadline time.Time, p *Prepared, extra []Field, body []byte) (*http.Response, error) {
 	if d, ok := ctx.Deadline(); ok && (deadline.IsZero() || d.Before(deadline)) {
 		deadline = d
