@@ -721,13 +721,18 @@ type steadyRun struct {
 	commits []time.Duration
 }
 
-// latency is tl's latency figures with the producer's commit times.
+// latency is tl's latency figures with the producer's commit times, and
+// the latency of each event counted from its COMMIT's return instead of
+// from before its INSERT.
 func (s *steadyRun) latency(tl *tally) *Latency {
 	l := latencyOf(tl, s.sent, s.rate)
 	c := slices.Clone(s.commits)
 	slices.Sort(c)
 	if len(c) > 0 {
 		l.CommitP50, l.CommitP99 = ms(quantile(c, 0.50)), ms(quantile(c, 0.99))
+	}
+	if after := tl.afterCommit(s.commits); len(after) > 0 {
+		l.AfterP50, l.AfterP99, l.AfterP999 = ms(quantile(after, 0.50)), ms(quantile(after, 0.99)), ms(quantile(after, 0.999))
 	}
 	return l
 }

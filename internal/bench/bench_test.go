@@ -70,6 +70,25 @@ func TestTallyCountsPerWebhookID(t *testing.T) {
 	}
 }
 
+// Latency from the COMMIT's return is each arrived event's latency less
+// its own commit time; events that did not arrive, or have no commit
+// time, are left out.
+func TestTallyAfterCommit(t *testing.T) {
+	const size = 64
+	tl := newTally(tagLatency, 4, size, true, nil)
+	t0 := time.Now()
+	for seq, lat := range []time.Duration{5 * time.Millisecond, 2 * time.Millisecond, 9 * time.Millisecond} {
+		body := appendBody(nil, seq, t0.UnixNano(), size)
+		tl.record(map[string][]string{"Webhook-Id": {webhookID(eventID(tagLatency, seq))}}, body, t0.Add(lat))
+	}
+	commits := []time.Duration{time.Millisecond, 3 * time.Millisecond, 0, time.Millisecond}
+	got := tl.afterCommit(commits)
+	want := []time.Duration{-time.Millisecond, 4 * time.Millisecond} // seq 2 has no commit time, seq 3 did not arrive
+	if !slices.Equal(got, want) {
+		t.Fatalf("afterCommit = %v, want %v", got, want)
+	}
+}
+
 func TestQuantile(t *testing.T) {
 	var d []time.Duration
 	for i := 1; i <= 1000; i++ {
@@ -130,6 +149,11 @@ func TestRunTiny(t *testing.T) {
 	for name, l := range map[string]*Latency{"relay": res.Latency, "peer": res.PeerLatency} {
 		if l.CommitP50 <= 0 || l.CommitP99 < l.CommitP50 {
 			t.Errorf("%s: producer commit p50 %.2f ms, p99 %.2f ms", name, l.CommitP50, l.CommitP99)
+		}
+		// Counted from the COMMIT's return, each event's latency is its
+		// own commit time shorter.
+		if l.AfterP50 >= l.P50 || l.AfterP99 >= l.P99 || l.AfterP999 < l.AfterP99 || l.AfterP99 == 0 {
+			t.Errorf("%s: from COMMIT p50/p99/p99.9 %.2f/%.2f/%.2f ms against %.2f/%.2f from before the INSERT", name, l.AfterP50, l.AfterP99, l.AfterP999, l.P50, l.P99)
 		}
 	}
 	for name, l := range map[string]*Latency{"relay": res.Latency, "bare": res.BareLatency} {

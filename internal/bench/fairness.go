@@ -35,10 +35,13 @@ type Fairness struct {
 	// AReadSecs: from the end of A's backlog insert until the relay had
 	// read all of it from the WAL (outbox_relay_events_received_total);
 	// B's measured run starts then, with A's backlog queued. -1 if unread.
-	AReadSecs   float64 `json:"a_read_s"`
-	A           Counts  `json:"a"`
-	P99Ratio    float64 `json:"b_p99_ratio"` // busy / idle
-	Spilled     float64 `json:"spilled"`     // relay metric over the phase; -1 if unread
+	AReadSecs float64 `json:"a_read_s"`
+	A         Counts  `json:"a"`
+	P99Ratio  float64 `json:"b_p99_ratio"` // busy / idle
+	// AfterRatio is the same ratio of B's p99 counted from each COMMIT's
+	// return: the relay's share, without the producer's own commit.
+	AfterRatio  float64 `json:"b_after_commit_p99_ratio"`
+	Spilled     float64 `json:"spilled"` // relay metric over the phase; -1 if unread
 	Loaded      float64 `json:"loaded"`
 	TargetRatio float64 `json:"target_ratio"`
 }
@@ -217,6 +220,9 @@ func (r *run) fairness(ctx context.Context) error {
 	f.A.count(ta)
 	if f.Idle.P99 > 0 {
 		f.P99Ratio = f.Busy.P99 / f.Idle.P99
+	}
+	if f.Idle.AfterP99 > 0 {
+		f.AfterRatio = f.Busy.AfterP99 / f.Idle.AfterP99
 	}
 	r.res.Fairness = f
 	return nil

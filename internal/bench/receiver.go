@@ -193,6 +193,26 @@ func (tl *tally) latencies() []time.Duration {
 	return out
 }
 
+// afterCommit returns, sorted, each arrived event's latency less its
+// producer's commit time (commits[seq]: how long the INSERT took to
+// return): commit-to-delivery counted from the moment the producer's
+// COMMIT returned. Events with no commit time (a gap left by a failed
+// run) are left out. A value can be slightly negative: the walsender may
+// send a commit before the producer's backend has answered it.
+func (tl *tally) afterCommit(commits []time.Duration) []time.Duration {
+	if tl.lat == nil {
+		return nil
+	}
+	out := make([]time.Duration, 0, len(commits))
+	for i, c := range commits[:min(len(commits), tl.n)] {
+		if c > 0 && tl.counts[i].Load() > 0 {
+			out = append(out, time.Duration(tl.lat[i])-c)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // receiver is a minimal loopback webhook receiver answering 204.
 type receiver struct {
 	srv  *http.Server

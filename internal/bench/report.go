@@ -11,12 +11,13 @@ import (
 	"time"
 )
 
-// Targets from the benchmark issues, for the PASS/MISS column.
+// Targets from the benchmark issues, for the PASS/MISS column. The first
+// benchmark issue set the floor (drain ≥ 0.7 × bare, p99 ≤ 10 ms at
+// 1,000/s); issue 6 raised both (TargetIssue6DrainRatio, TargetP99At), and
+// the report judges against issue 6.
 const (
-	TargetDrainRatio  = 0.7                   // relay events/s ≥ 0.7 × bare
-	TargetLatencyP99  = 10 * time.Millisecond // at 1,000 events/s
-	TargetCPUPerEvent = 40.0                  // µs of relay CPU per delivered event (issue 6)
-	targetLatencyRate = 1000
+	TargetDrainRatio  = 0.7  // relay events/s ≥ 0.7 × bare (the floor)
+	TargetCPUPerEvent = 40.0 // µs of relay CPU per delivered event (issue 6)
 )
 
 // Result holds one run's figures. Fields are nil for phases not run.
@@ -128,6 +129,12 @@ type Latency struct {
 	// does not see; zero where no producer commits.
 	CommitP50 float64 `json:"commit_p50_ms,omitempty"`
 	CommitP99 float64 `json:"commit_p99_ms,omitempty"`
+	// AfterP50, AfterP99 and AfterP999 are commit-to-delivery counted per
+	// event from its COMMIT's return to the producer (P50 and the rest
+	// count from before the INSERT); zero where no producer commits.
+	AfterP50  float64 `json:"after_commit_p50_ms,omitempty"`
+	AfterP99  float64 `json:"after_commit_p99_ms,omitempty"`
+	AfterP999 float64 `json:"after_commit_p999_ms,omitempty"`
 	Cost      *Cost   `json:"cost,omitempty"`
 	// CPU is where the machine's CPU went, per event sent; set by the
 	// fairness phase.
@@ -251,7 +258,8 @@ func (r *Result) Table(w io.Writer) {
 				d.FirstArrivalSecs, d.ReceivedSecs, d.Seconds, d.Claims, d.FailedPosts, d.WALPerEvent)
 		}
 		if ratio := r.Ratio(); ratio > 0 {
-			fmt.Fprintf(w, "  relay / bare                %11.2fx   target >= %.2fx  %s\n", ratio, TargetDrainRatio, verdict(ratio >= TargetDrainRatio))
+			fmt.Fprintf(w, "  relay / bare                %11.2fx   target >= %.2fx  %s (floor %.2fx %s)\n", ratio,
+				TargetIssue6DrainRatio, verdict(ratio >= TargetIssue6DrainRatio), TargetDrainRatio, verdict(ratio >= TargetDrainRatio))
 		}
 		if ratio := r.PeerRatio(); ratio > 0 {
 			fmt.Fprintf(w, "  peer / bare                 %11.2fx\n", ratio)
@@ -262,7 +270,7 @@ func (r *Result) Table(w io.Writer) {
 	}
 	r.cpuTable(w)
 	if r.Latency != nil || r.BareLatency != nil || r.PeerLatency != nil {
-		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms\n", r.Rate, r.DurationSecs)
+		fmt.Fprintf(w, "\nsteady latency, %d/s for %.0fs     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms  from COMMIT p50/p99/p99.9 ms\n", r.Rate, r.DurationSecs)
 		row := func(name string, l *Latency) {
 			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d%s\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing, l.commitText())
 		}
@@ -278,14 +286,15 @@ func (r *Result) Table(w io.Writer) {
 		if r.Latency != nil && r.PeerLatency != nil && r.Latency.P99 > 0 {
 			fmt.Fprintf(w, "  peer p99 / relay p99: %.1fx\n", r.PeerLatency.P99/r.Latency.P99)
 		}
-		if l := r.Latency; l != nil && r.Rate == targetLatencyRate {
-			fmt.Fprintf(w, "  relay p99 target <= %s at %d/s: %s\n", TargetLatencyP99, targetLatencyRate, verdict(l.P99 <= ms(TargetLatencyP99)))
+		if t, l := TargetP99At(r.Rate), r.Latency; l != nil && t > 0 {
+			fmt.Fprintf(w, "  relay p99 target <= %s at %d/s: %s from before the INSERT, %s from the COMMIT's return\n", t, r.Rate,
+				verdict(l.P99 <= ms(t)), verdict(l.AfterP99 <= ms(t)))
 		}
 	}
 	if f := r.Fairness; f != nil {
 		fmt.Fprintf(w, "\nfairness (relay): tenant B %d/s for %.0fs to a fast endpoint; tenant A %d events to a receiver answering in %.0f ms\n",
 			r.Rate, r.DurationSecs, f.Backlog, f.SlowMillis)
-		fmt.Fprintf(w, "                                     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms\n")
+		fmt.Fprintf(w, "                                     count  rate/s   p50 ms   p99 ms p99.9 ms   max ms  dups missing  commit p50/p99 ms  from COMMIT p50/p99/p99.9 ms\n")
 		row := func(name string, l *Latency) {
 			fmt.Fprintf(w, "  %-30s %7d %7.0f %8.2f %8.2f %8.2f %8.2f %5d %7d%s\n", name, l.Distinct, l.RatePerSec, l.P50, l.P99, l.P999, l.Max, l.Duplicates, l.Missing, l.commitText())
 		}
@@ -308,7 +317,8 @@ func (r *Result) Table(w io.Writer) {
 		if f.Spilled >= 0 {
 			fmt.Fprintf(w, "  spilled to relay.deliveries and loaded back during the phase: %.0f / %.0f\n", f.Spilled, f.Loaded)
 		}
-		fmt.Fprintf(w, "  B p99 with backlog / idle: %.2fx   target <= %.1fx  %s\n", f.P99Ratio, f.TargetRatio, verdict(f.P99Ratio <= f.TargetRatio))
+		fmt.Fprintf(w, "  B p99 with backlog / idle: %.2fx   target <= %.1fx  %s; counted from each COMMIT's return: %.2fx %s\n",
+			f.P99Ratio, f.TargetRatio, verdict(f.P99Ratio <= f.TargetRatio), f.AfterRatio, verdict(f.AfterRatio <= f.TargetRatio))
 	}
 	if r.Drain != nil || r.Latency != nil {
 		fmt.Fprintf(w, "\nrelay cost                 CPU s/10k events  us/event  WAL bytes/event (relay's writes + inserts)\n")
@@ -385,12 +395,13 @@ func (t *Throughput) cpuSplit() *CPUSplit {
 	return t.CPU
 }
 
-// commitText is the producer's commit p50/p99 column, empty without one.
+// commitText is the producer's commit p50/p99 column and the
+// from-COMMIT's-return p50/p99/p99.9 column, empty without a producer.
 func (l *Latency) commitText() string {
 	if l.CommitP99 == 0 {
 		return ""
 	}
-	return fmt.Sprintf("  %7.2f /%6.2f", l.CommitP50, l.CommitP99)
+	return fmt.Sprintf("  %7.2f /%6.2f   %7.2f /%6.2f /%6.2f", l.CommitP50, l.CommitP99, l.AfterP50, l.AfterP99, l.AfterP999)
 }
 
 func settingsText(m map[string]string) string {
