@@ -265,3 +265,85 @@ func TestOneTripConflictFallsBackToTheUpsert(t *testing.T) {
 		t.Errorf("the mark counts %d rows", n)
 	}
 }
+
+// The writer writes what waits once per interval, not as often as
+// Postgres commits: rows trickling in during a write wait for the next
+// tick. Whole batches go at once, without waiting for a tick.
+func TestWriterBatchesPerInterval(t *testing.T) {
+	t.Parallel()
+	e, w := newTestWriter(t, "tick")
+	const interval = 200 * time.Millisecond
+	w.interval, w.maxBatch = interval, 1000
+	w.kick, w.wrote = make(chan struct{}, 1), make(chan struct{}, 1)
+	var mu sync.Mutex
+	var batches []int
+	w.written = func(rows []*delivery) {
+		mu.Lock()
+		batches = append(batches, len(rows))
+		mu.Unlock()
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); w.run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	row := func(i int) *delivery {
+		return &delivery{eventID: [16]byte{1, byte(i >> 8), byte(i)}, endpointID: "ep", tenantID: "t", eventType: "x",
+			state: StateSucceeded, attempts: 1, completed: time.Now()}
+	}
+	// A trickle: a row every quarter millisecond or so for a second,
+	// below a whole batch per tick, so rows arrive during every write.
+	start := time.Now()
+	trickle := 0
+	for time.Since(start) < time.Second {
+		w.add(row(trickle))
+		trickle++
+		time.Sleep(250 * time.Microsecond)
+	}
+	took := time.Since(start)
+	if trickle >= int(took/interval)*w.maxBatch {
+		t.Fatalf("%d rows in %s fill whole batches; the test needs fewer", trickle, took)
+	}
+	waitDurable := func(n uint64) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for w.durable.Load() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d of %d rows durable", w.durable.Load(), n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitDurable(uint64(trickle))
+	mu.Lock()
+	n := len(batches)
+	mu.Unlock()
+	// One batch per tick over the trickle, and one for its tail.
+	if most := int(took/interval) + 2; n > most {
+		t.Errorf("%d rows trickling in over %s were written in %d batches, want at most %d (one per %s tick)", trickle, took.Round(time.Millisecond), n, most, interval)
+	}
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries`); got != trickle {
+		t.Errorf("%d rows, want %d", got, trickle)
+	}
+
+	// A burst of whole batches is written at once: 3,000 rows, three
+	// full batches, durable well before two ticks have passed.
+	mu.Lock()
+	batches = nil
+	mu.Unlock()
+	burstAt := time.Now()
+	rows := make([]*delivery, 3000)
+	for i := range rows {
+		rows[i] = row(trickle + i)
+	}
+	w.add(rows...)
+	waitDurable(uint64(trickle) + 3000)
+	if d := time.Since(burstAt); d > 2*interval {
+		t.Errorf("three whole batches took %s, want under %s", d, 2*interval)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(batches) != 3 {
+		t.Errorf("the burst was written in %d batches (%v), want 3 of 1,000", len(batches), batches)
+	}
+}

@@ -188,10 +188,12 @@ func (w *writer) addLocked(ds []*delivery) {
 	}
 }
 
-func (w *writer) take() []*delivery {
+// take removes and returns the next batch: up to maxBatch rows, nil if
+// none wait. With full set it returns nil unless a whole batch waits.
+func (w *writer) take(full bool) []*delivery {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if len(w.buf) == 0 {
+	if len(w.buf) == 0 || full && len(w.buf) < w.maxBatch {
 		return nil
 	}
 	n := min(len(w.buf), w.maxBatch)
@@ -243,7 +245,7 @@ func (w *writer) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			dctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			for rows := w.take(); rows != nil; rows = w.take() {
+			for rows := w.take(false); rows != nil; rows = w.take(false) {
 				if err := w.writeRetry(dctx, rows); err != nil {
 					w.log.Error("status rows not written at shutdown; their events will be delivered again", slog.Int("rows", len(rows)), slog.Any("error", err))
 					break
@@ -255,7 +257,12 @@ func (w *writer) run(ctx context.Context) {
 		case <-t.C:
 		case <-w.kick:
 		}
-		for rows := w.take(); rows != nil; rows = w.take() {
+		// After a tick or a kick, one batch of what waits; then more
+		// batches only while whole ones wait. What arrived during a write
+		// waits for the next tick: writing it at once would turn the
+		// interval into "as often as Postgres commits" and, at a live
+		// rate, a round trip and a commit for every few rows.
+		for rows := w.take(false); rows != nil; rows = w.take(true) {
 			if err := w.writeRetry(ctx, rows); err != nil {
 				// Only ctx ends writeRetry; put the rows back for the drain.
 				w.mu.Lock()
