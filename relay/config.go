@@ -66,9 +66,10 @@ type Config struct {
 	MaxPayloadBytes int
 	// StatusBatch is the most status rows written per round trip. Default 2000.
 	StatusBatch int
-	// StatusInterval is the longest a status row waits to be written.
-	// It bounds how much a crash can deliver twice, not delivery latency.
-	// Default 20ms.
+	// StatusInterval is the longest a status row waits to be written:
+	// what waits is written once per interval, or at once when
+	// StatusBatch rows wait. It bounds how much a crash can deliver
+	// twice, not delivery latency. Default 20ms.
 	StatusInterval time.Duration
 
 	// RetrySchedule is the delay before each attempt; entry 0 is the

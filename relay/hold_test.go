@@ -270,3 +270,28 @@ func TestHeldDeliveryWhoseOutboxRowIsGone(t *testing.T) {
 		t.Errorf("A's receiver saw %d requests, want %d", got, n-1)
 	}
 }
+
+// An event for an idle endpoint that arrives while another endpoint's
+// backlog, read from the WAL longer ago than recentWindow, still fills
+// the queues is queued at once, not after the backlog's next delivery
+// or spillAfter.
+func TestNewEndpointBehindAnOldBacklogIsNotDelayed(t *testing.T) {
+	t.Parallel()
+	e, rcvA, rcvB := holdSetup(t, func() time.Duration { return 3 * time.Second })
+	r, _ := e.startRelay(smallQueues(50, 1))
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'ta', 'held', jsonb_build_object('i', i) FROM generate_series(1, 200) i`)
+	e.WaitFor("A's backlog read and its first delivery made", 30*time.Second, func() bool {
+		count, _ := r.sched.len()
+		return len(rcvA.requests()) > 0 && count >= 49
+	})
+	time.Sleep(recentWindow + time.Second) // A is no longer "routed lately"; its queue is still full
+	for i := range 5 {
+		sent := time.Now()
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('tb', 'b', jsonb_build_object('b', $1::int))`, i)
+		e.WaitFor("B's event delivered", 10*time.Second, func() bool { return len(rcvB.requests()) == i+1 })
+		if took := rcvB.requests()[i].at.Sub(sent); took > 300*time.Millisecond {
+			t.Errorf("B's event %d took %s to arrive behind A's full queue, want under 300ms", i, took.Round(time.Millisecond))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}

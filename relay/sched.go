@@ -315,6 +315,21 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 	return rest
 }
 
+// competing is how many endpoints want queue space: those with
+// deliveries queued, and one more if ds holds a delivery of an endpoint
+// with none queued. Enough for enqueue to tell one endpoint's backlog
+// (wait for its workers) from other endpoints' events arriving behind it.
+func (s *scheduler) competing(ds []*delivery) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, d := range ds {
+		if q := s.endpoints[d.endpointID]; q == nil || q.items.len() == 0 {
+			return s.active + 1
+		}
+	}
+	return s.active
+}
+
 // queueForPushLocked returns the queue d goes to, creating it, or nil
 // when d's endpoint is ordered: then offLaneLocked has dealt with d (its
 // lane loads it from the table), and d must not enter memory.
