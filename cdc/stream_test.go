@@ -696,3 +696,54 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 		t.Errorf("the URL's tcp_user_timeout=3000 gave %q, want 3000", ut)
 	}
 }
+
+// Writes to tables outside the publication make the walsender send a
+// keepalive nearly every time it sleeps. Their positions are handed over
+// a few times a second, not once each, and the last one still arrives.
+func TestStreamHandsKeepalivePositionsSparingly(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	exec(t, u, `CREATE TABLE public.unpublished (n int)`)
+	s := newStream(t, u, nil)
+	c := &consumer{ack: true}
+	c.run(t, s)
+	insertOutbox(t, u, 0, 1)
+	waitFor(t, 15*time.Second, "the stream to start", func() bool { return len(c.snapshot()) == 1 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	empty := func() int {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		n := 0
+		for _, b := range c.batches {
+			if len(b.Txns) == 0 {
+				n++
+			}
+		}
+		return n
+	}
+	before := empty()
+	start := time.Now()
+	txns := 0
+	for time.Since(start) < 2*time.Second {
+		if _, err := conn.Exec(ctx, `INSERT INTO public.unpublished VALUES (1)`); err != nil {
+			t.Fatal(err)
+		}
+		txns++
+		time.Sleep(time.Millisecond)
+	}
+	took := time.Since(start)
+	end := queryLSN(t, u, `SELECT pg_current_wal_lsn()::text`)
+	waitFor(t, 5*time.Second, "a position past the last unpublished write", func() bool { return c.lastPosition() >= end })
+	got := empty() - before
+	if most := int(took/idleHandEvery) + 10; got > most {
+		t.Errorf("%d unpublished transactions over %s gave %d empty batches, want at most %d", txns, took.Round(time.Millisecond), got, most)
+	}
+	t.Logf("%d unpublished transactions over %s: %d empty batches", txns, took.Round(time.Millisecond), got)
+}
