@@ -295,12 +295,6 @@ type session struct {
 	replyStreakStart time.Time // first of them
 	lastReplyReq     time.Time
 
-	// idlePos is the highest keepalive WAL end seen with no transaction
-	// open or pending and not yet handed over; it is handed over as an
-	// empty Batch at most once per idleHandEvery (handIdle).
-	idlePos  LSN
-	idleNext time.Time
-
 	heartbeating bool
 	heartbeatErr chan error
 	wg           sync.WaitGroup
@@ -331,12 +325,8 @@ func (ss *session) loop(ctx context.Context) error {
 			continue
 		}
 		ss.heartbeat(ctx, now)
-		ss.handIdle(now)
 
 		deadline := ss.nextStatus
-		if ss.idlePos > ss.handed {
-			deadline = minTime(deadline, ss.idleNext)
-		}
 		if len(ss.pending) > 0 {
 			deadline = minTime(deadline, ss.pendingSince.Add(ss.cfg.MaxBatchDelay))
 		}
@@ -417,8 +407,11 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 			if len(ss.pending) > 0 {
 				ss.pendingPos = max(ss.pendingPos, pkm.ServerWALEnd)
 			} else if pkm.ServerWALEnd > ss.handed {
-				ss.idlePos = max(ss.idlePos, pkm.ServerWALEnd)
-				ss.handIdle(time.Now())
+				select {
+				case ss.out <- Batch{Position: pkm.ServerWALEnd}:
+					ss.handed = pkm.ServerWALEnd
+				default: // the consumer is busy; a later keepalive will do
+				}
 			}
 		}
 		if pkm.ReplyRequested {
@@ -538,31 +531,6 @@ func (ss *session) sendStatus(replyRequested bool) error {
 }
 
 var pgEpoch = time.Date(2000, 1, 1, 0, 0, 0, 0, time.UTC)
-
-// idleHandEvery bounds how often keepalive positions are handed over. At
-// a live rate the walsender sends a keepalive each time it sleeps with
-// WAL sent past our reported write position, nearly two per event at
-// 1,000 single-row transactions a second, and each would wake the
-// consumer for an empty Batch. The position matters only to the next
-// standby status update, so a few a second are enough.
-const idleHandEvery = 50 * time.Millisecond
-
-// handIdle hands idlePos over as an empty Batch if it is ahead of what
-// was handed and idleHandEvery has passed since the last one. Every
-// transaction that commits before idlePos was handed over before the
-// keepalive that carried it, and every later one ends after it, so
-// handing it late is as true as handing it at once.
-func (ss *session) handIdle(now time.Time) {
-	if ss.idlePos <= ss.handed || now.Before(ss.idleNext) {
-		return
-	}
-	select {
-	case ss.out <- Batch{Position: ss.idlePos}:
-		ss.handed = ss.idlePos
-	default: // the consumer is busy; try again later
-	}
-	ss.idleNext = now.Add(idleHandEvery)
-}
 
 // heartbeat writes a WAL record on an ordinary connection when no data
 // arrived for HeartbeatInterval, in its own goroutine so the replication
