@@ -472,12 +472,13 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 		// the workers are draining (one endpoint, or many evenly) waits
 		// instead, which costs nothing; if the queue stays full for
 		// spillAfter, whatever is over its share spills.
-		// Endpoints routed to lately, or with deliveries queued, or of a
-		// delivery here whose endpoint has none queued: a backlog read
-		// more than recentWindow ago still fills the queues, and the
-		// first event of another endpoint behind it must not wait for
-		// the backlog's workers.
-		busy := max(r.recent.count(time.Now()), r.sched.competing(ds))
+		// A backlog read more than recentWindow ago still fills the
+		// queues; an event here for an endpoint under its share of them
+		// must not wait for that backlog's workers.
+		busy := r.recent.count(time.Now())
+		if busy <= 1 && r.sched.underShare(ds) {
+			busy = 2
+		}
 		left := spillAfter - time.Since(fullSince)
 		if busy <= 1 && left > 0 {
 			r.sched.waitRoom(1, ctx.Done(), left)

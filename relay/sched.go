@@ -315,19 +315,26 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 	return rest
 }
 
-// competing is how many endpoints want queue space: those with
-// deliveries queued, and one more if ds holds a delivery of an endpoint
-// with none queued. Enough for enqueue to tell one endpoint's backlog
-// (wait for its workers) from other endpoints' events arriving behind it.
-func (s *scheduler) competing(ds []*delivery) int {
+// underShare reports whether ds holds a delivery of an endpoint that has
+// less than its share of the queue bound (the bound over the endpoints
+// with deliveries queued, itself counted): an endpoint that is not the
+// one filling the queues, whose events must not wait behind it.
+func (s *scheduler) underShare(ds []*delivery) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, d := range ds {
-		if q := s.endpoints[d.endpointID]; q == nil || q.items.len() == 0 {
-			return s.active + 1
+		n, active := 0, s.active
+		if q := s.endpoints[d.endpointID]; q != nil {
+			n = q.items.len()
+		}
+		if n == 0 {
+			active++
+		}
+		if n < s.maxCount/max(1, active) {
+			return true
 		}
 	}
-	return s.active
+	return false
 }
 
 // queueForPushLocked returns the queue d goes to, creating it, or nil

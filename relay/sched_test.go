@@ -475,3 +475,27 @@ func TestSchedulerUntakeRestoresTheHeldOrder(t *testing.T) {
 		}
 	}
 }
+
+// underShare tells the endpoint that fills the queues from the others:
+// with a bound of 100 over two queued endpoints (a share of 50 each), a
+// delivery of the one holding 90 is not under its share, one of the one
+// holding 5 is, and so is one of an endpoint with nothing queued (a share
+// of 33 over three).
+func TestUnderShare(t *testing.T) {
+	s := newScheduler(100, 1<<40, 1000)
+	queued(s, "tu", "u", 90)
+	queued(s, "tl", "l", 5)
+	d := func(endpoint string) []*delivery { return []*delivery{{endpointID: endpoint}} }
+	if s.underShare(d("u")) {
+		t.Error("the endpoint holding 90 of 100 is under its share")
+	}
+	if !s.underShare(d("l")) {
+		t.Error("the endpoint holding 5 of 100 is not under its share")
+	}
+	if !s.underShare(d("new")) {
+		t.Error("an endpoint with nothing queued is not under its share")
+	}
+	if !s.underShare(append(d("u"), d("new")...)) {
+		t.Error("a batch with one delivery under its share is not")
+	}
+}
