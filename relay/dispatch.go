@@ -471,16 +471,13 @@ func (r *Relay) enqueue(ctx context.Context, ds []*delivery) {
 		// in the WAL behind its own: its excess spills now. A backlog that
 		// the workers are draining (one endpoint, or many evenly) waits
 		// instead, which costs nothing; if the queue stays full for
-		// spillAfter, whatever is over its share spills.
-		// A backlog read more than recentWindow ago still fills the
-		// queues; an event here for an endpoint under its share of them
-		// must not wait for that backlog's workers.
+		// spillAfter, whatever is over its share spills. A delivery of
+		// an endpoint under its share never waits for another's backlog
+		// (one read more than recentWindow ago no longer counts as busy,
+		// but still fills the queues).
 		busy := r.recent.count(time.Now())
-		if busy <= 1 && r.sched.underShare(ds) {
-			busy = 2
-		}
 		left := spillAfter - time.Since(fullSince)
-		if busy <= 1 && left > 0 {
+		if busy <= 1 && left > 0 && !r.sched.underShare(ds) {
 			r.sched.waitRoom(1, ctx.Done(), left)
 			continue
 		}

@@ -315,26 +315,32 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 	return rest
 }
 
-// underShare reports whether ds holds a delivery of an endpoint that has
-// less than its share of the queue bound (the bound over the endpoints
-// with deliveries queued, itself counted): an endpoint that is not the
-// one filling the queues, whose events must not wait behind it.
+// underShare reports whether ds holds a delivery of an endpoint below
+// its share of the queue bound (shareLocked): not the endpoint that fills
+// the queues, so its events must not wait behind it.
 func (s *scheduler) underShare(ds []*delivery) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, d := range ds {
-		n, active := 0, s.active
-		if q := s.endpoints[d.endpointID]; q != nil {
-			n = q.items.len()
-		}
-		if n == 0 {
-			active++
-		}
-		if n < s.maxCount/max(1, active) {
+		if n, share := s.shareLocked(s.endpoints[d.endpointID], 0); n < share {
 			return true
 		}
 	}
 	return false
+}
+
+// shareLocked returns how many deliveries q holds (q may be nil: none)
+// and its share of the queue bound: the bound divided by the endpoints
+// with deliveries queued, q counted, or by busy if that is more.
+func (s *scheduler) shareLocked(q *endpointQueue, busy int) (n, share int) {
+	active := s.active
+	if q != nil {
+		n = q.items.len()
+	}
+	if n == 0 {
+		active++
+	}
+	return n, max(1, s.maxCount/max(1, active, busy))
 }
 
 // queueForPushLocked returns the queue d goes to, creating it, or nil
@@ -396,12 +402,7 @@ func (s *scheduler) pushShare(ds []*delivery, busy int, force bool) (spill, wait
 		if q.held.len() > 0 && s.holdLocked(q, d) {
 			continue
 		}
-		n := q.items.len()
-		active := s.active
-		if n == 0 {
-			active++
-		}
-		share := max(1, s.maxCount/max(1, active, busy))
+		n, share := s.shareLocked(q, busy)
 		if n < share && s.count < 2*s.maxCount && s.bytes < 2*s.maxBytes {
 			s.pushLocked(q, d)
 			s.makeReadyLocked(q)
