@@ -80,6 +80,11 @@ func (c Config) withDefaults() Config {
 
 var simpleIdent = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 
+// ValidName reports whether name is a slot or publication name Config
+// accepts: 1-63 lower-case letters, digits and underscores, not starting
+// with a digit. Such a name needs no quoting in SQL.
+func ValidName(name string) bool { return simpleIdent.MatchString(name) }
+
 // Validate reports the first invalid field, by name. It checks the
 // configuration as given; New applies defaults before validating.
 func (c Config) Validate() error {
@@ -90,10 +95,10 @@ func (c Config) Validate() error {
 		// pgconn's parse errors do not include the password.
 		return fmt.Errorf("cdc: Config.ConnString: %w", err)
 	}
-	if !simpleIdent.MatchString(c.SlotName) {
+	if !ValidName(c.SlotName) {
 		return fmt.Errorf("cdc: Config.SlotName %q: use 1-63 lower-case letters, digits and underscores", c.SlotName)
 	}
-	if !simpleIdent.MatchString(c.Publication) {
+	if !ValidName(c.Publication) {
 		return fmt.Errorf("cdc: Config.Publication %q: use 1-63 lower-case letters, digits and underscores", c.Publication)
 	}
 	for _, t := range c.Tables {

@@ -11,6 +11,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/outbox-relay/outbox-relay/cdc"
 )
 
 // Overflow says what the relay does when its in-memory queues are full.
@@ -205,6 +207,11 @@ func (c Config) Validate() error {
 	var errs []error
 	if c.DatabaseURL == "" {
 		errs = append(errs, errors.New("DatabaseURL is required"))
+	}
+	for name, v := range map[string]string{"SlotName": c.SlotName, "Publication": c.Publication} {
+		if v != "" && !cdc.ValidName(v) {
+			errs = append(errs, fmt.Errorf("%s %q: use 1-63 lower-case letters, digits and underscores", name, v))
+		}
 	}
 	for name, v := range map[string]int{"Workers": c.Workers, "QueueEvents": c.QueueEvents, "QueueBytes": c.QueueBytes,
 		"EndpointMaxInFlight": c.EndpointMaxInFlight, "TenantMaxInFlight": c.TenantMaxInFlight, "MaxPayloadBytes": c.MaxPayloadBytes, "StatusBatch": c.StatusBatch} {

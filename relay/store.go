@@ -346,9 +346,7 @@ func (w *writer) write(ctx context.Context, rows []*delivery, dedupe bool) error
 		}
 	}
 	if oneTrip(rows) {
-		if sql, ok := oneTripSQL(w.slot, maxLSN); ok {
-			return w.writeFresh(ctx, sql, rows)
-		}
+		return w.writeFresh(ctx, oneTripSQL(w.slot, maxLSN), rows)
 	}
 	if len(rows) <= smallWrite {
 		upserts := rows
@@ -453,20 +451,15 @@ func oneTrip(rows []*delivery) bool {
 }
 
 // oneTripSQL is writeFresh's simple-protocol query: the COPY, then
-// recordLSNSQL with the slot and LSN as literals when lsn is set. It is
-// false when the slot's name cannot be written as a plain literal
-// (Postgres allows only a-z, 0-9 and _ in slot names, so no slot has it).
-func oneTripSQL(slot string, lsn cdc.LSN) (string, bool) {
-	for _, c := range slot {
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
-			return "", false
-		}
-	}
+// recordLSNSQL with the slot and LSN as literals when lsn is set. The
+// slot needs no quoting: Config.Validate accepts only names that
+// cdc.ValidName does.
+func oneTripSQL(slot string, lsn cdc.LSN) string {
 	if lsn == 0 {
-		return copyDeliveriesSQL, true
+		return copyDeliveriesSQL
 	}
 	return copyDeliveriesSQL + `; INSERT INTO relay.relay_state (slot_name, recorded_lsn) VALUES ('` + slot + `', pg_lsn '0/0' + ` +
-		strconv.FormatInt(int64(lsn), 10) + lsnSQLTail, true
+		strconv.FormatInt(int64(lsn), 10) + lsnSQLTail
 }
 
 // writeFresh writes new status rows in one round trip: sql (oneTripSQL)

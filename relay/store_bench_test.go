@@ -69,7 +69,7 @@ func benchStatusWrite(b *testing.B, path string, n int) {
 		case "nolsn":
 			maxLSN = 0
 		}
-		sql, _ := oneTripSQL(w.slot, maxLSN)
+		sql := oneTripSQL(w.slot, maxLSN)
 		return w.writeFresh(ctx, sql, rows)
 	}
 	if err := write(batch()); err != nil { // warm: the connection's prepared statements
