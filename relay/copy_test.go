@@ -304,17 +304,11 @@ func TestWriterBatchesPerInterval(t *testing.T) {
 	if trickle >= int(took/interval)*w.maxBatch {
 		t.Fatalf("%d rows in %s fill whole batches; the test needs fewer", trickle, took)
 	}
-	waitDurable := func(n uint64) {
+	waitDurable := func(n int) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for w.durable.Load() < n {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d of %d rows durable", w.durable.Load(), n)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
+		e.WaitFor(fmt.Sprintf("%d rows durable", n), 10*time.Second, func() bool { return w.durable.Load() >= uint64(n) })
 	}
-	waitDurable(uint64(trickle))
+	waitDurable(trickle)
 	mu.Lock()
 	n := len(batches)
 	mu.Unlock()
@@ -337,7 +331,7 @@ func TestWriterBatchesPerInterval(t *testing.T) {
 		rows[i] = row(trickle + i)
 	}
 	w.add(rows...)
-	waitDurable(uint64(trickle) + 3000)
+	waitDurable(trickle + 3000)
 	if d := time.Since(burstAt); d > 2*interval {
 		t.Errorf("three whole batches took %s, want under %s", d, 2*interval)
 	}
