@@ -167,12 +167,12 @@ func (s *faultSetup) timeKill(ctx context.Context, p *relayProc, sent, dead time
 	if err != nil {
 		return Kill{}, first, err
 	}
-	// A delivery of a new event is a delivery: when two arrive together,
-	// the one whose handler started first may record itself only as the
-	// new event's (the other won the race to be "first"), so the first
-	// delivery is the earlier of the two.
-	if fresh.Before(first) {
-		first = fresh
+	// Read the first delivery again: a handler that arrived earlier than
+	// the one seen above may have recorded itself since (setFirst keeps
+	// the earliest), and the new event's handler recorded itself as a
+	// delivery before as a new event, so now first <= fresh.
+	if first, err = s.rc.waitFirst(ctx, false, timeout, alive); err != nil {
+		return Kill{}, first, err
 	}
 	// /readyz may lag the first delivery by its 10 ms poll.
 	deadline := time.Now().Add(time.Second)
