@@ -16,6 +16,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
 // Batch is handed to the consumer: whole transactions, in commit order.
@@ -78,6 +80,10 @@ func New(cfg Config) (*Stream, error) {
 		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
 	}
 	replCfg.RuntimeParams["replication"] = "database"
+	// The replication socket is read a few times per event at a live
+	// rate: raw-syscall reads spare the runtime's syscall bookkeeping.
+	replCfg.DialFunc = sockio.Dial(replCfg.DialFunc)
+	pgxCfg.DialFunc = sockio.Dial(pgxCfg.DialFunc)
 	SessionDefaults(pgxCfg.RuntimeParams)
 	setDefaults(replCfg.RuntimeParams, replicationDefaults) // pg_stat_replication names the walsender
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil

@@ -19,6 +19,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
+	"github.com/outbox-relay/outbox-relay/internal/sockio"
 	"github.com/outbox-relay/outbox-relay/limiter"
 )
 
@@ -414,6 +415,7 @@ func (r *Relay) connectLock(ctx context.Context) (*pgx.Conn, error) {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
 	cdc.SessionDefaults(cfg.RuntimeParams)
+	cfg.DialFunc = sockio.Dial(cfg.DialFunc)
 	return pgx.ConnectConfig(ctx, cfg)
 }
 
