@@ -295,3 +295,32 @@ func TestNewEndpointBehindAnOldBacklogIsNotDelayed(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// A lone endpoint's backlog far past the queues waits in the WAL for its
+// own workers: none of it is held or spilled. The workers free room
+// while the reader retries, so the queue is often one or two short of
+// its bound when the reader asks whether the batch's endpoint is under
+// its share; that must not count as under (it once sent the rest of the
+// batch to be spilled, a few thousand events per 200,000 drained).
+func TestLoneBacklogIsNeitherHeldNorSpilled(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep_lone", "tl", rcv)
+	r, _ := e.startRelay(smallQueues(100, 8))
+	const n = 6000
+	for k := range 30 { // 30 transactions of 200: batches larger than the queues
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tl', 'lone', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i`, k*n/30+1, (k+1)*n/30)
+	}
+	e.WaitFor("all delivered", 90*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == n
+	})
+	_, held := r.sched.heldCount()
+	spilled, loaded := testutil.ToFloat64(r.metrics.spilled), testutil.ToFloat64(r.metrics.loaded)
+	if held != 0 || spilled != 0 || loaded != 0 {
+		t.Errorf("held %d, spilled %v, loaded %v of a lone endpoint's backlog; want none: it drains from the WAL", held, spilled, loaded)
+	}
+	if got := len(rcv.requests()); got != n {
+		t.Errorf("receiver saw %d requests, want %d", got, n)
+	}
+}

@@ -317,12 +317,16 @@ func (s *scheduler) push(ds []*delivery, fit bool) (rest []*delivery) {
 
 // underShare reports whether ds holds a delivery of an endpoint below
 // its share of the queue bound (shareLocked): not the endpoint that fills
-// the queues, so its events must not wait behind it.
+// the queues, so its events must not wait behind it. The only endpoint
+// with deliveries queued is never under: whatever fills the queues is
+// its own, even when the workers have just taken a few and it holds a
+// little less than the whole bound.
 func (s *scheduler) underShare(ds []*delivery) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, d := range ds {
-		if n, share := s.shareLocked(s.endpoints[d.endpointID], 0); n < share {
+		n, share := s.shareLocked(s.endpoints[d.endpointID], 0)
+		if n < share && (n == 0 || s.active > 1) {
 			return true
 		}
 	}

@@ -498,4 +498,15 @@ func TestUnderShare(t *testing.T) {
 	if !s.underShare(append(d("u"), d("new")...)) {
 		t.Error("a batch with one delivery under its share is not")
 	}
+
+	// Alone, an endpoint is never under its share, however little short
+	// of the bound its queue is (workers take from it all the time).
+	lone := newScheduler(100, 1<<40, 1000)
+	queued(lone, "tu", "u", 98)
+	if lone.underShare(d("u")) {
+		t.Error("the only endpoint queued, 98 of 100, is under its share")
+	}
+	if !lone.underShare(d("new")) {
+		t.Error("an endpoint with nothing queued, beside a lone backlog, is not under its share")
+	}
 }

@@ -175,3 +175,36 @@ func TestWrapLeavesOtherConnsAlone(t *testing.T) {
 		t.Fatal("Wrap changed a net.Pipe end, which has no socket to read raw")
 	}
 }
+
+func TestUnixSocket(t *testing.T) {
+	path := t.TempDir() + "/s"
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		s, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer s.Close()
+		io.Copy(s, s)
+	}()
+	c, err := Dial((&net.Dialer{}).DialContext)(context.Background(), "unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := c.(*Conn); !ok {
+		t.Fatalf("a Unix socket was not wrapped: %T", c)
+	}
+	msg := []byte("SELECT 1")
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+	}
+}
