@@ -696,3 +696,43 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 		t.Errorf("the URL's tcp_user_timeout=3000 gave %q, want 3000", ut)
 	}
 }
+
+// Over a Unix socket the stream reads the same transactions (its sockets
+// are read with raw syscalls, internal/sockio, on Unix sockets as on
+// TCP), and the walsender's client has no address: it is the socket.
+func TestStreamOverUnixSocket(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	pu, err := url.Parse(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := pu.Query()
+	q.Set("host", cluster.SocketDir())
+	q.Set("port", pu.Port())
+	pu.RawQuery = q.Encode()
+	pu.Host = ""
+	su := pu.String()
+	s := newStream(t, su, nil)
+	c := &consumer{ack: true}
+	c.run(t, s)
+	insertOutbox(t, su, 0, 50)
+	waitFor(t, 30*time.Second, "50 transactions over the socket", func() bool { return len(c.snapshot()) >= 50 })
+	if got, want := strings.Join(outboxRows(c.snapshot()), ","), strings.Join(payloads(0, 50), ","); got != want {
+		t.Fatalf("payloads over the socket differ from those committed:\n got %s\nwant %s", got, want)
+	}
+	var viaSocket int
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1 AND r.client_addr IS NULL`, slotFor(u)).Scan(&viaSocket); err != nil {
+		t.Fatal(err)
+	}
+	if viaSocket != 1 {
+		t.Fatalf("%d walsenders of the slot have a client on the Unix socket, want 1", viaSocket)
+	}
+}

@@ -85,18 +85,16 @@ func (c *Conn) Read(p []byte) (int, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	c.rbuf, c.rn, c.rerr = p, 0, 0
-	err := c.rc.Read(c.readF)
-	n, errno := c.rn, c.rerr
+	err := c.rc.Read(c.readF) // before c.rerr is read: argument order is not specified
+	err = c.failure("read", err, c.rerr)
 	c.rbuf = nil
 	switch {
 	case err != nil:
-		return 0, c.opError("read", err)
-	case errno != 0:
-		return 0, c.opError("read", os.NewSyscallError("read", errno))
-	case n == 0:
+		return 0, err
+	case c.rn == 0:
 		return 0, io.EOF
 	}
-	return n, nil
+	return c.rn, nil
 }
 
 // read is the RawConn callback: false asks the poller to wait.
@@ -128,15 +126,9 @@ func (c *Conn) Write(p []byte) (int, error) {
 	defer c.wmu.Unlock()
 	c.wbuf, c.wn, c.werr = p, 0, 0
 	err := c.rc.Write(c.writeF)
-	n, errno := c.wn, c.werr
+	err = c.failure("write", err, c.werr)
 	c.wbuf = nil
-	switch {
-	case err != nil:
-		return n, c.opError("write", err)
-	case errno != 0:
-		return n, c.opError("write", os.NewSyscallError("write", errno))
-	}
-	return n, nil
+	return c.wn, err
 }
 
 // write is the RawConn callback: it writes until all of wbuf is out
@@ -160,6 +152,18 @@ func (c *Conn) write(fd uintptr) bool {
 		}
 	}
 	return true
+}
+
+// failure is the error of a Read or Write: the RawConn's own (a
+// deadline, a closed connection), else the syscall's errno, else nil.
+func (c *Conn) failure(op string, err error, errno syscall.Errno) error {
+	switch {
+	case err != nil:
+		return c.opError(op, err)
+	case errno != 0:
+		return c.opError(op, os.NewSyscallError(op, errno))
+	}
+	return nil
 }
 
 // opError words an error as net.Conn's Read and Write do ("read tcp

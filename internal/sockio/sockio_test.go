@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"syscall"
@@ -206,5 +209,47 @@ func TestUnixSocket(t *testing.T) {
 	got := make([]byte, len(msg))
 	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
 		t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+	}
+}
+
+// TLS over a wrapped connection (how pgconn speaks to a server with
+// sslmode=require): the handshake and records run over Read and Write.
+func TestTLSOverAWrappedConn(t *testing.T) {
+	srv := httptest.NewUnstartedServer(nil) // only for its self-signed certificate
+	srv.StartTLS()
+	cert := srv.TLS.Certificates[0]
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+	srv.Close()
+
+	c, raw := pair(t)
+	done := make(chan error, 1)
+	go func() {
+		s := tls.Server(raw, &tls.Config{Certificates: []tls.Certificate{cert}})
+		buf := make([]byte, 1<<20)
+		n, err := io.ReadFull(s, buf)
+		if err == nil {
+			_, err = s.Write(buf[:n])
+		}
+		done <- err
+	}()
+	tc := tls.Client(c, &tls.Config{RootCAs: pool, ServerName: "example.com"})
+	want := make([]byte, 1<<20)
+	rand.Read(want)
+	if _, err := tc.Write(want); err != nil {
+		t.Fatalf("TLS write: %v", err)
+	}
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(tc, got); err != nil {
+		t.Fatalf("TLS read: %v", err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("server side: %v", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the 1 MiB echoed over TLS came back different")
+	}
+	if !tc.ConnectionState().HandshakeComplete {
+		t.Fatal("no TLS handshake")
 	}
 }
