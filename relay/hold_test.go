@@ -324,3 +324,34 @@ func TestLoneBacklogIsNeitherHeldNorSpilled(t *testing.T) {
 		t.Errorf("receiver saw %d requests, want %d", got, n)
 	}
 }
+
+// The same beside a rate-limited endpoint whose few queued deliveries
+// were routed long ago (more than recentWindow): the backlog fills the
+// queues and is the only endpoint busy, so it waits for its own workers
+// instead of having its excess held or spilled for being far above the
+// other's few.
+func TestBacklogBesideAnOldTrickleIsNeitherHeldNorSpilled(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcvU, rcvS := newReceiver(t), newReceiver(t)
+	e.addEndpoint("ep_u", "tu", rcvU)
+	e.addEndpoint("ep_s", "ts", rcvS)
+	e.Exec(`UPDATE relay.endpoints SET rate_limit = 1, rate_burst = 1 WHERE id = 'ep_s'`)
+	r, _ := e.startRelay(smallQueues(100, 8))
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'ts', 's', jsonb_build_object('s', i) FROM generate_series(1, 20) i`)
+	e.WaitFor("S's trickle started", 30*time.Second, func() bool { return len(rcvS.requests()) > 0 })
+	time.Sleep(recentWindow + time.Second) // S is no longer "routed lately"; a dozen of its deliveries are still queued
+	const n = 6000
+	for k := range 30 {
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tu', 'u', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i`, k*n/30+1, (k+1)*n/30)
+	}
+	e.WaitFor("U's backlog delivered", 90*time.Second, func() bool { return len(rcvU.requests()) >= n })
+	_, held := r.sched.heldCount()
+	spilled := testutil.ToFloat64(r.metrics.spilled)
+	if left := 20 - len(rcvS.requests()); left <= 0 {
+		t.Fatalf("S's limited deliveries all arrived before U's backlog was through (%d): the test did not have both queued", len(rcvS.requests()))
+	}
+	if held != 0 || spilled != 0 {
+		t.Errorf("held %d, spilled %v while one endpoint's backlog drained beside an old trickle; want none", held, spilled)
+	}
+}
