@@ -59,7 +59,9 @@ func exec(t *testing.T, connString string, sql string, args ...any) {
 	}
 }
 
-func queryLSN(t *testing.T, connString, sql string, args ...any) LSN {
+// queryScan runs a one-row query on a connection of its own and scans
+// the row into dest.
+func queryScan(t *testing.T, connString, sql string, dest any, args ...any) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -68,10 +70,15 @@ func queryLSN(t *testing.T, connString, sql string, args ...any) LSN {
 		t.Fatalf("connect: %v", err)
 	}
 	defer conn.Close(ctx)
-	var s *string
-	if err := conn.QueryRow(ctx, sql, args...).Scan(&s); err != nil {
+	if err := conn.QueryRow(ctx, sql, args...).Scan(dest); err != nil {
 		t.Fatalf("query %.60q: %v", sql, err)
 	}
+}
+
+func queryLSN(t *testing.T, connString, sql string, args ...any) LSN {
+	t.Helper()
+	var s *string
+	queryScan(t, connString, sql, &s, args...)
 	if s == nil {
 		return 0
 	}
@@ -398,17 +405,8 @@ func TestStreamBlockedConsumerKeepsConnection(t *testing.T) {
 	c.run(t, s)
 
 	activePID := func() int {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, u)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close(ctx)
 		var pid *int
-		if err := conn.QueryRow(ctx, `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1`, slotFor(u)).Scan(&pid); err != nil {
-			t.Fatal(err)
-		}
+		queryScan(t, u, `SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1`, &pid, slotFor(u))
 		if pid == nil {
 			return 0
 		}
@@ -722,16 +720,7 @@ func TestStreamOverUnixSocket(t *testing.T) {
 		t.Fatalf("payloads over the socket differ from those committed:\n got %s\nwant %s", got, want)
 	}
 	var viaSocket int
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := pgx.Connect(ctx, u)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1 AND r.client_addr IS NULL`, slotFor(u)).Scan(&viaSocket); err != nil {
-		t.Fatal(err)
-	}
+	queryScan(t, u, `SELECT count(*) FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1 AND r.client_addr IS NULL`, &viaSocket, slotFor(u))
 	if viaSocket != 1 {
 		t.Fatalf("%d walsenders of the slot have a client on the Unix socket, want 1", viaSocket)
 	}

@@ -54,6 +54,14 @@ FROM generate_series($1::int, $2::int) i`, k*n/txns+1, (k+1)*n/txns)
 	}
 }
 
+// insertSpread commits n events of tenant in txns transactions of equal
+// size (30 of 200: batches larger than the tests' queues).
+func (e *env) insertSpread(tenant string, n, txns int) {
+	for k := range txns {
+		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT $1, 'spread', jsonb_build_object('i', i) FROM generate_series($2::int, $3::int) i`, tenant, k*n/txns+1, (k+1)*n/txns)
+	}
+}
+
 // checkArrivals checks that every one of A's n events reached rcv intact,
 // and returns how many arrived more than once.
 func checkArrivals(t *testing.T, rcv *receiver, n int) (dups int) {
@@ -309,9 +317,7 @@ func TestLoneBacklogIsNeitherHeldNorSpilled(t *testing.T) {
 	e.addEndpoint("ep_lone", "tl", rcv)
 	r, _ := e.startRelay(smallQueues(100, 8))
 	const n = 6000
-	for k := range 30 { // 30 transactions of 200: batches larger than the queues
-		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tl', 'lone', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i`, k*n/30+1, (k+1)*n/30)
-	}
+	e.insertSpread("tl", n, 30)
 	e.WaitFor("all delivered", 90*time.Second, func() bool {
 		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == n
 	})
@@ -342,9 +348,7 @@ func TestBacklogBesideAnOldTrickleIsNeitherHeldNorSpilled(t *testing.T) {
 	e.WaitFor("S's trickle started", 30*time.Second, func() bool { return len(rcvS.requests()) > 0 })
 	time.Sleep(recentWindow + time.Second) // S is no longer "routed lately"; a dozen of its deliveries are still queued
 	const n = 6000
-	for k := range 30 {
-		e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'tu', 'u', jsonb_build_object('i', i) FROM generate_series($1::int, $2::int) i`, k*n/30+1, (k+1)*n/30)
-	}
+	e.insertSpread("tu", n, 30)
 	e.WaitFor("U's backlog delivered", 90*time.Second, func() bool { return len(rcvU.requests()) >= n })
 	_, held := r.sched.heldCount()
 	spilled := testutil.ToFloat64(r.metrics.spilled)
