@@ -80,12 +80,8 @@ func New(cfg Config) (*Stream, error) {
 		return nil, fmt.Errorf("cdc: Config.ConnString: %w", err)
 	}
 	replCfg.RuntimeParams["replication"] = "database"
-	// The replication socket is read a few times per event at a live
-	// rate: raw-syscall reads spare the runtime's syscall bookkeeping.
-	replCfg.DialFunc = sockio.Dial(replCfg.DialFunc)
-	pgxCfg.DialFunc = sockio.Dial(pgxCfg.DialFunc)
-	SessionDefaults(pgxCfg.RuntimeParams)
-	setDefaults(replCfg.RuntimeParams, replicationDefaults) // pg_stat_replication names the walsender
+	PrepareSession(&pgxCfg.Config)
+	prepare(replCfg, replicationDefaults) // pg_stat_replication names the walsender
 	return &Stream{cfg: cfg, pgxCfg: pgxCfg, replCfg: replCfg}, nil
 }
 
@@ -124,19 +120,24 @@ var (
 	replicationDefaults = [][2]string{{"wal_sender_timeout", "10s"}}
 )
 
-// SessionDefaults adds to params (an ordinary connection config's
-// RuntimeParams) each of the relay's session settings it does not set.
-func SessionDefaults(params map[string]string) { setDefaults(params, sessionDefaults) }
+// PrepareSession sets up an ordinary connection config as the relay's
+// own are: each of the relay's session settings its RuntimeParams do not
+// set, and sockets read and written with raw syscalls (internal/sockio:
+// at a live rate each event is a few small reads and writes, and Go's
+// blocking-syscall bookkeeping cost more than the calls themselves).
+func PrepareSession(c *pgconn.Config) { prepare(c, sessionDefaults) }
 
-// setDefaults adds commonDefaults and extra to params where unset.
-func setDefaults(params map[string]string, extra [][2]string) {
+// prepare adds commonDefaults and extra to c's RuntimeParams where unset
+// and wraps its dialer with sockio.
+func prepare(c *pgconn.Config, extra [][2]string) {
 	for _, defaults := range [][][2]string{commonDefaults, extra} {
 		for _, kv := range defaults {
-			if _, ok := params[kv[0]]; !ok {
-				params[kv[0]] = kv[1]
+			if _, ok := c.RuntimeParams[kv[0]]; !ok {
+				c.RuntimeParams[kv[0]] = kv[1]
 			}
 		}
 	}
+	c.DialFunc = sockio.Dial(c.DialFunc)
 }
 
 // Status returns a snapshot; safe from any goroutine.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/url"
 	"os"
 	"slices"
@@ -22,6 +23,7 @@ import (
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
 var cluster *pgtemp.Cluster
@@ -671,6 +673,12 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer repl.Close(ctx)
+		// Both read their sockets with raw syscalls (PrepareSession, prepare).
+		for name, nc := range map[string]net.Conn{"ordinary": conn.PgConn().Conn(), "walsender": repl.Conn()} {
+			if _, ok := nc.(*sockio.Conn); !ok {
+				t.Errorf("%s connection's socket is a %T, not read through sockio", name, nc)
+			}
+		}
 		for setting, want := range map[string]string{"tcp_keepalives_idle": idle, "wal_sender_timeout": walSenderTimeout,
 			"tcp_user_timeout": replUserTimeout} { // by default 0: a blocked stream's zero window must not end it
 			res, err := repl.Exec(ctx, `SHOW `+setting).ReadAll()

@@ -352,7 +352,7 @@ func TestBacklogBesideAnOldTrickleIsNeitherHeldNorSpilled(t *testing.T) {
 	e.WaitFor("U's backlog delivered", 90*time.Second, func() bool { return len(rcvU.requests()) >= n })
 	_, held := r.sched.heldCount()
 	spilled := testutil.ToFloat64(r.metrics.spilled)
-	if left := 20 - len(rcvS.requests()); left <= 0 {
+	if len(rcvS.requests()) >= 20 {
 		t.Fatalf("S's limited deliveries all arrived before U's backlog was through (%d): the test did not have both queued", len(rcvS.requests()))
 	}
 	if held != 0 || spilled != 0 {

@@ -19,7 +19,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
-	"github.com/outbox-relay/outbox-relay/internal/sockio"
 	"github.com/outbox-relay/outbox-relay/limiter"
 )
 
@@ -414,8 +413,7 @@ func (r *Relay) connectLock(ctx context.Context) (*pgx.Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
-	cdc.SessionDefaults(cfg.RuntimeParams)
-	cfg.DialFunc = sockio.Dial(cfg.DialFunc)
+	cdc.PrepareSession(&cfg.Config)
 	return pgx.ConnectConfig(ctx, cfg)
 }
 

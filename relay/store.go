@@ -18,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
-	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
 // pgLSNOID is the built-in pg_lsn type. Its binary form is an int8, which
@@ -43,10 +42,9 @@ func openPool(ctx context.Context, url string, size int) (*pgxpool.Pool, error) 
 	}
 	cfg.MaxConns = int32(size)
 	cfg.AfterConnect = registerTypes
-	cfg.ConnConfig.DialFunc = sockio.Dial(cfg.ConnConfig.DialFunc)
 	// pg_stat_activity names the relay's connections, and the server drops
-	// them soon if the relay vanishes from the network (cdc.SessionDefaults).
-	cdc.SessionDefaults(cfg.ConnConfig.RuntimeParams)
+	// them soon if the relay vanishes from the network (cdc.PrepareSession).
+	cdc.PrepareSession(&cfg.ConnConfig.Config)
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)

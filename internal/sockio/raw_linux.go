@@ -52,9 +52,6 @@ func Wrap(c net.Conn) net.Conn {
 	return w
 }
 
-// Unwrap returns the wrapped connection.
-func (c *Conn) Unwrap() net.Conn { return c.Conn }
-
 // Read reads up to len(p) bytes, waiting in the poller while none are
 // there. It returns io.EOF when the peer has closed its side.
 func (c *Conn) Read(p []byte) (int, error) {
