@@ -18,7 +18,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/h1"
 	"github.com/outbox-relay/outbox-relay/internal/netguard"
 	"github.com/outbox-relay/outbox-relay/internal/retrypolicy"
-	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
 // maxResponseBytes is how much of a response body is read (and then
@@ -59,7 +58,7 @@ func newDeliveryClient(cfg Config) *deliveryClient {
 	}
 	var plain *h1.Transport
 	if cfg.HTTPClient != HTTPClientNetHTTP {
-		plain = &h1.Transport{Dial: sockio.Dial(dialer.DialContext), MaxIdlePerHost: cfg.Workers, MaxIdle: cfg.Workers * 4, IdleTimeout: 90 * time.Second}
+		plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: cfg.Workers, MaxIdle: cfg.Workers * 4, IdleTimeout: 90 * time.Second}
 	}
 	return &deliveryClient{
 		Client: h1.Client{Plain: plain, Other: &http.Client{

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/internal/h1"
-	"github.com/outbox-relay/outbox-relay/internal/sockio"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -43,7 +42,7 @@ func newBareClient(url string, workers, size int, sign *signer.Signer, lean bool
 	}
 	c := &bareClient{Client: h1.Client{Other: &http.Client{Transport: tr}}, url: url, size: size, sign: sign}
 	if lean {
-		c.Plain = &h1.Transport{Dial: sockio.Dial(dialer.DialContext), MaxIdlePerHost: workers, MaxIdle: workers * 4}
+		c.Plain = &h1.Transport{Dial: dialer.DialContext, MaxIdlePerHost: workers, MaxIdle: workers * 4}
 	}
 	return c
 }

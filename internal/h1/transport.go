@@ -17,6 +17,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
 // Defaults of the Transport's fields.
@@ -41,7 +43,9 @@ const (
 // safe for concurrent use.
 type Transport struct {
 	// Dial opens a connection to a host:port (required). The relay passes
-	// its guarded dialer, so blocked networks are refused here too.
+	// its guarded dialer, so blocked networks are refused here too. A
+	// TCP connection it returns is read and written with raw syscalls
+	// (internal/sockio).
 	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
 	// MaxIdlePerHost is how many idle connections are kept per host:port.
 	// Default DefaultMaxIdlePerHost.
@@ -252,6 +256,7 @@ func (t *Transport) get(ctx context.Context, deadline time.Time, addr string) (*
 	if err != nil {
 		return nil, false, err
 	}
+	nc = sockio.Wrap(nc)
 	return &conn{t: t, addr: addr, nc: nc, br: bufio.NewReaderSize(nc, readBufferBytes)}, false, nil
 }
 

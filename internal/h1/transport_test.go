@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -424,7 +425,13 @@ func TestConcurrentRequests(t *testing.T) {
 		t.Errorf("%d connections for 1,600 requests from 32 concurrent senders: most should reuse one", n)
 	}
 	tr.mu.Lock()
-	idle := len(tr.idle[strings.TrimPrefix(srv.URL, "http://")])
+	kept := tr.idle[strings.TrimPrefix(srv.URL, "http://")]
+	idle := len(kept)
+	for _, c := range kept {
+		if _, plain := c.nc.(*net.TCPConn); plain && runtime.GOOS == "linux" {
+			t.Errorf("a pooled connection is a bare %T, not read through sockio", c.nc)
+		}
+	}
 	tr.mu.Unlock()
 	if idle > 8 {
 		t.Errorf("%d idle connections kept, MaxIdlePerHost is 8", idle)
