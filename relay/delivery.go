@@ -65,7 +65,8 @@ type delivery struct {
 	duration     time.Duration
 	failClass    string // error class of the last attempt if it failed: it gets a relay.attempts row
 
-	breakerDone func(error) // reports the attempt to the endpoint's breaker; nil without one
+	breakerDone func(error)    // reports the attempt to the endpoint's breaker; nil without one
+	queue       *endpointQueue // the queue it was picked from, while in flight: done and finish need no map lookup
 }
 
 // webhookID is the Standard Webhooks message id: stable across attempts,

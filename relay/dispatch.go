@@ -200,13 +200,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			}
 		}
 		if len(histMarks) > 0 {
-			if err := r.recordHistory(ctx, r.history.entries); err != nil {
-				return err
-			}
-			for _, m := range histMarks {
-				m.done(1)
-			}
-			r.history.reset()
+			r.histq.add(r.history.take(), histMarks)
 		}
 		if len(recheck) > 0 {
 			var err error

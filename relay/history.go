@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -86,14 +87,12 @@ func writeHistory(ctx context.Context, pool *pgxpool.Pool, entries []historyEntr
 	lsns := make([]int64, len(entries))
 	ops := make([]string, len(entries))
 	rows := make([]*string, len(entries))
+	var buf []byte
 	for i, e := range entries {
 		ids[i], lsns[i], ops[i] = e.id, int64(e.lsn), e.op
 		if e.row != nil {
-			b, err := json.Marshal(e.row)
-			if err != nil {
-				return fmt.Errorf("encode endpoint %s: %w", e.id, err)
-			}
-			s := string(b)
+			buf = e.row.appendJSON(buf[:0])
+			s := string(buf)
 			rows[i] = &s
 		}
 	}
@@ -103,12 +102,107 @@ func writeHistory(ctx context.Context, pool *pgxpool.Pool, entries []historyEntr
 	return nil
 }
 
-// recordHistory writes entries, retrying while Postgres is unreachable:
-// the watermark waits for them (invariant 1).
-func (r *Relay) recordHistory(ctx context.Context, entries []historyEntry) error {
-	return r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
-		return writeHistory(ctx, r.pool, entries)
-	})
+// take hands over the batch's entries and starts an empty one.
+func (h *historyBatch) take() []historyEntry {
+	e := h.entries
+	h.entries = nil
+	clear(h.at)
+	return e
+}
+
+// historyQueue carries endpoint versions from the dispatcher (and the
+// startup snapshot) to historyLoop, which records them off the
+// dispatcher's path: deliveries routed with a new version go on while it
+// is written, and the watermark waits for the write through the marks
+// (invariant 1).
+type historyQueue struct {
+	mu   sync.Mutex
+	jobs []historyJob
+	kick chan struct{} // capacity 1
+}
+
+// historyJob is versions to record and the marks to complete, once each,
+// when they are.
+type historyJob struct {
+	entries []historyEntry
+	marks   []*txnMark
+}
+
+func newHistoryQueue() *historyQueue { return &historyQueue{kick: make(chan struct{}, 1)} }
+
+func (q *historyQueue) add(entries []historyEntry, marks []*txnMark) {
+	q.mu.Lock()
+	q.jobs = append(q.jobs, historyJob{entries, marks})
+	q.mu.Unlock()
+	select {
+	case q.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (q *historyQueue) take() []historyJob {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	jobs := q.jobs
+	q.jobs = nil
+	return jobs
+}
+
+// historyChunk bounds the rows of one history statement.
+const historyChunk = 5000
+
+// historyLoop records queued versions until ctx ends, all that waits in
+// as few statements as historyChunk allows, then completes their marks. A
+// job that was queued twice (a transaction the stream sent again after a
+// reconnect) is written once. When ctx ends first, the marks stay
+// pending: the slot is never acknowledged past an unrecorded version.
+func (r *Relay) historyLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.histq.kick:
+		}
+		jobs := r.histq.take()
+		entries := mergeHistory(jobs)
+		for len(entries) > 0 {
+			n := min(len(entries), historyChunk)
+			err := r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
+				return writeHistory(ctx, r.pool, entries[:n])
+			})
+			if err != nil {
+				return
+			}
+			entries = entries[n:]
+		}
+		for _, j := range jobs {
+			for _, m := range j.marks {
+				m.done(1)
+			}
+		}
+	}
+}
+
+// mergeHistory joins the jobs' entries, the last of each (endpoint, LSN)
+// winning: one statement may not write a row twice.
+func mergeHistory(jobs []historyJob) []historyEntry {
+	if len(jobs) == 1 {
+		return jobs[0].entries
+	}
+	var all []historyEntry
+	at := map[historyKey]int{}
+	for _, j := range jobs {
+		for _, e := range j.entries {
+			k := historyKey{e.id, e.lsn}
+			if i, ok := at[k]; ok {
+				all[i] = e
+				continue
+			}
+			at[k] = len(all)
+			all = append(all, e)
+		}
+	}
+	return all
 }
 
 // retrySQL runs f until it succeeds or ctx ends, logging each failure with
@@ -130,10 +224,10 @@ func (r *Relay) retrySQL(ctx context.Context, msg string, f func() error) error 
 }
 
 // endpointsAt returns the endpoint rows as of LSN at (invariant 2), given
-// the rows as they are now, and records a snapshot for those with no
-// history. changed counts the endpoints with a version above at: those
-// whose config the replay changes again.
-func endpointsAt(ctx context.Context, pool *pgxpool.Pool, at cdc.LSN, current []mapRow) (rows []mapRow, changed int, err error) {
+// the rows as they are now, and the snapshot entries to record for those
+// with no history. changed counts the endpoints with a version above at:
+// those whose config the replay changes again.
+func endpointsAt(ctx context.Context, pool *pgxpool.Pool, at cdc.LSN, current []mapRow) (rows []mapRow, snapshot []historyEntry, changed int, err error) {
 	type version struct {
 		op  string
 		row mapRow
@@ -146,7 +240,7 @@ FROM relay.endpoint_history
 ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
     CASE WHEN commit_lsn <= $1::pg_lsn THEN $1::pg_lsn - commit_lsn ELSE commit_lsn - $1::pg_lsn END`, at.String())
 	if err != nil {
-		return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+		return nil, nil, 0, fmt.Errorf("read endpoint history: %w", err)
 	}
 	for q.Next() {
 		var id, op string
@@ -154,7 +248,7 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 		var cfg *string
 		if err := q.Scan(&id, &atOrBefore, &op, &cfg); err != nil {
 			q.Close()
-			return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+			return nil, nil, 0, fmt.Errorf("read endpoint history: %w", err)
 		}
 		if !atOrBefore {
 			after[id] = op
@@ -164,17 +258,16 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 		if cfg != nil {
 			if err := json.Unmarshal([]byte(*cfg), &v.row); err != nil {
 				q.Close()
-				return nil, 0, fmt.Errorf("endpoint history of %s: %w", id, err)
+				return nil, nil, 0, fmt.Errorf("endpoint history of %s: %w", id, err)
 			}
 		}
 		before[id] = v
 	}
 	q.Close()
 	if err := q.Err(); err != nil {
-		return nil, 0, fmt.Errorf("read endpoint history: %w", err)
+		return nil, nil, 0, fmt.Errorf("read endpoint history: %w", err)
 	}
 
-	var snapshot []historyEntry
 	seen := map[string]bool{}
 	for _, row := range current {
 		id, _ := row.text("id")
@@ -198,12 +291,7 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 			rows = append(rows, v.row)
 		}
 	}
-	if len(snapshot) > 0 {
-		if err := writeHistory(ctx, pool, snapshot); err != nil {
-			return nil, 0, err
-		}
-	}
-	return rows, len(after), nil
+	return rows, snapshot, len(after), nil
 }
 
 // pruneHistorySQL removes versions no logical slot of this database can

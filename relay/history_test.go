@@ -3,9 +3,11 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // A relay that starts behind (its slot's confirmed position before events
@@ -168,8 +170,10 @@ func TestHistoryBatchKeepsTheLastVersionPerCommit(t *testing.T) {
 
 // The slot is never acknowledged past an endpoint change whose version is
 // not recorded yet (invariant 1): while the history table is locked, the
-// confirmed position stays before the change, and the event committed
-// after it waits; once the write goes through, both move on.
+// confirmed position stays before the change. The write is off the
+// dispatcher's path, so the event committed after the change is delivered
+// meanwhile, with the new version; once the write goes through, the slot
+// moves on.
 func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 	t.Parallel()
 	e, _ := relayPastStartup(t)
@@ -191,12 +195,15 @@ func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 	confirmedPast := func() bool {
 		return e.Count(`SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1 AND confirmed_flush_lsn >= $2::pg_lsn`, e.Slot, changeEnd) == 1
 	}
+	e.WaitFor("the event after the change delivered while the change is unrecorded", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after' AND state = 'succeeded'`) == 1
+	})
 	time.Sleep(1500 * time.Millisecond) // fifteen status intervals
 	if confirmedPast() {
 		t.Fatal("the slot was acknowledged past an endpoint change whose history row is not written")
 	}
-	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after'`); n != 0 {
-		t.Fatalf("the event after the change has %d rows while the change is unrecorded", n)
+	if n := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep' AND op = 'update'`); n != 0 {
+		t.Fatalf("%d update versions visible while the table is locked", n)
 	}
 	if err := lock.Rollback(ctx); err != nil {
 		t.Fatal(err)
@@ -206,4 +213,117 @@ func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 			e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after' AND state = 'succeeded'`) == 1 &&
 			confirmedPast()
 	})
+}
+
+// A first start records a snapshot of every endpoint it has no history
+// for (invariant 2) without holding deliveries back, and the slot is not
+// acknowledged past the starting position until the snapshot is written.
+func TestStartupSnapshotHoldsTheSlotNotDeliveries(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep_a", "t", rcv)
+	e.addEndpoint("ep_b", "t", rcv)
+	ctx := context.Background()
+	lock, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback(ctx)
+	if _, err := lock.Exec(ctx, `LOCK TABLE relay.endpoint_history IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	e.startRelay(nil)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("the event delivered to both endpoints while the snapshot waits", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'x' AND state = 'succeeded'`) == 2
+	})
+	confirmedPast := func() bool {
+		return e.Count(`SELECT count(*) FROM pg_replication_slots s WHERE s.slot_name = $1
+AND s.confirmed_flush_lsn > (SELECT max(commit_lsn) FROM relay.deliveries WHERE event_type = 'x')`, e.Slot) == 1
+	}
+	time.Sleep(1500 * time.Millisecond) // fifteen status intervals
+	if confirmedPast() {
+		t.Fatal("the slot was acknowledged past the event while the startup snapshot is unwritten")
+	}
+	if err := lock.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.WaitFor("the snapshot written and the slot past the event", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE op = 'snapshot' AND endpoint_id IN ('ep_a', 'ep_b')`) == 2 &&
+			confirmedPast()
+	})
+}
+
+// Versions queued twice for the same commit (a transaction the stream sent
+// again) are written once, the later winning, in queue order otherwise.
+func TestMergeHistoryWritesEachVersionOnce(t *testing.T) {
+	s := func(v string) *string { return &v }
+	jobs := []historyJob{
+		{entries: []historyEntry{{id: "a", lsn: 10, op: "update", row: mapRow{"url": s("one")}}, {id: "b", lsn: 10, op: "delete"}}},
+		{entries: []historyEntry{{id: "c", lsn: 20, op: "insert", row: mapRow{"url": s("c")}}}},
+		{entries: []historyEntry{{id: "a", lsn: 10, op: "update", row: mapRow{"url": s("two")}}, {id: "a", lsn: 30, op: "delete"}}},
+	}
+	got := mergeHistory(jobs)
+	var desc []string
+	for _, e := range got {
+		d := e.id + "@" + e.lsn.String() + ":" + e.op
+		if e.row != nil {
+			d += ":" + *e.row["url"]
+		}
+		desc = append(desc, d)
+	}
+	want := []string{"a@0/A:update:two", "b@0/A:delete", "c@0/14:insert:c", "a@0/1E:delete"}
+	if !slices.Equal(desc, want) {
+		t.Errorf("merged %v, want %v", desc, want)
+	}
+	if one := mergeHistory(jobs[:1]); len(one) != 2 {
+		t.Errorf("one job: %d entries, want its 2", len(one))
+	}
+}
+
+// A row's JSON decodes to what encoding/json's encoding of it decodes to,
+// for every kind of text a column can hold.
+func TestRowJSONDecodesAsEncodingJSON(t *testing.T) {
+	s := func(v string) *string { return &v }
+	texts := []string{"", "plain", `quote " and \ backslash`, "tab\tnew\nline\rcr", "\x01\x1f\x7f",
+		"<html> & co", "ünïcödé €", "emoji 🎉", "bad \xff utf8 \xc3", "line\u2028sep", `{"a":[1,2]}`}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 200 {
+		b := make([]byte, rng.IntN(40))
+		for i := range b {
+			b[i] = byte(rng.IntN(256))
+		}
+		texts = append(texts, string(b))
+	}
+	for i, text := range texts {
+		row := mapRow{"id": s("ep"), "url": s(text), "headers": nil, text: s("key is the text")}
+		got := row.appendJSON(nil)
+		if !json.Valid(got) || !utf8.Valid(got) {
+			t.Fatalf("text %d %q: invalid JSON or UTF-8 (Postgres refuses either) %q", i, text, got)
+		}
+		want, err := json.Marshal(row)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var a, b mapRow
+		if err := json.Unmarshal(got, &a); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(want, &b); err != nil {
+			t.Fatal(err)
+		}
+		if len(a) != len(b) {
+			t.Fatalf("text %d %q: %s decodes to %d keys, want %d", i, text, got, len(a), len(b))
+		}
+		for k, v := range b {
+			w, ok := a[k]
+			if !ok || (v == nil) != (w == nil) || (v != nil && *v != *w) {
+				t.Fatalf("text %d %q: key %q decodes differently: %s against %s", i, text, k, got, want)
+			}
+		}
+	}
+	if got := string(mapRow{"b": nil, "a": s("x")}.appendJSON(nil)); got != `{"a":"x","b":null}` {
+		t.Errorf("got %s, want keys sorted and null for NULL", got)
+	}
 }

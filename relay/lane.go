@@ -177,7 +177,8 @@ func (s *scheduler) splitLanes(ds []*delivery, now time.Time) (rest, rows []*del
 func (s *scheduler) finish(d *delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	q := s.endpoints[d.endpointID]
+	q := s.inFlightQueueLocked(d)
+	d.queue = nil
 	woke := s.releaseLocked(q)
 	if l := q.lane; l != nil {
 		if !d.state.Final() {

@@ -40,10 +40,11 @@ type Relay struct {
 	client *deliveryClient
 	config *configState
 
-	recorded cdc.LSN      // highest end LSN with recorded rows at startup
-	spilled  atomic.Bool  // rows were spilled: the loader should look soon
-	history  historyBatch // endpoint versions of the batch being dispatched (history.go)
-	recent   recentSet    // endpoints routed to lately; dispatch goroutine only
+	recorded cdc.LSN       // highest end LSN with recorded rows at startup
+	spilled  atomic.Bool   // rows were spilled: the loader should look soon
+	history  historyBatch  // endpoint versions of the batch being dispatched (history.go)
+	histq    *historyQueue // versions on their way to relay.endpoint_history
+	recent   recentSet     // endpoints routed to lately; dispatch goroutine only
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
 
@@ -67,6 +68,7 @@ func New(cfg Config) (*Relay, error) {
 		log:    cfg.Logger,
 		now:    cfg.Now,
 		wm:     &watermark{},
+		histq:  newHistoryQueue(),
 		sched:  newScheduler(cfg.QueueEvents, cfg.QueueBytes, cfg.EndpointMaxInFlight),
 		config: newConfigState(),
 		health: newHealth(),
@@ -125,6 +127,12 @@ func (r *Relay) Run(ctx context.Context) error {
 	}
 	defer pool.Close()
 	r.pool = pool
+	// Endpoint versions are recorded from startup on (the snapshot) until
+	// Run returns; stopped before the pool closes.
+	histCtx, stopHist := context.WithCancel(ctx)
+	histDone := make(chan struct{})
+	go func() { defer close(histDone); r.historyLoop(histCtx) }()
+	defer func() { stopHist(); <-histDone }()
 	lock, err := r.startup(ctx)
 	if err != nil {
 		return err
@@ -458,8 +466,9 @@ rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_
 		return fmt.Errorf("load endpoints: %w", err)
 	}
 	eps, changed := current, 0
+	var snapshot []historyEntry
 	if at != 0 {
-		if eps, changed, err = endpointsAt(ctx, r.pool, at, current); err != nil {
+		if eps, snapshot, changed, err = endpointsAt(ctx, r.pool, at, current); err != nil {
 			return err
 		}
 	}
@@ -476,6 +485,11 @@ rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_
 	}
 	for _, row := range tenants {
 		r.installTenant(r.config.upsertTenant(row))
+	}
+	if len(snapshot) > 0 {
+		// Recorded in the background; the slot is not acknowledged past
+		// at until it is (history.go, invariant 2).
+		r.histq.add(snapshot, []*txnMark{r.wm.add(at, 1)})
 	}
 	r.log.Info("config loaded", slog.Int("endpoints", len(eps)), slog.Int("tenants", len(tenants)))
 	r.endpointsChanged()

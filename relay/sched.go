@@ -540,6 +540,7 @@ func (s *scheduler) pickLocked() *delivery {
 		d := s.popLocked(q)
 		d.ep = q.ep // the config in force for this attempt
 		d.breakerDone = done
+		d.queue = q  // kept in s.endpoints while in flight (releaseLocked)
 		t.inFlight++ // t is q.tenant: q came off its ready list
 		q.inFlight++
 		s.busy++
@@ -558,15 +559,24 @@ func (s *scheduler) pickLocked() *delivery {
 func (s *scheduler) done(d *delivery) (finishLater bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	q := s.endpoints[d.endpointID]
+	q := s.inFlightQueueLocked(d)
 	if q.lane != nil {
 		return true
 	}
+	d.queue = nil
 	woke := s.releaseLocked(q)
 	if (s.makeReadyLocked(q) || woke) && s.idle > 0 {
 		s.work.Signal()
 	}
 	return false
+}
+
+// inFlightQueueLocked returns the queue d was picked from.
+func (s *scheduler) inFlightQueueLocked(d *delivery) *endpointQueue {
+	if d.queue != nil {
+		return d.queue
+	}
+	return s.endpoints[d.endpointID]
 }
 
 func (s *scheduler) signalRoomLocked() {
