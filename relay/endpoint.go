@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf16"
 	"unicode/utf8"
 
 	"github.com/outbox-relay/outbox-relay/internal/h1"
@@ -130,6 +131,156 @@ func (m mapRow) appendJSON(dst []byte) []byte {
 		}
 	}
 	return append(dst, '}')
+}
+
+// parseRowJSON decodes a JSON object whose values are strings or null, as
+// appendJSON writes it and Postgres prints it back, without reflection (a
+// restart with 10,000 endpoints reads each one's version). ok is false for
+// any other JSON, and for text that is not valid UTF-8: the caller then
+// decodes with encoding/json, which gives the same result for what this
+// accepts.
+func parseRowJSON(s string) (_ mapRow, ok bool) {
+	if !utf8.ValidString(s) {
+		return nil, false
+	}
+	i := skipJSONSpace(s, 0)
+	if i >= len(s) || s[i] != '{' {
+		return nil, false
+	}
+	row := make(mapRow, 20)
+	i = skipJSONSpace(s, i+1)
+	if i < len(s) && s[i] == '}' {
+		return row, skipJSONSpace(s, i+1) == len(s)
+	}
+	for {
+		var key string
+		if key, i, ok = parseJSONString(s, i); !ok {
+			return nil, false
+		}
+		if i = skipJSONSpace(s, i); i >= len(s) || s[i] != ':' {
+			return nil, false
+		}
+		i = skipJSONSpace(s, i+1)
+		switch {
+		case strings.HasPrefix(s[i:], "null"):
+			row[key] = nil
+			i += 4
+		default:
+			var v string
+			if v, i, ok = parseJSONString(s, i); !ok {
+				return nil, false
+			}
+			row[key] = &v
+		}
+		if i = skipJSONSpace(s, i); i >= len(s) {
+			return nil, false
+		}
+		switch s[i] {
+		case ',':
+			i = skipJSONSpace(s, i+1)
+		case '}':
+			return row, skipJSONSpace(s, i+1) == len(s)
+		default:
+			return nil, false
+		}
+	}
+}
+
+func skipJSONSpace(s string, i int) int {
+	for i < len(s) && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r') {
+		i++
+	}
+	return i
+}
+
+// parseJSONString decodes the JSON string at s[i] and returns the index
+// after it.
+func parseJSONString(s string, i int) (string, int, bool) {
+	if i >= len(s) || s[i] != '"' {
+		return "", i, false
+	}
+	i++
+	start := i
+	for i < len(s) && s[i] != '"' && s[i] != '\\' && s[i] >= 0x20 {
+		i++
+	}
+	if i < len(s) && s[i] == '"' {
+		return s[start:i], i + 1, true // no escapes: the text itself
+	}
+	buf := []byte(s[start:i])
+	for i < len(s) {
+		c := s[i]
+		switch {
+		case c == '"':
+			return string(buf), i + 1, true
+		case c < 0x20:
+			return "", i, false
+		case c != '\\':
+			buf = append(buf, c)
+			i++
+			continue
+		}
+		if i+1 >= len(s) {
+			return "", i, false
+		}
+		switch e := s[i+1]; e {
+		case '"', '\\', '/':
+			buf = append(buf, e)
+		case 'b':
+			buf = append(buf, '\b')
+		case 'f':
+			buf = append(buf, '\f')
+		case 'n':
+			buf = append(buf, '\n')
+		case 'r':
+			buf = append(buf, '\r')
+		case 't':
+			buf = append(buf, '\t')
+		case 'u':
+			r, ok := jsonHex4(s, i+2)
+			if !ok {
+				return "", i, false
+			}
+			i += 6
+			if utf16.IsSurrogate(r) {
+				if r2, ok := jsonHex4(s, i+2); ok && s[i] == '\\' && s[i+1] == 'u' {
+					if d := utf16.DecodeRune(r, r2); d != utf8.RuneError {
+						buf = utf8.AppendRune(buf, d)
+						i += 6
+						continue
+					}
+				}
+			}
+			buf = utf8.AppendRune(buf, r) // U+FFFD for a lone surrogate, as encoding/json decodes it
+			continue
+		default:
+			return "", i, false
+		}
+		i += 2
+	}
+	return "", i, false
+}
+
+// jsonHex4 reads the four hex digits at s[i:].
+func jsonHex4(s string, i int) (rune, bool) {
+	if i+4 > len(s) {
+		return 0, false
+	}
+	var r rune
+	for _, c := range []byte(s[i : i+4]) {
+		switch {
+		case '0' <= c && c <= '9':
+			c -= '0'
+		case 'a' <= c && c <= 'f':
+			c -= 'a' - 10
+		case 'A' <= c && c <= 'F':
+			c -= 'A' - 10
+		default:
+			return 0, false
+		}
+		r = r<<4 | rune(c)
+	}
+	return r, true
 }
 
 // appendJSONString appends s as a JSON string.

@@ -256,10 +256,14 @@ ORDER BY endpoint_id, commit_lsn <= $1::pg_lsn,
 		}
 		v := version{op: op}
 		if cfg != nil {
-			if err := json.Unmarshal([]byte(*cfg), &v.row); err != nil {
-				q.Close()
-				return nil, nil, 0, fmt.Errorf("endpoint history of %s: %w", id, err)
+			row, ok := parseRowJSON(*cfg)
+			if !ok {
+				if err := json.Unmarshal([]byte(*cfg), &row); err != nil {
+					q.Close()
+					return nil, nil, 0, fmt.Errorf("endpoint history of %s: %w", id, err)
+				}
 			}
+			v.row = row
 		}
 		before[id] = v
 	}

@@ -327,3 +327,58 @@ func TestRowJSONDecodesAsEncodingJSON(t *testing.T) {
 		t.Errorf("got %s, want keys sorted and null for NULL", got)
 	}
 }
+
+// parseRowJSON gives what encoding/json gives for every object of string
+// and null values (as appendJSON writes them and as Postgres prints them
+// back), and refuses anything else, which the caller then hands to
+// encoding/json.
+func TestParseRowJSONDecodesAsEncodingJSON(t *testing.T) {
+	s := func(v string) *string { return &v }
+	rng := rand.New(rand.NewPCG(3, 4))
+	var inputs []string
+	for range 300 {
+		b := make([]byte, rng.IntN(30))
+		for i := range b {
+			b[i] = byte(rng.IntN(256))
+		}
+		row := mapRow{"id": s("ep"), "v": s(string(b)), "n": nil}
+		inputs = append(inputs, string(row.appendJSON(nil)))
+		m, _ := json.Marshal(row)
+		inputs = append(inputs, string(m))
+	}
+	inputs = append(inputs,
+		`{}`, ` { } `, `{"a": "x", "b": null}`, "{\n\t\"a\" : \"x\" ,\r\n \"b\":null}",
+		`{"e": "\"\\\/\b\f\n\r\t"}`, `{"u": "\u00e9\u20ac\ud83c\udf89"}`, `{"lone": "\ud83c x"}`, `{"lone2": "\udf89"}`,
+		`{"upper": "\u00E9"}`, `{"dup": "1", "dup": "2"}`,
+		// Not objects of strings: refused.
+		`{"n": 1}`, `{"b": true}`, `{"a": ["x"]}`, `{"o": {}}`, `["x"]`, `"x"`, `{"a": "x"} junk`, `{"a": "x",}`,
+		`{"a" "x"}`, `{"a": "x"`, `{"a": "\x"}`, `{"a": "\u12"}`, "{\"a\": \"raw\ttab\"}", `{"a": nul}`, `{"a": "x" "b": "y"}`, ``, `{`)
+	for _, in := range inputs {
+		got, ok := parseRowJSON(in)
+		var want mapRow
+		wantErr := json.Unmarshal([]byte(in), &want)
+		if !ok {
+			// Refused: fine where encoding/json refuses too, or where the
+			// object has a value that is not a string or null.
+			var generic map[string]any
+			if json.Unmarshal([]byte(in), &generic) == nil && wantErr == nil && utf8.ValidString(in) {
+				t.Errorf("%q refused, but it is an object of strings and nulls", in)
+			}
+			continue
+		}
+		if wantErr != nil {
+			t.Errorf("%q accepted as %v; encoding/json refuses it: %v", in, got, wantErr)
+			continue
+		}
+		if len(got) != len(want) {
+			t.Errorf("%q: %d keys, want %d", in, len(got), len(want))
+			continue
+		}
+		for k, v := range want {
+			g, ok := got[k]
+			if !ok || (v == nil) != (g == nil) || (v != nil && *v != *g) {
+				t.Errorf("%q: key %q decodes differently from encoding/json", in, k)
+			}
+		}
+	}
+}
