@@ -178,14 +178,7 @@ func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 	t.Parallel()
 	e, _ := relayPastStartup(t)
 	ctx := context.Background()
-	lock, err := e.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Rollback(ctx)
-	if _, err := lock.Exec(ctx, `LOCK TABLE relay.endpoint_history IN EXCLUSIVE MODE`); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockHistory(t, e)
 	e.Exec(`UPDATE relay.endpoints SET timeout_ms = 5000 WHERE id = 'ep'`)
 	var changeEnd string
 	if err := e.Pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&changeEnd); err != nil {
@@ -205,14 +198,32 @@ func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 	if n := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep' AND op = 'update'`); n != 0 {
 		t.Fatalf("%d update versions visible while the table is locked", n)
 	}
-	if err := lock.Rollback(ctx); err != nil {
-		t.Fatal(err)
-	}
+	unlock()
 	e.WaitFor("the change recorded, the event delivered, the slot past both", 20*time.Second, func() bool {
 		return e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep' AND op = 'update' AND config->>'timeout_ms' = '5000'`) == 1 &&
 			e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'after' AND state = 'succeeded'`) == 1 &&
 			confirmedPast()
 	})
+}
+
+// lockHistory blocks writes to relay.endpoint_history (reads go on) until
+// the returned func is called or the test ends.
+func lockHistory(t *testing.T, e *env) (unlock func()) {
+	t.Helper()
+	ctx := context.Background()
+	lock, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { lock.Rollback(ctx) })
+	if _, err := lock.Exec(ctx, `LOCK TABLE relay.endpoint_history IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		if err := lock.Rollback(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // A first start records a snapshot of every endpoint it has no history
@@ -224,15 +235,7 @@ func TestStartupSnapshotHoldsTheSlotNotDeliveries(t *testing.T) {
 	rcv := newReceiver(t)
 	e.addEndpoint("ep_a", "t", rcv)
 	e.addEndpoint("ep_b", "t", rcv)
-	ctx := context.Background()
-	lock, err := e.Pool.Begin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lock.Rollback(ctx)
-	if _, err := lock.Exec(ctx, `LOCK TABLE relay.endpoint_history IN EXCLUSIVE MODE`); err != nil {
-		t.Fatal(err)
-	}
+	unlock := lockHistory(t, e)
 	e.startRelay(nil)
 	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
 	e.WaitFor("the event delivered to both endpoints while the snapshot waits", 10*time.Second, func() bool {
@@ -246,9 +249,7 @@ AND s.confirmed_flush_lsn > (SELECT max(commit_lsn) FROM relay.deliveries WHERE 
 	if confirmedPast() {
 		t.Fatal("the slot was acknowledged past the event while the startup snapshot is unwritten")
 	}
-	if err := lock.Rollback(ctx); err != nil {
-		t.Fatal(err)
-	}
+	unlock()
 	e.WaitFor("the snapshot written and the slot past the event", 20*time.Second, func() bool {
 		return e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE op = 'snapshot' AND endpoint_id IN ('ep_a', 'ep_b')`) == 2 &&
 			confirmedPast()
