@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -28,6 +29,50 @@ func peakRSS(t *testing.T, pid int) int64 {
 	}
 	t.Fatal("no VmHWM")
 	return 0
+}
+
+// logStuck says where a relay that stopped making progress stands: its
+// last metrics, and what its walsender and the database's sessions wait
+// for.
+func logStuck(t *testing.T, pool *pgxpool.Pool, m map[string]float64) {
+	t.Helper()
+	var names []string
+	for k := range m {
+		if strings.HasPrefix(k, "outbox_relay_") && !strings.Contains(k, "_bucket") {
+			names = append(names, k)
+		}
+	}
+	slices.Sort(names)
+	var b strings.Builder
+	for _, k := range names {
+		fmt.Fprintf(&b, " %s=%v", k, m[k])
+	}
+	t.Logf("last metrics:%s", b.String())
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	rows, err := pool.Query(ctx, `SELECT pid, backend_type, state, coalesce(wait_event_type || ':' || wait_event, ''), left(coalesce(query, ''), 120),
+coalesce((SELECT format('sent %s write %s flush %s, WAL end %s', sent_lsn, write_lsn, flush_lsn, pg_current_wal_lsn()) FROM pg_stat_replication r WHERE r.pid = a.pid), '')
+FROM pg_stat_activity a WHERE datname = current_database() OR backend_type = 'walsender'`)
+	if err != nil {
+		t.Logf("pg_stat_activity: %v", err)
+		return
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var pid int
+		var typ, state, wait, query, repl *string
+		if err := rows.Scan(&pid, &typ, &state, &wait, &query, &repl); err != nil {
+			t.Logf("pg_stat_activity: %v", err)
+			return
+		}
+		str := func(p *string) string {
+			if p == nil {
+				return ""
+			}
+			return *p
+		}
+		t.Logf("backend %d %s %s wait=%s %s %q", pid, str(typ), str(state), str(wait), str(repl), str(query))
+	}
 }
 
 // With the receiver down while events pile up, relay memory stays bounded
@@ -69,8 +114,15 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 			// fills. spill: every event is read, the overflow recorded as
 			// pending rows. block: reading stops with the queue full and
 			// the rest waits in the slot.
+			var last map[string]float64
+			defer func() {
+				if t.Failed() {
+					logStuck(t, pool, last)
+				}
+			}()
 			waitFor(t, "the backlog to settle", 3*time.Minute, func() bool {
 				m := scrape(t, addr)
+				last = m
 				if policy == "spill" {
 					return m["outbox_relay_events_received_total"] == events
 				}
