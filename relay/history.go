@@ -72,11 +72,6 @@ func (h *historyBatch) add(e historyEntry) {
 	h.entries = append(h.entries, e)
 }
 
-func (h *historyBatch) reset() {
-	h.entries = h.entries[:0]
-	clear(h.at)
-}
-
 const writeHistorySQL = `INSERT INTO relay.endpoint_history (endpoint_id, commit_lsn, op, config)
 SELECT e, pg_lsn '0/0' + l, o, c::jsonb FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[]) AS t(e, l, o, c)
 ON CONFLICT (endpoint_id, commit_lsn) DO UPDATE SET op = EXCLUDED.op, config = EXCLUDED.config, recorded_at = now()`

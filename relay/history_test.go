@@ -161,10 +161,12 @@ func TestHistoryBatchKeepsTheLastVersionPerCommit(t *testing.T) {
 			t.Errorf("entry %d: %s %s %q at %d, want %s %s %q at %d", i, e.id, e.op, url, e.lsn, w.id, w.op, w.url, w.lsn)
 		}
 	}
-	h.reset()
+	if taken := h.take(); len(taken) != 3 {
+		t.Errorf("took %d entries, want 3", len(taken))
+	}
 	h.add(historyEntry{id: "a", lsn: 10, op: "update"})
 	if len(h.entries) != 1 || h.entries[0].op != "update" {
-		t.Errorf("after reset: %+v", h.entries)
+		t.Errorf("after take: %+v", h.entries)
 	}
 }
 
