@@ -195,6 +195,17 @@ func (p *relayProc) output() string {
 	return p.out.String()
 }
 
+// dumpStacks ends the relay with SIGQUIT, so that its output ends with
+// every goroutine's stack: for a test that found it stuck.
+func (p *relayProc) dumpStacks() {
+	p.cmd.Process.Signal(syscall.SIGQUIT)
+	select {
+	case err := <-p.done:
+		p.done <- err // let the cleanup's receive return
+	case <-time.After(5 * time.Second):
+	}
+}
+
 func (p *relayProc) kill9() {
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	<-p.done

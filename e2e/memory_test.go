@@ -118,6 +118,7 @@ func TestBoundedMemoryWhileReceiverIsDown(t *testing.T) {
 			defer func() {
 				if t.Failed() {
 					logStuck(t, pool, last)
+					p.dumpStacks()
 				}
 			}()
 			waitFor(t, "the backlog to settle", 3*time.Minute, func() bool {
