@@ -176,6 +176,10 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					r.installTenant(r.config.upsertTenant(tupleRow(rel, ch.New, nil)))
 				}
 			}
+			if more := r.changeLog.more(txn.CommitLSN); more > 0 {
+				r.log.Info("more endpoint config changes in this transaction, logged at debug level",
+					slog.Int("endpoints", more), slog.String("commit_lsn", txn.CommitLSN.String()))
+			}
 			n := len(queue) - startQ + len(final) - startF
 			changed := len(r.history.entries) > startH
 			if changed {
@@ -359,11 +363,47 @@ func (r *Relay) applyEndpointChange(ch *cdc.Change, final *[]*delivery, txn *cdc
 	r.endpointsChanged()
 	if ep != nil {
 		r.installEndpoint(ep)
-		r.log.Info("endpoint config changed", slog.String("endpoint_id", ep.ID), slog.Bool("enabled", ep.Enabled),
-			slog.Bool("ordered", ep.Ordered), slog.String("commit_lsn", txn.CommitLSN.String()))
+		r.log.Log(context.Background(), r.changeLog.level(txn.CommitLSN), "endpoint config changed", slog.String("endpoint_id", ep.ID),
+			slog.Bool("enabled", ep.Enabled), slog.Bool("ordered", ep.Ordered), slog.String("commit_lsn", txn.CommitLSN.String()))
 		ordered = ordered || ep.Ordered
 	}
 	return ordered
+}
+
+// changeLog keeps a transaction that changes many endpoints (a bulk
+// import, a migration, a first start replaying their creation) from
+// writing a line per endpoint at info level: the first changeLogLimit
+// are logged there, the rest at debug, and one line says how many more.
+// Dispatch goroutine only.
+type changeLog struct {
+	txn cdc.LSN // commit LSN of the transaction being counted
+	n   int     // its endpoint changes logged so far
+}
+
+const changeLogLimit = 20
+
+// level counts one change of the transaction at commit and returns the
+// level to log it at.
+func (c *changeLog) level(commit cdc.LSN) slog.Level {
+	if c.txn != commit {
+		c.txn, c.n = commit, 0
+	}
+	c.n++
+	if c.n > changeLogLimit {
+		return slog.LevelDebug
+	}
+	return slog.LevelInfo
+}
+
+// more returns how many of the transaction's changes went to debug level,
+// once, after its last change.
+func (c *changeLog) more(commit cdc.LSN) int {
+	if c.txn != commit || c.n <= changeLogLimit {
+		return 0
+	}
+	more := c.n - changeLogLimit
+	c.n = 0
+	return more
 }
 
 // dropRecorded removes deliveries whose row already exists: they were

@@ -40,11 +40,12 @@ type Relay struct {
 	client *deliveryClient
 	config *configState
 
-	recorded cdc.LSN       // highest end LSN with recorded rows at startup
-	spilled  atomic.Bool   // rows were spilled: the loader should look soon
-	history  historyBatch  // endpoint versions of the batch being dispatched (history.go)
-	histq    *historyQueue // versions on their way to relay.endpoint_history
-	recent   recentSet     // endpoints routed to lately; dispatch goroutine only
+	recorded  cdc.LSN       // highest end LSN with recorded rows at startup
+	spilled   atomic.Bool   // rows were spilled: the loader should look soon
+	history   historyBatch  // endpoint versions of the batch being dispatched (history.go)
+	histq     *historyQueue // versions on their way to relay.endpoint_history
+	recent    recentSet     // endpoints routed to lately; dispatch goroutine only
+	changeLog changeLog     // how many endpoint changes a transaction has logged (dispatch.go)
 
 	reportedEndpoints int // last count given to Config.EndpointsChanged
 
