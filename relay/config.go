@@ -150,6 +150,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Now is the clock. Default time.Now.
 	Now func() time.Time
+
+	// historyLag is how far dispatch may run ahead of an unwritten
+	// endpoint version (history.go). Default historyLag; tests shorten it.
+	historyLag time.Duration
 }
 
 // DefaultRetrySchedule is the delay before each attempt.
@@ -169,6 +173,7 @@ func (c Config) withDefaults() Config {
 	c.MaxPayloadBytes = cmp.Or(c.MaxPayloadBytes, 256<<10)
 	c.StatusBatch = cmp.Or(c.StatusBatch, 2000)
 	c.StatusInterval = cmp.Or(c.StatusInterval, 20*time.Millisecond)
+	c.historyLag = cmp.Or(c.historyLag, historyLag)
 	if c.RetrySchedule == nil {
 		c.RetrySchedule = DefaultRetrySchedule
 	}

@@ -66,7 +66,7 @@ type delivery struct {
 	failClass    string // error class of the last attempt if it failed: it gets a relay.attempts row
 
 	breakerDone func(error)    // reports the attempt to the endpoint's breaker; nil without one
-	queue       *endpointQueue // the queue it was picked from, while in flight: done and finish need no map lookup
+	queue       *endpointQueue // the queue pickLocked took it from, while in flight (done and finish release it)
 }
 
 // webhookID is the Standard Webhooks message id: stable across attempts,

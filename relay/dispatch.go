@@ -140,6 +140,9 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			return nil
 		case b = <-in:
 		}
+		if r.histq.waitBehind(ctx, r.cfg.historyLag) != nil {
+			return nil
+		}
 		queue, final = queue[:0], final[:0]
 		var recheck []*delivery
 		var histMarks []*txnMark // transactions whose endpoint versions are still to be recorded

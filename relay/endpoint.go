@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -106,36 +105,9 @@ type row interface {
 
 type mapRow map[string]*string
 
-// appendJSON appends the row as a JSON object, keys sorted, a NULL column
-// as null: what encoding/json writes for it, without reflection (a first
-// start with 10,000 endpoints records each), and without escaping <, >
-// and & for HTML. Invalid UTF-8 becomes U+FFFD, as there.
-func (m mapRow) appendJSON(dst []byte) []byte {
-	var keys [32]string
-	ks := keys[:0]
-	for k := range m {
-		ks = append(ks, k)
-	}
-	slices.Sort(ks)
-	dst = append(dst, '{')
-	for i, k := range ks {
-		if i > 0 {
-			dst = append(dst, ',')
-		}
-		dst = appendJSONString(dst, k)
-		dst = append(dst, ':')
-		if v := m[k]; v != nil {
-			dst = appendJSONString(dst, *v)
-		} else {
-			dst = append(dst, "null"...)
-		}
-	}
-	return append(dst, '}')
-}
-
 // parseRowJSON decodes a JSON object whose values are strings or null, as
-// appendJSON writes it and Postgres prints it back, without reflection (a
-// restart with 10,000 endpoints reads each one's version). ok is false for
+// writeHistory stores a row and Postgres prints it back, without
+// reflection (a restart with 10,000 endpoints reads each one's version). ok is false for
 // any other JSON, and for text that is not valid UTF-8: the caller then
 // decodes with encoding/json, which gives the same result for what this
 // accepts.
@@ -281,49 +253,6 @@ func jsonHex4(s string, i int) (rune, bool) {
 		r = r<<4 | rune(c)
 	}
 	return r, true
-}
-
-// appendJSONString appends s as a JSON string.
-func appendJSONString(dst []byte, s string) []byte {
-	const hex = "0123456789abcdef"
-	dst = append(dst, '"')
-	start := 0
-	for i := 0; i < len(s); {
-		c := s[i]
-		if c < utf8.RuneSelf {
-			if c >= 0x20 && c != '"' && c != '\\' {
-				i++
-				continue
-			}
-			dst = append(dst, s[start:i]...)
-			switch c {
-			case '"', '\\':
-				dst = append(dst, '\\', c)
-			case '\n':
-				dst = append(dst, '\\', 'n')
-			case '\r':
-				dst = append(dst, '\\', 'r')
-			case '\t':
-				dst = append(dst, '\\', 't')
-			default:
-				dst = append(dst, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
-			}
-			i++
-			start = i
-			continue
-		}
-		r, size := utf8.DecodeRuneInString(s[i:])
-		if r == utf8.RuneError && size == 1 {
-			dst = append(dst, s[start:i]...)
-			dst = append(dst, "\\ufffd"...)
-			i += size
-			start = i
-			continue
-		}
-		i += size
-	}
-	dst = append(dst, s[start:]...)
-	return append(dst, '"')
 }
 
 func (m mapRow) text(col string) (string, bool) {

@@ -76,18 +76,26 @@ const writeHistorySQL = `INSERT INTO relay.endpoint_history (endpoint_id, commit
 SELECT e, pg_lsn '0/0' + l, o, c::jsonb FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[]) AS t(e, l, o, c)
 ON CONFLICT (endpoint_id, commit_lsn) DO UPDATE SET op = EXCLUDED.op, config = EXCLUDED.config, recorded_at = now()`
 
+// rowJSON is a row as relay.endpoint_history's config holds it, and as
+// parseRowJSON reads it back.
+func rowJSON(row mapRow) (string, error) {
+	b, err := json.Marshal(row)
+	return string(b), err
+}
+
 // writeHistory records entries in one statement.
 func writeHistory(ctx context.Context, pool *pgxpool.Pool, entries []historyEntry) error {
 	ids := make([]string, len(entries))
 	lsns := make([]int64, len(entries))
 	ops := make([]string, len(entries))
 	rows := make([]*string, len(entries))
-	var buf []byte
 	for i, e := range entries {
 		ids[i], lsns[i], ops[i] = e.id, int64(e.lsn), e.op
 		if e.row != nil {
-			buf = e.row.appendJSON(buf[:0])
-			s := string(buf)
+			s, err := rowJSON(e.row)
+			if err != nil {
+				return fmt.Errorf("encode endpoint %s: %w", e.id, err)
+			}
 			rows[i] = &s
 		}
 	}
@@ -109,11 +117,16 @@ func (h *historyBatch) take() []historyEntry {
 // startup snapshot) to historyLoop, which records them off the
 // dispatcher's path: deliveries routed with a new version go on while it
 // is written, and the watermark waits for the write through the marks
-// (invariant 1).
+// (invariant 1). The dispatcher runs at most historyLag ahead of an
+// unwritten version (waitBehind): every transaction routed meanwhile
+// keeps a mark in the watermark, so a write that hangs must stop the
+// stream, as a synchronous one did, or memory would grow without bound.
 type historyQueue struct {
-	mu   sync.Mutex
-	jobs []historyJob
-	kick chan struct{} // capacity 1
+	mu      sync.Mutex
+	jobs    []historyJob  // queued, not yet taken by historyLoop
+	oldest  time.Time     // when the oldest job not yet written was queued; zero: none
+	written chan struct{} // closed, and replaced, whenever every queued job is written
+	kick    chan struct{} // capacity 1
 }
 
 // historyJob is versions to record and the marks to complete, once each,
@@ -121,13 +134,20 @@ type historyQueue struct {
 type historyJob struct {
 	entries []historyEntry
 	marks   []*txnMark
+	queued  time.Time
 }
 
-func newHistoryQueue() *historyQueue { return &historyQueue{kick: make(chan struct{}, 1)} }
+func newHistoryQueue() *historyQueue {
+	return &historyQueue{written: make(chan struct{}), kick: make(chan struct{}, 1)}
+}
 
 func (q *historyQueue) add(entries []historyEntry, marks []*txnMark) {
+	now := time.Now()
 	q.mu.Lock()
-	q.jobs = append(q.jobs, historyJob{entries, marks})
+	if q.oldest.IsZero() {
+		q.oldest = now
+	}
+	q.jobs = append(q.jobs, historyJob{entries, marks, now})
 	q.mu.Unlock()
 	select {
 	case q.kick <- struct{}{}:
@@ -143,13 +163,62 @@ func (q *historyQueue) take() []historyJob {
 	return jobs
 }
 
+// wrote records that the jobs taken last are written.
+func (q *historyQueue) wrote() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.jobs) > 0 {
+		q.oldest = q.jobs[0].queued
+		return
+	}
+	q.oldest = time.Time{}
+	close(q.written)
+	q.written = make(chan struct{})
+}
+
+// waitBehind returns once no job has waited longer than lag to be
+// written, or when ctx ends.
+func (q *historyQueue) waitBehind(ctx context.Context, lag time.Duration) error {
+	q.mu.Lock()
+	if q.oldest.IsZero() || time.Since(q.oldest) < lag {
+		q.mu.Unlock()
+		return nil
+	}
+	written := q.written
+	q.mu.Unlock()
+	select {
+	case <-written:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// mergeHistory joins the jobs' entries, one per (endpoint, commit LSN),
+// as historyBatch merges a transaction's: one statement may not write a
+// row twice.
+func mergeHistory(jobs []historyJob) []historyEntry {
+	var merged historyBatch
+	for _, j := range jobs {
+		for _, e := range j.entries {
+			merged.add(e)
+		}
+	}
+	return merged.entries
+}
+
+// historyLag is how far the dispatcher may run ahead of an unwritten
+// endpoint version (historyQueue).
+const historyLag = 2 * time.Second
+
 // historyChunk bounds the rows of one history statement.
 const historyChunk = 5000
 
 // historyLoop records queued versions until ctx ends, all that waits in
-// as few statements as historyChunk allows, then completes their marks. A
-// job that was queued twice (a transaction the stream sent again after a
-// reconnect) is written once. When ctx ends first, the marks stay
+// as few statements as historyChunk allows, then completes their marks.
+// Versions queued twice for one (endpoint, commit), from a transaction
+// the stream sent again after a reconnect, are written once. When ctx
+// ends first, the marks stay
 // pending: the slot is never acknowledged past an unrecorded version.
 func (r *Relay) historyLoop(ctx context.Context) {
 	for {
@@ -159,8 +228,7 @@ func (r *Relay) historyLoop(ctx context.Context) {
 		case <-r.histq.kick:
 		}
 		jobs := r.histq.take()
-		entries := mergeHistory(jobs)
-		for len(entries) > 0 {
+		for entries := mergeHistory(jobs); len(entries) > 0; {
 			n := min(len(entries), historyChunk)
 			err := r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
 				return writeHistory(ctx, r.pool, entries[:n])
@@ -175,29 +243,8 @@ func (r *Relay) historyLoop(ctx context.Context) {
 				m.done(1)
 			}
 		}
+		r.histq.wrote()
 	}
-}
-
-// mergeHistory joins the jobs' entries, the last of each (endpoint, LSN)
-// winning: one statement may not write a row twice.
-func mergeHistory(jobs []historyJob) []historyEntry {
-	if len(jobs) == 1 {
-		return jobs[0].entries
-	}
-	var all []historyEntry
-	at := map[historyKey]int{}
-	for _, j := range jobs {
-		for _, e := range j.entries {
-			k := historyKey{e.id, e.lsn}
-			if i, ok := at[k]; ok {
-				all[i] = e
-				continue
-			}
-			at[k] = len(all)
-			all = append(all, e)
-		}
-	}
-	return all
 }
 
 // retrySQL runs f until it succeeds or ctx ends, logging each failure with

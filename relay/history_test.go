@@ -208,6 +208,41 @@ func TestChangeIsRecordedBeforeItIsAcknowledged(t *testing.T) {
 	})
 }
 
+// A version whose write hangs holds the stream back once it has waited
+// historyLag: events committed meanwhile are delivered, later ones wait
+// in the slot instead of piling up watermark marks in memory, and all
+// are delivered once the write goes through.
+func TestHistoryStallHoldsTheStreamBack(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep", "t", rcv)
+	e.startRelay(func(c *Config) { c.historyLag = 300 * time.Millisecond })
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'warm', '{}')`)
+	e.WaitFor("the first event delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'warm' AND state = 'succeeded'`) == 1
+	})
+	unlock := lockHistory(t, e)
+	e.Exec(`UPDATE relay.endpoints SET timeout_ms = 5000 WHERE id = 'ep'`)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'soon', '{}')`)
+	e.WaitFor("the event right after the change delivered", 10*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'soon' AND state = 'succeeded'`) == 1
+	})
+	time.Sleep(500 * time.Millisecond) // past historyLag
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'late', '{}')`)
+	time.Sleep(1500 * time.Millisecond)
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'late'`); n != 0 {
+		t.Fatalf("an event committed %s after an unwritten version was routed (%d rows): the dispatcher ran ahead", 500*time.Millisecond, n)
+	}
+	unlock()
+	e.WaitFor("the late event delivered once the version is written", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE event_type = 'late' AND state = 'succeeded'`) == 1
+	})
+	if got := len(rcv.requests()); got != 3 {
+		t.Errorf("receiver got %d requests, want 3", got)
+	}
+}
+
 // lockHistory blocks writes to relay.endpoint_history (reads go on) until
 // the returned func is called or the test ends.
 func lockHistory(t *testing.T, e *env) (unlock func()) {
@@ -285,9 +320,11 @@ func TestMergeHistoryWritesEachVersionOnce(t *testing.T) {
 	}
 }
 
-// A row's JSON decodes to what encoding/json's encoding of it decodes to,
-// for every kind of text a column can hold.
-func TestRowJSONDecodesAsEncodingJSON(t *testing.T) {
+// What writeHistory stores for a row is valid JSON in UTF-8 (Postgres
+// refuses anything else), with keys sorted and NULL as null, for every
+// kind of text a column can hold; and parseRowJSON reads it back as
+// encoding/json does.
+func TestRowJSONRoundTrips(t *testing.T) {
 	s := func(v string) *string { return &v }
 	texts := []string{"", "plain", `quote " and \ backslash`, "tab\tnew\nline\rcr", "\x01\x1f\x7f",
 		"<html> & co", "ünïcödé €", "emoji 🎉", "bad \xff utf8 \xc3", "line\u2028sep", `{"a":[1,2]}`}
@@ -301,39 +338,36 @@ func TestRowJSONDecodesAsEncodingJSON(t *testing.T) {
 	}
 	for i, text := range texts {
 		row := mapRow{"id": s("ep"), "url": s(text), "headers": nil, text: s("key is the text")}
-		got := row.appendJSON(nil)
-		if !json.Valid(got) || !utf8.Valid(got) {
-			t.Fatalf("text %d %q: invalid JSON or UTF-8 (Postgres refuses either) %q", i, text, got)
-		}
-		want, err := json.Marshal(row)
+		got, err := rowJSON(row)
 		if err != nil {
 			t.Fatal(err)
 		}
-		var a, b mapRow
-		if err := json.Unmarshal(got, &a); err != nil {
+		if !json.Valid([]byte(got)) || !utf8.ValidString(got) {
+			t.Fatalf("text %d %q: invalid JSON or UTF-8 (Postgres refuses either) %q", i, text, got)
+		}
+		var want mapRow
+		if err := json.Unmarshal([]byte(got), &want); err != nil {
 			t.Fatal(err)
 		}
-		if err := json.Unmarshal(want, &b); err != nil {
-			t.Fatal(err)
+		parsed, ok := parseRowJSON(got)
+		if !ok || len(parsed) != len(want) {
+			t.Fatalf("text %d %q: %s parsed to %v (ok %v), want %d keys", i, text, got, parsed, ok, len(want))
 		}
-		if len(a) != len(b) {
-			t.Fatalf("text %d %q: %s decodes to %d keys, want %d", i, text, got, len(a), len(b))
-		}
-		for k, v := range b {
-			w, ok := a[k]
+		for k, v := range want {
+			w, ok := parsed[k]
 			if !ok || (v == nil) != (w == nil) || (v != nil && *v != *w) {
-				t.Fatalf("text %d %q: key %q decodes differently: %s against %s", i, text, k, got, want)
+				t.Fatalf("text %d %q: key %q parses differently from encoding/json: %s", i, text, k, got)
 			}
 		}
 	}
-	if got := string(mapRow{"b": nil, "a": s("x")}.appendJSON(nil)); got != `{"a":"x","b":null}` {
+	if got, _ := rowJSON(mapRow{"b": nil, "a": s("x")}); got != `{"a":"x","b":null}` {
 		t.Errorf("got %s, want keys sorted and null for NULL", got)
 	}
 }
 
 // parseRowJSON gives what encoding/json gives for every object of string
-// and null values (as appendJSON writes them and as Postgres prints them
-// back), and refuses anything else, which the caller then hands to
+// and null values (as writeHistory stores them and as Postgres prints
+// them back, raw <, > and & included), and refuses anything else, which the caller then hands to
 // encoding/json.
 func TestParseRowJSONDecodesAsEncodingJSON(t *testing.T) {
 	s := func(v string) *string { return &v }
@@ -344,15 +378,16 @@ func TestParseRowJSONDecodesAsEncodingJSON(t *testing.T) {
 		for i := range b {
 			b[i] = byte(rng.IntN(256))
 		}
-		row := mapRow{"id": s("ep"), "v": s(string(b)), "n": nil}
-		inputs = append(inputs, string(row.appendJSON(nil)))
-		m, _ := json.Marshal(row)
-		inputs = append(inputs, string(m))
+		m, err := rowJSON(mapRow{"id": s("ep"), "v": s(string(b)), "n": nil})
+		if err != nil {
+			t.Fatal(err)
+		}
+		inputs = append(inputs, m)
 	}
 	inputs = append(inputs,
 		`{}`, ` { } `, `{"a": "x", "b": null}`, "{\n\t\"a\" : \"x\" ,\r\n \"b\":null}",
 		`{"e": "\"\\\/\b\f\n\r\t"}`, `{"u": "\u00e9\u20ac\ud83c\udf89"}`, `{"lone": "\ud83c x"}`, `{"lone2": "\udf89"}`,
-		`{"upper": "\u00E9"}`, `{"dup": "1", "dup": "2"}`,
+		`{"upper": "\u00E9"}`, `{"dup": "1", "dup": "2"}`, `{"h": "<a> & b"}`,
 		// Not objects of strings: refused.
 		`{"n": 1}`, `{"b": true}`, `{"a": ["x"]}`, `{"o": {}}`, `["x"]`, `"x"`, `{"a": "x"} junk`, `{"a": "x",}`,
 		`{"a" "x"}`, `{"a": "x"`, `{"a": "\x"}`, `{"a": "\u12"}`, "{\"a\": \"raw\ttab\"}", `{"a": nul}`, `{"a": "x" "b": "y"}`, ``, `{`)

@@ -177,7 +177,7 @@ func (s *scheduler) splitLanes(ds []*delivery, now time.Time) (rest, rows []*del
 func (s *scheduler) finish(d *delivery) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	q := s.inFlightQueueLocked(d)
+	q := d.queue
 	d.queue = nil
 	woke := s.releaseLocked(q)
 	if l := q.lane; l != nil {

@@ -487,14 +487,18 @@ rate_burst::text, max_in_flight::text, breaker_failures::text, breaker_cooldown_
 	for _, row := range tenants {
 		r.installTenant(r.config.upsertTenant(row))
 	}
-	if len(snapshot) > 0 {
-		// Recorded in the background; the slot is not acknowledged past
-		// at until it is (history.go, invariant 2).
-		r.histq.add(snapshot, []*txnMark{r.wm.add(at, 1)})
-	}
 	r.log.Info("config loaded", slog.Int("endpoints", len(eps)), slog.Int("tenants", len(tenants)))
 	r.endpointsChanged()
-	return r.loadHealth(ctx)
+	if err := r.loadHealth(ctx); err != nil {
+		return err
+	}
+	if len(snapshot) > 0 {
+		// Queued last, so a startup retried after a failure above does
+		// not queue it twice. Recorded in the background; the slot is not
+		// acknowledged past at until it is (history.go, invariant 2).
+		r.histq.add(snapshot, []*txnMark{r.wm.add(at, 1)})
+	}
+	return nil
 }
 
 // endpointsChanged reports the endpoint count to Config.EndpointsChanged

@@ -559,7 +559,7 @@ func (s *scheduler) pickLocked() *delivery {
 func (s *scheduler) done(d *delivery) (finishLater bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	q := s.inFlightQueueLocked(d)
+	q := d.queue
 	if q.lane != nil {
 		return true
 	}
@@ -569,14 +569,6 @@ func (s *scheduler) done(d *delivery) (finishLater bool) {
 		s.work.Signal()
 	}
 	return false
-}
-
-// inFlightQueueLocked returns the queue d was picked from.
-func (s *scheduler) inFlightQueueLocked(d *delivery) *endpointQueue {
-	if d.queue != nil {
-		return d.queue
-	}
-	return s.endpoints[d.endpointID]
 }
 
 func (s *scheduler) signalRoomLocked() {
