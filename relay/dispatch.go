@@ -283,7 +283,7 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, seq int3
 		d.endpointID = ep.ID
 		d.ep = ep
 		if tooBig {
-			reject(d, StateRejected, fmt.Sprintf("payload is %d bytes, over the limit of %d (max payload bytes)", len(base.payload), r.cfg.MaxPayloadBytes))
+			reject(d, StateRejected, tooBigReason(len(base.payload), r.cfg.MaxPayloadBytes))
 		} else if state, reason, refused := ep.refusal(); refused {
 			reject(d, state, reason)
 		} else {
@@ -320,6 +320,12 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, seq int3
 		reject(d, StateUnrouted, fmt.Sprintf("no enabled endpoint of tenant %q subscribes to %q", base.tenantID, base.eventType))
 	}
 	return queue, final, ordered
+}
+
+// tooBigReason is the error of a delivery whose payload of n bytes is over
+// limit.
+func tooBigReason(n, limit int) string {
+	return fmt.Sprintf("payload is %d bytes, over the limit of %d (max payload bytes)", n, limit)
 }
 
 // applyEndpointChange applies one change to relay.endpoints. It reports

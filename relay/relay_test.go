@@ -156,6 +156,14 @@ JOIN relay.outbox o ON o.id = d.event_id WHERE o.payload->>'case' = $1`, c.caseN
 			t.Errorf("%s: error text leaks the secret: %q", c.caseName, errText)
 		}
 	}
+	// A replayed oversized event is rejected again, not sent: the limit
+	// holds on every path to the receiver, not only at routing.
+	e.Exec(`SELECT relay.replay_dead_letter(d.event_id, d.endpoint_id) FROM relay.deliveries d
+JOIN relay.outbox o ON o.id = d.event_id WHERE o.payload->>'case' = 'too big'`)
+	e.WaitFor("the replayed oversized event to end again", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries d JOIN relay.outbox o ON o.id = d.event_id
+WHERE o.payload->>'case' = 'too big' AND d.replay_count = 1 AND d.state = 'rejected' AND d.error LIKE '%over the limit of 1024%'`) == 1
+	})
 	if got := len(good.requests()); got != 1 {
 		t.Errorf("good endpoint got %d requests, want 1", got)
 	}

@@ -104,6 +104,12 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		d.state, d.errText, d.completed = StateDead, "the outbox row holding this pending delivery's payload was deleted before it could be delivered", now
 		return sig
 	}
+	if len(d.payload) > r.cfg.MaxPayloadBytes {
+		// Routing rejects these; a replayed or loaded row meets the limit
+		// in force now here, before anything is sent.
+		d.state, d.errText, d.completed = StateRejected, tooBigReason(len(d.payload), r.cfg.MaxPayloadBytes), now
+		return sig
+	}
 	if state, reason, refused := ep.refusal(); refused {
 		d.state, d.errText, d.completed = state, reason, now
 		return sig
