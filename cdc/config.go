@@ -41,6 +41,17 @@ type Config struct {
 	// (pg_logical_emit_message) on an ordinary connection, so the server
 	// sends a keepalive the slot can advance to. Default 10s.
 	HeartbeatInterval time.Duration
+	// ReceiveTimeout ends a replication connection that brought nothing
+	// for this long while the stream was reading, and opens a new one: a
+	// server or network that vanished without closing the connection (a
+	// failover that moved the address, a partition) would otherwise hold
+	// the stream for as long as the kernel keeps the socket, which can be
+	// many minutes. Halfway through the silence the stream asks the server
+	// for an immediate reply, which a live walsender sends at once; the
+	// time the consumer blocks the stream does not count. Default 30s (as
+	// PostgreSQL's wal_receiver_timeout, which defaults to 60s, and pings
+	// at half).
+	ReceiveTimeout time.Duration
 	// MaxBatchTxns is the most transactions handed over in one Batch.
 	// Default 256.
 	MaxBatchTxns int
@@ -69,6 +80,7 @@ func (c Config) withDefaults() Config {
 	}
 	c.StatusInterval = cmp.Or(c.StatusInterval, 100*time.Millisecond)
 	c.HeartbeatInterval = cmp.Or(c.HeartbeatInterval, 10*time.Second)
+	c.ReceiveTimeout = cmp.Or(c.ReceiveTimeout, 30*time.Second)
 	c.MaxBatchTxns = cmp.Or(c.MaxBatchTxns, 256)
 	c.MaxBatchBytes = cmp.Or(c.MaxBatchBytes, 4<<20)
 	c.MaxBatchDelay = cmp.Or(c.MaxBatchDelay, time.Millisecond)
@@ -111,6 +123,9 @@ func (c Config) Validate() error {
 	}
 	if c.HeartbeatInterval < 0 {
 		return fmt.Errorf("cdc: Config.HeartbeatInterval %v is negative", c.HeartbeatInterval)
+	}
+	if c.ReceiveTimeout < 0 {
+		return fmt.Errorf("cdc: Config.ReceiveTimeout %v is negative", c.ReceiveTimeout)
 	}
 	if c.MaxBatchBytes < 0 {
 		return fmt.Errorf("cdc: Config.MaxBatchBytes %d is negative", c.MaxBatchBytes)

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -137,8 +139,59 @@ func prepare(c *pgconn.Config, extra [][2]string) {
 			}
 		}
 	}
-	c.DialFunc = sockio.Dial(c.DialFunc)
+	c.DialFunc = sockio.Dial(clientTimeouts(c.DialFunc, c.RuntimeParams))
 }
+
+// clientTimeouts gives the relay's end of each TCP connection the
+// keepalives and user timeout its RuntimeParams ask of the server's end
+// (tcp_keepalives_idle, _interval, _count in seconds, tcp_user_timeout in
+// milliseconds; a connection without tcp_user_timeout, the replication
+// one, gets clientUserTimeout). Without them a server that vanished from
+// the network (a failover that moved its address, a partition) leaves a
+// query waiting as long as Go's and the kernel's defaults allow: a first
+// keepalive after 15 s idle and 9 more 15 s apart, and unacknowledged
+// data retransmitted for about 15 minutes. The
+// relay always sends on its connections (status updates every 100 ms on
+// the stream's), and a live server acknowledges them, also when it is
+// not reading; so the user timeout ends only a dead path.
+func clientTimeouts(dial pgconn.DialFunc, params map[string]string) pgconn.DialFunc {
+	ka := net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: time.Second, Count: 3}
+	secs := func(name string, d *time.Duration) {
+		if n, err := strconv.Atoi(params[name]); err == nil && n > 0 {
+			*d = time.Duration(n) * time.Second
+		}
+	}
+	secs("tcp_keepalives_idle", &ka.Idle)
+	secs("tcp_keepalives_interval", &ka.Interval)
+	if n, err := strconv.Atoi(params["tcp_keepalives_count"]); err == nil && n > 0 {
+		ka.Count = n
+	}
+	user := clientUserTimeout
+	if n, err := strconv.Atoi(params["tcp_user_timeout"]); err == nil && n >= 0 {
+		user = time.Duration(n) * time.Millisecond
+	}
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		nc, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		if tc, ok := nc.(*net.TCPConn); ok {
+			err := tc.SetKeepAliveConfig(ka)
+			if err == nil {
+				err = setUserTimeout(tc, user)
+			}
+			if err != nil {
+				nc.Close()
+				return nil, fmt.Errorf("cdc: set TCP timeouts: %w", err)
+			}
+		}
+		return nc, nil
+	}
+}
+
+// clientUserTimeout is the relay's TCP user timeout where the connection's
+// parameters set none.
+const clientUserTimeout = 10 * time.Second
 
 // Status returns a snapshot; safe from any goroutine.
 func (s *Stream) Status() Status {
@@ -291,6 +344,8 @@ type session struct {
 	nextStatus time.Time // when the next timed status update is due
 	lastData   time.Time // when transaction data last arrived (heartbeat clock)
 	deadline   time.Time // read deadline currently set on the socket
+	heard      time.Time // last message read, or the end of a wait on the consumer
+	pinged     bool      // a reply was asked for since heard
 
 	pending      []Txn
 	pendingPos   LSN
@@ -310,6 +365,7 @@ type session struct {
 func (ss *session) loop(ctx context.Context) error {
 	now := time.Now()
 	ss.lastData = now
+	ss.heard = now
 	ss.nextStatus = now
 	ss.heartbeatErr = make(chan error, 1)
 	nc := ss.conn.Conn()
@@ -329,6 +385,9 @@ func (ss *session) loop(ctx context.Context) error {
 			if err := ss.flush(ctx); err != nil {
 				return err
 			}
+			// The stream read nothing while the consumer blocked; the
+			// server's silence counts from here.
+			ss.heard = time.Now()
 			continue
 		}
 		ss.heartbeat(ctx, now)
@@ -340,6 +399,11 @@ func (ss *session) loop(ctx context.Context) error {
 		if !ss.heartbeating {
 			deadline = minTime(deadline, ss.lastData.Add(ss.cfg.HeartbeatInterval))
 		}
+		if ss.pinged {
+			deadline = minTime(deadline, ss.heard.Add(ss.cfg.ReceiveTimeout))
+		} else {
+			deadline = minTime(deadline, ss.heard.Add(ss.cfg.ReceiveTimeout/2))
+		}
 		if !deadline.Equal(ss.deadline) {
 			nc.SetReadDeadline(deadline)
 			ss.deadline = deadline
@@ -347,10 +411,14 @@ func (ss *session) loop(ctx context.Context) error {
 		msg, err := ss.conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if pgconn.Timeout(err) || errors.Is(err, os.ErrDeadlineExceeded) {
+				if err := ss.checkSilence(time.Now()); err != nil {
+					return err
+				}
 				continue
 			}
 			return fmt.Errorf("cdc: receive: %w", err)
 		}
+		ss.heard, ss.pinged = time.Now(), false
 		switch msg := msg.(type) {
 		case *pgproto3.CopyData:
 			if err := ss.handleCopyData(ctx, msg.Data); err != nil {
@@ -428,6 +496,21 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 			return ss.checkShutdown(pkm.ServerWALEnd)
 		}
 		return nil
+	}
+	return nil
+}
+
+// checkSilence asks the server for a reply once it has been silent for
+// half of ReceiveTimeout, and gives the connection up after all of it.
+func (ss *session) checkSilence(now time.Time) error {
+	quiet := now.Sub(ss.heard)
+	switch {
+	case quiet >= ss.cfg.ReceiveTimeout:
+		return fmt.Errorf("cdc: nothing from the server for %v, not even an answer to a request for one (receive timeout %v): the server or the network is gone",
+			quiet.Round(time.Millisecond), ss.cfg.ReceiveTimeout)
+	case quiet >= ss.cfg.ReceiveTimeout/2 && !ss.pinged:
+		ss.pinged = true
+		return ss.sendStatus(true)
 	}
 	return nil
 }

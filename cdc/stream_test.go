@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/url"
 	"os"
@@ -23,6 +24,7 @@ import (
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
@@ -653,6 +655,7 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 	t.Parallel()
 	u := newDB(t, cluster)
 	ctx := context.Background()
+	wantClientUser := 10000
 	show := func(connString, walSenderTimeout, replUserTimeout string) (userTimeout, idle string) {
 		t.Helper()
 		s, err := New(Config{ConnString: connString})
@@ -675,8 +678,16 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 		defer repl.Close(ctx)
 		// Both read their sockets with raw syscalls (PrepareSession, prepare).
 		for name, nc := range map[string]net.Conn{"ordinary": conn.PgConn().Conn(), "walsender": repl.Conn()} {
-			if _, ok := nc.(*sockio.Conn); !ok {
+			sc, ok := nc.(*sockio.Conn)
+			if !ok {
 				t.Errorf("%s connection's socket is a %T, not read through sockio", name, nc)
+				continue
+			}
+			// The relay's end keeps alive and gives up as the server's does.
+			got := clientSockopts(t, sc.Conn)
+			want := map[string]int{"SO_KEEPALIVE": 1, "TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 1, "TCP_KEEPCNT": 3, "TCP_USER_TIMEOUT": wantClientUser}
+			if !maps.Equal(got, want) {
+				t.Errorf("%s connection's client socket options %v, want %v", name, got, want)
 			}
 		}
 		for setting, want := range map[string]string{"tcp_keepalives_idle": idle, "wal_sender_timeout": walSenderTimeout,
@@ -698,6 +709,7 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 	if strings.Contains(u, "?") {
 		sep = "&"
 	}
+	wantClientUser = 3000
 	if ut, _ := show(u+sep+"tcp_user_timeout=3000&wal_sender_timeout=20s", "20s", "3000"); ut != "3000" {
 		t.Errorf("the URL's tcp_user_timeout=3000 gave %q, want 3000", ut)
 	}
@@ -732,4 +744,87 @@ func TestStreamOverUnixSocket(t *testing.T) {
 	if viaSocket != 1 {
 		t.Fatalf("%d walsenders of the slot have a client on the Unix socket, want 1", viaSocket)
 	}
+}
+
+// syncBuffer is a log sink that tests can read while the stream writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A replication connection that goes silent without closing (a vanished
+// host, a partition) is given up after ReceiveTimeout and replaced; the
+// stream goes on from where it was.
+func TestStreamGivesUpASilentConnection(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	target, err := url.Parse(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := relaytest.NewFreezeProxy(t, target.Host)
+	// The frozen walsender hears no status updates and ends itself after
+	// 1s, so the slot is free for the next connection soon.
+	pu := proxy.URL(t, u) + "&options=-c%20wal_sender_timeout%3D1s"
+	var logs syncBuffer
+	s := newStream(t, pu, func(c *Config) {
+		c.ReceiveTimeout = 2 * time.Second
+		c.HeartbeatInterval = time.Hour // no heartbeat data to break the silence by another route
+		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	c := &consumer{ack: true}
+	c.run(t, s)
+
+	insertOutbox(t, u, 0, 3)
+	waitFor(t, 20*time.Second, "the first 3 rows", func() bool { return len(outboxRows(c.snapshot())) >= 3 })
+	if n := proxy.Freeze(); n == 0 {
+		t.Fatal("no connection to freeze")
+	}
+	frozen := time.Now()
+	insertOutbox(t, u, 3, 6)
+	waitFor(t, 30*time.Second, "the rows committed after the freeze", func() bool { return len(outboxRows(c.snapshot())) >= 6 })
+	t.Logf("rows after the freeze came %v later", time.Since(frozen).Round(time.Millisecond))
+	if !strings.Contains(logs.String(), "nothing from the server for") {
+		t.Errorf("the reconnect did not say why; log:\n%s", logs.String())
+	}
+	txns := c.snapshot()
+	checkCommitOrder(t, txns)
+	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, 6), ","); got != want {
+		t.Fatalf("rows across the silent connection:\n got %s\nwant %s", got, want)
+	}
+}
+
+// An idle connection to a live server is kept past ReceiveTimeout: the
+// request for a reply halfway through is answered.
+func TestStreamKeepsAQuietLiveConnection(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	var logs syncBuffer
+	s := newStream(t, u, func(c *Config) {
+		c.ReceiveTimeout = time.Second
+		c.HeartbeatInterval = time.Hour
+		c.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	})
+	c := &consumer{ack: true}
+	c.run(t, s)
+	insertOutbox(t, u, 0, 1)
+	waitFor(t, 20*time.Second, "the first row", func() bool { return len(outboxRows(c.snapshot())) >= 1 })
+	time.Sleep(4 * time.Second) // nothing committed: four receive timeouts of quiet
+	if strings.Contains(logs.String(), "reconnecting") {
+		t.Fatalf("a quiet live connection was given up; log:\n%s", logs.String())
+	}
+	insertOutbox(t, u, 1, 2)
+	waitFor(t, 20*time.Second, "the second row", func() bool { return len(outboxRows(c.snapshot())) >= 2 })
 }
