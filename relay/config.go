@@ -154,6 +154,10 @@ type Config struct {
 	// historyLag is how far dispatch may run ahead of an unwritten
 	// endpoint version (history.go). Default historyLag; tests shorten it.
 	historyLag time.Duration
+	// slowSQL is how long a status, history or claim statement runs before
+	// the relay says, every slowSQL, that it still runs. Default slowSQL;
+	// tests shorten it.
+	slowSQL time.Duration
 }
 
 // DefaultRetrySchedule is the delay before each attempt.
@@ -174,6 +178,7 @@ func (c Config) withDefaults() Config {
 	c.StatusBatch = cmp.Or(c.StatusBatch, 2000)
 	c.StatusInterval = cmp.Or(c.StatusInterval, 20*time.Millisecond)
 	c.historyLag = cmp.Or(c.historyLag, historyLag)
+	c.slowSQL = cmp.Or(c.slowSQL, slowSQL)
 	if c.RetrySchedule == nil {
 		c.RetrySchedule = DefaultRetrySchedule
 	}

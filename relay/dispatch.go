@@ -611,7 +611,9 @@ func (r *Relay) loadLoop(ctx context.Context) {
 				}
 				r.acceptLoaded(ds)
 			}
+			stop := stillRunning(r.log, r.cfg.slowSQL, "claiming due deliveries still running; retries and spilled deliveries wait for it")
 			ds, err := claimDue(ctx, r.pool, min(room, 1000), r.cfg.ClaimLease, append(excluded, probes...))
+			stop()
 			if err != nil {
 				if ctx.Err() == nil {
 					r.log.Warn("claiming due deliveries failed", slog.Any("error", err))

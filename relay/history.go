@@ -231,6 +231,8 @@ func (r *Relay) historyLoop(ctx context.Context) {
 		for entries := mergeHistory(jobs); len(entries) > 0; {
 			n := min(len(entries), historyChunk)
 			err := r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
+				stop := stillRunning(r.log, r.cfg.slowSQL, "endpoint history write still running; the stream waits for it", slog.Int("rows", n))
+				defer stop()
 				return writeHistory(ctx, r.pool, entries[:n])
 			})
 			if err != nil {
@@ -244,6 +246,40 @@ func (r *Relay) historyLoop(ctx context.Context) {
 			}
 		}
 		r.histq.wrote()
+	}
+}
+
+// slowSQL: see Config.slowSQL.
+const slowSQL = 10 * time.Second
+
+// stillRunning logs msg at warn level, with attrs and how long it has run,
+// every `every` until stop is called: a statement that hangs (behind a
+// lock, on a server that stopped answering) says so while it hangs, not
+// only once it returns. every 0 logs nothing.
+func stillRunning(log *slog.Logger, every time.Duration, msg string, attrs ...any) (stop func()) {
+	if every <= 0 {
+		return func() {}
+	}
+	start := time.Now()
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	mu.Lock()
+	t = time.AfterFunc(every, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		log.Warn(msg, append(attrs[:len(attrs):len(attrs)], slog.Duration("running", time.Since(start).Round(time.Millisecond)))...)
+		t.Reset(every)
+	})
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
 	}
 }
 

@@ -143,7 +143,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		pool: pool, slot: r.cfg.SlotName, log: r.log,
 		maxBatch: r.cfg.StatusBatch, interval: r.cfg.StatusInterval,
 		kick: make(chan struct{}, 1), written: r.metrics.written, writeSecs: r.metrics.statusWriteSecs,
-		maxBuffered: 4 * r.cfg.StatusBatch, wrote: make(chan struct{}, 1),
+		maxBuffered: 4 * r.cfg.StatusBatch, wrote: make(chan struct{}, 1), slowAfter: r.cfg.slowSQL,
 	}
 	r.writer.space = sync.NewCond(&r.writer.mu)
 	r.log.Info("relay active", slog.String("slot", r.cfg.SlotName), slog.Int("workers", r.cfg.Workers),

@@ -138,6 +138,7 @@ type writer struct {
 	interval  time.Duration
 	written   func(rows []*delivery) // called after each durable batch; may be nil
 	writeSecs prometheus.Histogram   // may be nil
+	slowAfter time.Duration          // see stillRunning; 0: never
 
 	mu          sync.Mutex
 	buf         []*delivery
@@ -281,7 +282,9 @@ func (w *writer) writeRetry(ctx context.Context, rows []*delivery) error {
 	dedupe := false
 	for {
 		start := time.Now()
+		stop := stillRunning(w.log, w.slowAfter, "status write still running; deliveries and acknowledgements wait for it", slog.Int("rows", len(rows)))
 		err := w.write(ctx, rows, dedupe)
+		stop()
 		took := time.Since(start)
 		if w.writeSecs != nil {
 			w.writeSecs.Observe(took.Seconds())

@@ -1,0 +1,60 @@
+package relay
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// A status write that hangs (here behind a lock; as well on a server that
+// stopped answering) is reported while it hangs, again and again, and no
+// more once it is through.
+func TestHangingStatusWriteSaysSo(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep", "t", rcv)
+	var mu sync.Mutex
+	var records []slog.Record
+	e.startRelay(func(c *Config) {
+		c.slowSQL = 200 * time.Millisecond
+		c.Logger = slog.New(recordingHandler{&mu, &records})
+	})
+	stillRunning := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, r := range records {
+			if strings.HasPrefix(r.Message, "status write still running") && r.Level == slog.LevelWarn {
+				n++
+			}
+		}
+		return n
+	}
+	ctx := context.Background()
+	lock, err := e.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lock.Rollback(ctx)
+	if _, err := lock.Exec(ctx, `LOCK TABLE relay.deliveries IN EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'x', '{}')`)
+	e.WaitFor("the delivery", 20*time.Second, func() bool { return len(rcv.requests()) == 1 })
+	e.WaitFor("two reports of the hanging write", 20*time.Second, func() bool { return stillRunning() >= 2 })
+	if err := lock.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.WaitFor("the status row", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == 1
+	})
+	n := stillRunning()
+	time.Sleep(time.Second)
+	if m := stillRunning(); m != n {
+		t.Errorf("%d more reports after the write was through", m-n)
+	}
+}
