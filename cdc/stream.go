@@ -344,7 +344,7 @@ type session struct {
 	nextStatus time.Time // when the next timed status update is due
 	lastData   time.Time // when transaction data last arrived (heartbeat clock)
 	deadline   time.Time // read deadline currently set on the socket
-	heard      time.Time // last message read, or the end of a wait on the consumer
+	heard      time.Time // last data or keepalive read, or the end of a wait on the consumer
 	pinged     bool      // a reply was asked for since heard
 
 	pending      []Txn
@@ -418,7 +418,6 @@ func (ss *session) loop(ctx context.Context) error {
 			}
 			return fmt.Errorf("cdc: receive: %w", err)
 		}
-		ss.heard, ss.pinged = time.Now(), false
 		switch msg := msg.(type) {
 		case *pgproto3.CopyData:
 			if err := ss.handleCopyData(ctx, msg.Data); err != nil {
@@ -451,6 +450,7 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 			return fmt.Errorf("cdc: decode at %s: %w", ss.received, err)
 		}
 		ss.lastData = time.Now()
+		ss.heard, ss.pinged = ss.lastData, false
 		ss.txnBytes += len(data)
 		if txn == nil {
 			return nil
@@ -475,6 +475,7 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 		if err != nil {
 			return fmt.Errorf("cdc: %w: %w", ErrMalformed, err)
 		}
+		ss.heard, ss.pinged = time.Now(), false
 		if pkm.ServerWALEnd > ss.received {
 			ss.received = pkm.ServerWALEnd
 		}
