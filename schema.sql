@@ -1,6 +1,8 @@
 -- outbox-relay schema. The single source of truth for the relay's tables.
 -- Idempotent: `outbox-relay migrate` applies it on every run, and applying it
--- twice changes nothing. Later versions only add (ADD COLUMN IF NOT EXISTS).
+-- twice changes nothing. Later versions add (ADD COLUMN IF NOT EXISTS, CREATE
+-- ... IF NOT EXISTS, CREATE OR REPLACE) and drop what they replaced (DROP
+-- INDEX IF EXISTS).
 
 -- Serialise concurrent migrations (several sidecars starting at once).
 SELECT pg_advisory_xact_lock(7305432718046262);
@@ -12,7 +14,7 @@ CREATE TABLE IF NOT EXISTS relay.tenants (
     id          text PRIMARY KEY,
     weight      integer NOT NULL DEFAULT 1 CHECK (weight > 0),  -- share of delivery slots under contention
     rate_limit  double precision,                               -- deliveries/s over all the tenant's endpoints; NULL or 0 = unlimited
-    rate_burst  integer,                                        -- bucket size; NULL = max(1, rate_limit)
+    rate_burst  integer,                                        -- bucket size; NULL or 0 = max(1, ceil(rate_limit))
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
@@ -31,7 +33,7 @@ CREATE TABLE IF NOT EXISTS relay.endpoints (
     retry_schedule   text[],       -- delay before each attempt, e.g. '{0s,10s,1m,1h}'
     max_attempts     integer CHECK (max_attempts > 0),  -- cuts or extends (repeating the last delay) the schedule
     rate_limit       double precision,  -- deliveries/s; NULL or 0 = unlimited
-    rate_burst       integer,
+    rate_burst       integer,           -- bucket size; NULL or 0 = max(1, ceil(rate_limit))
     max_in_flight    integer CHECK (max_in_flight > 0),
     breaker_failures integer CHECK (breaker_failures > 0),  -- consecutive failures that open the circuit (default 5)
     breaker_cooldown_ms integer CHECK (breaker_cooldown_ms > 0), -- how long it stays open before one probe (default 30000)
@@ -60,8 +62,8 @@ CREATE INDEX IF NOT EXISTS outbox_created_at_idx ON relay.outbox (created_at);
 --   pending    recorded, waiting for its first attempt (spilled, or in flight at a restart)
 --   retrying   an attempt failed; next_attempt_at says when the next one runs
 --   succeeded  a 2xx answer (final)
---   failed     a non-retryable answer, e.g. 400 (final)
---   dead       attempts exhausted; see relay.dead_letters when it exists (final)
+--   failed     a non-retryable answer, e.g. 400, or a blocked address (final)
+--   dead       attempts exhausted, or the relay disabled the endpoint; see relay.dead_letters when it exists (final)
 --   rejected   never attempted: unknown or disabled endpoint, bad URL or secret, payload too large (final)
 --   unrouted   no enabled endpoint subscribes; endpoint_id is '' (final)
 -- payload, headers and traceparent are kept on retrying rows, so the relay
@@ -165,10 +167,11 @@ ALTER TABLE relay.deliveries ADD COLUMN IF NOT EXISTS replayed_at timestamptz;
 -- Dead letters and replay (dlq/)
 --
 -- relay.dead_letters lists the deliveries that will not be attempted again
--- unless someone replays them: dead (attempts exhausted), failed (a final
--- answer such as 400, or 410 Gone, which also disabled the endpoint) and
--- rejected (never attempted: disabled or unknown endpoint, bad URL, blocked
--- address, payload too large). reason is the row's error; for a non-2xx
+-- unless someone replays them: dead (attempts exhausted, or the relay
+-- disabled the endpoint), failed (a final answer such as 400, or 410 Gone,
+-- which also disabled the endpoint, or an address the SSRF guard blocks) and
+-- rejected (never attempted: disabled or unknown endpoint, bad URL or
+-- secret, payload too large). reason is the row's error; for a non-2xx
 -- answer it ends with ": " and the first 256 bytes of the response body
 -- (whitespace trimmed; left out when the body is binary). replayable is
 -- false only for rows written before dead letters kept their payload.
@@ -205,9 +208,10 @@ WHERE d.state IN ('dead', 'failed', 'rejected');
 -- failed attempts stay in relay.attempts). Only rows that are dead letters
 -- at the moment of the UPDATE change: a second replay of the same entry
 -- waits for the first one's row lock, then finds the row pending and does
--- nothing, so concurrent replays deliver once. A replayed rejected or
--- failed row whose endpoint is still disabled is rejected again: re-enable
--- the endpoint first.
+-- nothing, so concurrent replays deliver once. A replayed row whose
+-- endpoint is still disabled ends again without an attempt: dead, with the
+-- endpoint's disabled_reason, when that is set (the relay disabled it), and
+-- rejected otherwise. Re-enable the endpoint first.
 --
 --   SELECT relay.replay_dead_letter('0190a5d2-...'::uuid, 'ep_billing');  -- true if replayed
 CREATE OR REPLACE FUNCTION relay.replay_dead_letter(event_id uuid, endpoint_id text)

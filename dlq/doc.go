@@ -25,6 +25,8 @@
 //
 // What it does not do: it does not deliver anything itself (a relay must be
 // running), it does not re-enable a disabled endpoint (a replayed delivery
-// to one is rejected again), and it cannot replay rows written before dead
+// to one ends again without an attempt: dead with the endpoint's
+// disabled_reason when that is set, else rejected), and it cannot replay
+// rows written before dead
 // letters kept their payload (see [ErrNoPayload]).
 package dlq

@@ -329,6 +329,31 @@ func TestValues(t *testing.T) {
 	}
 }
 
+// config.memoryLimit becomes OUTBOX_RELAY_MEMORY_LIMIT in bytes, whether
+// it comes from a values file (where YAML numbers reach the template as
+// float64) or from --set.
+func TestMemoryLimit(t *testing.T) {
+	t.Parallel()
+	file := filepath.Join(t.TempDir(), "values.yaml")
+	if err := os.WriteFile(file, []byte("config:\n  memoryLimit: 362387865\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"--values", file},
+		{"--set", "config.memoryLimit=362387865"},
+		{"--set-string", "config.memoryLimit=362387865"},
+	} {
+		pod := get(only(t, render(t, "outbox-relay", append([]string{"--set", "mode=standalone"}, args...)...), "Deployment"), "spec", "template", "spec")
+		if v, _ := envValue(container(t, pod, "outbox-relay"), "OUTBOX_RELAY_MEMORY_LIMIT"); v != "362387865" {
+			t.Errorf("%v: OUTBOX_RELAY_MEMORY_LIMIT %v, want 362387865", args, v)
+		}
+	}
+	pod := get(only(t, render(t, "outbox-relay", "--set", "mode=standalone"), "Deployment"), "spec", "template", "spec")
+	if v, ok := envValue(container(t, pod, "outbox-relay"), "OUTBOX_RELAY_MEMORY_LIMIT"); ok {
+		t.Errorf("OUTBOX_RELAY_MEMORY_LIMIT=%v is set by default; the relay derives its limit then", v)
+	}
+}
+
 func TestInvalidValuesAreRefused(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
@@ -339,6 +364,7 @@ func TestInvalidValuesAreRefused(t *testing.T) {
 		{[]string{"--set", "mode=standalone", "--set", "config.overflow=drop"}, "config.overflow must be spill or block"},
 		{[]string{"--set", "mode=standalone", "--set", "database.secretName="}, "database.secretName"},
 		{[]string{"--set", "serviceMonitor.enabled=true"}, "needs metrics.podSelector"},
+		{[]string{"--set", "mode=standalone", "--set", "config.memoryLimit=345MiB"}, "config.memoryLimit must be a number of bytes"},
 	} {
 		_, err := helm(t, append([]string{"template", "rel", "outbox-relay"}, tc.args...)...)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -163,6 +163,10 @@ type Config struct {
 // DefaultRetrySchedule is the delay before each attempt.
 var DefaultRetrySchedule = []time.Duration{0, 5 * time.Second, 5 * time.Minute, 30 * time.Minute, 2 * time.Hour, 5 * time.Hour, 10 * time.Hour, 10 * time.Hour}
 
+// WithDefaults returns c with every default applied, as New applies them:
+// what a relay made from c runs with (config check prints it).
+func (c Config) WithDefaults() Config { return c.withDefaults() }
+
 func (c Config) withDefaults() Config {
 	c.SlotName = cmp.Or(c.SlotName, "outbox_relay")
 	c.Publication = cmp.Or(c.Publication, "outbox_relay")

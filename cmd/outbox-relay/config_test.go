@@ -55,6 +55,49 @@ overflow: block
 	}
 }
 
+// Flags whose 0 or empty value means a derived value print what run uses.
+func TestConfigCheckDerivedValues(t *testing.T) {
+	t.Setenv("GOMEMLIMIT", "")
+	t.Setenv("GOGC", "")
+	code, out, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--preset", "large")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	want := map[string]string{
+		"memory-limit":         `318767104 \(derived\)\s+# default; --queue-bytes plus 48 MiB, raised by 8 KiB per endpoint`, // 256 MiB + 48 MiB
+		"retry-schedule":       `0s,5s,5m0s,30m0s,2h0m0s,5h0m0s,10h0m0s,10h0m0s \(derived\)\s+# default`,
+		"queue-held":           `500000 \(derived\)\s+# default; 5 × queue-events`,       // large: 100,000 queue events
+		"tenant-max-in-flight": `192 \(derived\)\s+# default; three quarters of workers`, // large: 256 workers
+		"gc-percent":           `400\s+# default$`,
+	}
+	for name, pattern := range want {
+		if !regexp.MustCompile(`(?m)^` + name + `\s+` + pattern).MatchString(out) {
+			t.Errorf("%s: no line matching %q in:\n%s", name, pattern, out)
+		}
+	}
+
+	// Values given print as given; GOMEMLIMIT and GOGC win over the flags.
+	t.Setenv("GOMEMLIMIT", "300MiB")
+	t.Setenv("GOGC", "200")
+	code, out, errOut = runCLI(t, "config", "check", "--database-url", "postgres://x",
+		"--retry-schedule", "1s,1m", "--queue-held", "-1", "--tenant-max-in-flight", "5")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
+	}
+	want = map[string]string{
+		"memory-limit":         `GOMEMLIMIT=300MiB\s+# default; GOMEMLIMIT is set and wins`,
+		"gc-percent":           `GOGC=200\s+# default; GOGC is set and wins`,
+		"retry-schedule":       `1s,1m0s\s+# flag$`,
+		"queue-held":           `-1\s+# flag$`,
+		"tenant-max-in-flight": `5\s+# flag$`,
+	}
+	for name, pattern := range want {
+		if !regexp.MustCompile(`(?m)^` + name + `\s+` + pattern).MatchString(out) {
+			t.Errorf("%s: no line matching %q in:\n%s", name, pattern, out)
+		}
+	}
+}
+
 func TestConfigCheckRejectsBadSettings(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "bad.conf")

@@ -255,7 +255,9 @@ func runDLQReplay(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		"Replay dead letters: set them back to pending, due now, with a fresh attempt budget; the running relay\n"+
 			"delivers each again with its original webhook-id. Replaying an entry that is no longer a dead letter\n"+
 			"(already replayed, perhaps concurrently) does nothing. With --all, the filters select what is replayed;\n"+
-			"without filters, every dead letter is. A delivery to a disabled endpoint is rejected again: re-enable it first.", stderr)
+			"without filters, every dead letter is. A delivery to an endpoint that is still disabled ends again without an\n"+
+			"attempt: dead with the endpoint's disabled_reason when that is set (the relay disabled it), otherwise rejected.\n"+
+			"Re-enable it first.", stderr)
 	dbURL := fs.String("database-url", "", "Postgres URL of the database that holds the relay schema (required)")
 	all := fs.Bool("all", false, "replay every dead letter that matches the filters")
 	var ff filterFlags

@@ -94,6 +94,15 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | quote }}
 - name: OUTBOX_RELAY_SHUTDOWN_GRACE
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.config.memoryLimit }}
+{{- $bytes := . }}
+{{- if kindIs "float64" $bytes }}{{ $bytes = int64 $bytes }}{{ end }}
+{{- if not (regexMatch "^-?[0-9]+$" (toString $bytes)) }}
+{{- fail (printf "config.memoryLimit must be a number of bytes, such as 362387865 (got %v)" .) }}
+{{- end }}
+- name: OUTBOX_RELAY_MEMORY_LIMIT
+  value: {{ toString $bytes | quote }}
+{{- end }}
 {{- with .Values.config.extraEnv }}
 {{ toYaml . }}
 {{- end }}
