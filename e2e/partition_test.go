@@ -187,6 +187,21 @@ func TestTakeoverAfterNetworkPartition(t *testing.T) {
 	takeover := time.Unix(0, firstFromHost.Load()).Sub(cut)
 	t.Logf("partition to the standby's first delivery: %s", takeover.Round(time.Millisecond))
 
+	// The partitioned relay finds out too, from its own end of its
+	// connections (keepalives, TCP_USER_TIMEOUT, the stream's receive
+	// timeout), and says so, instead of waiting in silence for as long as
+	// the kernel retransmits.
+	before := len(active.output())
+	waitFor(t, "the partitioned relay to notice", 40*time.Second, func() bool {
+		return exitState(active) != "is still running" || strings.Contains(active.output()[before:], "connection lost")
+	})
+	noticed := time.Since(cut)
+	said := active.output()[before:]
+	if i := strings.Index(said, "connection lost"); i >= 0 {
+		said = said[strings.LastIndex(said[:i], "\n")+1:]
+		said, _, _ = strings.Cut(said, "\n")
+	}
+	t.Logf("partition to the partitioned relay's notice: %s (it %s): %s", noticed.Round(time.Millisecond), exitState(active), said)
 	time.Sleep(2 * time.Second) // the standby delivers what is committed meanwhile
 	if err := n.setCut(false); err != nil {
 		t.Fatal(err)
