@@ -424,7 +424,7 @@ func (r *Relay) dropRecorded(ctx context.Context, ds, queue, final []*delivery) 
 		ids = append(ids, d.eventID)
 	}
 	var existing map[pairKey]bool
-	if err := r.retrySQL(ctx, "restart lookup failed; retrying", func() (err error) {
+	if err := r.retrySQL(ctx, "restart lookup", func() (err error) {
 		existing, err = existingRows(ctx, r.pool, ids)
 		return err
 	}); err != nil {

@@ -230,9 +230,7 @@ func (r *Relay) historyLoop(ctx context.Context) {
 		jobs := r.histq.take()
 		for entries := mergeHistory(jobs); len(entries) > 0; {
 			n := min(len(entries), historyChunk)
-			err := r.retrySQL(ctx, "recording endpoint config history failed; retrying", func() error {
-				stop := stillRunning(r.log, r.cfg.slowSQL, "endpoint history write still running; the stream waits for it", slog.Int("rows", n))
-				defer stop()
+			err := r.retrySQL(ctx, "recording endpoint config history", func() error {
 				return writeHistory(ctx, r.pool, entries[:n])
 			})
 			if err != nil {
@@ -283,16 +281,19 @@ func stillRunning(log *slog.Logger, every time.Duration, msg string, attrs ...an
 	}
 }
 
-// retrySQL runs f until it succeeds or ctx ends, logging each failure with
-// msg and backing off from 100 ms to 5 s: for the dispatcher's statements,
-// which must happen before the stream may go on.
-func (r *Relay) retrySQL(ctx context.Context, msg string, f func() error) error {
+// retrySQL runs f until it succeeds or ctx ends, logging each failure
+// ("<what> failed; retrying") and backing off from 100 ms to 5 s, and
+// saying so while an attempt runs past slowSQL: for the dispatcher's
+// statements, which must happen before the stream may go on.
+func (r *Relay) retrySQL(ctx context.Context, what string, f func() error) error {
 	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 5*time.Second) {
+		stop := stillRunning(r.log, r.cfg.slowSQL, what+" still running; the stream waits for it")
 		err := f()
+		stop()
 		if err == nil {
 			return nil
 		}
-		r.log.Warn(msg, slog.Any("error", err))
+		r.log.Warn(what+" failed; retrying", slog.Any("error", err))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()

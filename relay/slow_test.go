@@ -58,3 +58,39 @@ func TestHangingStatusWriteSaysSo(t *testing.T) {
 		t.Errorf("%d more reports after the write was through", m-n)
 	}
 }
+
+// The same for an endpoint history write, which the stream waits for.
+func TestHangingHistoryWriteSaysSo(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	e.addEndpoint("ep", "t", rcv)
+	var mu sync.Mutex
+	var records []slog.Record
+	e.startRelay(func(c *Config) {
+		c.slowSQL = 200 * time.Millisecond
+		c.Logger = slog.New(recordingHandler{&mu, &records})
+	})
+	reports := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, r := range records {
+			if r.Message == "recording endpoint config history still running; the stream waits for it" && r.Level == slog.LevelWarn {
+				n++
+			}
+		}
+		return n
+	}
+	// The startup snapshot is written before the lock is taken.
+	e.WaitFor("the startup snapshot", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_history`) == 1
+	})
+	unlock := lockHistory(t, e)
+	e.Exec(`UPDATE relay.endpoints SET timeout_ms = 5000 WHERE id = 'ep'`)
+	e.WaitFor("a report of the hanging history write", 20*time.Second, func() bool { return reports() >= 1 })
+	unlock()
+	e.WaitFor("the version recorded", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.endpoint_history`) == 2
+	})
+}
