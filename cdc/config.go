@@ -57,8 +57,9 @@ type Config struct {
 	MaxBatchTxns int
 	// MaxBatchBytes closes a Batch once its transactions' WAL messages add
 	// up to this many bytes, so what waits between the stream and its
-	// consumer stays small however large the transactions are (one
-	// transaction is never split). Default 4 MiB.
+	// consumer stays small however large the transactions are: a
+	// transaction larger than this goes over in parts of about this size
+	// (Txn.More). Default 4 MiB.
 	MaxBatchBytes int
 	// MaxBatchDelay is the longest a complete transaction waits for others
 	// to share its Batch while more data is arriving. Default 1ms. A

@@ -95,6 +95,12 @@ type Txn struct {
 	EndLSN     LSN       // end of the commit record: confirming EndLSN means this txn is never sent again
 	CommitTime time.Time // commit timestamp as recorded by Postgres
 	Changes    []Change  // in WAL order
+	// More marks a part of a transaction too large to hold whole (see
+	// Config.MaxBatchBytes): later Txns with the same XID and CommitLSN
+	// carry the rest of its changes, in order, and the last of them, with
+	// More false, its EndLSN. A part's EndLSN is zero. pgoutput sends a
+	// transaction only once it has committed, so a part is committed.
+	More bool
 	// Truncated lists the relations truncated in this transaction (TRUNCATE
 	// is published only if the publication includes it; ours does not).
 	Truncated []*Relation
@@ -130,6 +136,21 @@ func (d *Decoder) Relation(id uint32) *Relation { return d.rels[id] }
 
 // InTxn reports whether a Begin was decoded without its Commit.
 func (d *Decoder) InTxn() bool { return d.txn != nil }
+
+// Split ends the open transaction's current part, if it has changes: it
+// returns them as a Txn with More set, and the transaction goes on in a
+// new part. The returned Txn shares no memory with what is decoded next.
+func (d *Decoder) Split() *Txn {
+	t := d.txn
+	if t == nil || len(t.Changes) == 0 {
+		return nil
+	}
+	part := *t
+	part.More = true
+	d.txn = &Txn{XID: t.XID, CommitLSN: t.CommitLSN, CommitTime: t.CommitTime}
+	d.bytes, d.values = nil, nil
+	return &part
+}
 
 // Reset forgets the open transaction (for example after a reconnect, where
 // the server starts again with a Begin). The relation cache is kept:

@@ -1,16 +1,20 @@
 // Package cdc streams the relay's tables out of Postgres through logical
 // replication (a permanent pgoutput slot, protocol version 1) and decodes
-// the stream into whole transactions. It knows nothing of HTTP or webhooks.
+// the stream into transactions. It knows nothing of HTTP or webhooks.
 //
 // # Promises
 //
-//   - Order: Run hands over complete transactions (every row of a
-//     transaction, however many, in one Txn), in commit order, inside
-//     Batches. A Batch never splits a transaction.
+//   - Order: Run hands over committed transactions, in commit order, inside
+//     Batches. A transaction whose WAL messages pass Config.MaxBatchBytes
+//     goes over in parts (Txn.More), each closing its Batch, so memory does
+//     not grow with the size of one transaction; its parts come in order,
+//     and only the last has its EndLSN. A part is committed: pgoutput sends
+//     a transaction only after its commit.
 //   - No duplicate within a process: one Stream never hands over the same
 //     transaction twice, even across reconnects and Postgres restarts; a
 //     transaction whose EndLSN is at or below the last Position handed over
-//     is dropped. A new Stream (a new process) resumes at the slot's
+//     is dropped, and of one handed over in parts when the connection
+//     dropped, the changes already handed are skipped. A new Stream (a new process) resumes at the slot's
 //     confirmed position, so transactions handed over but not acknowledged
 //     by the previous process come again: the consumer deduplicates them.
 //   - Position: every transaction that commits before Batch.Position has

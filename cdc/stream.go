@@ -22,7 +22,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/sockio"
 )
 
-// Batch is handed to the consumer: whole transactions, in commit order.
+// Batch is handed to the consumer: transactions in commit order, the last
+// of them possibly a part of a larger one (Txn.More).
 type Batch struct {
 	Txns []Txn
 	// Position: every transaction that commits before Position has been
@@ -62,9 +63,15 @@ type Stream struct {
 	status Status
 
 	// Owned by Run's goroutine.
-	handed    LSN // highest Position handed over: txns ending at or before it are never handed again
-	flushSent LSN // highest flush position sent (or found confirmed by the slot)
-	running   atomic.Bool
+	handed LSN // highest Position handed over: txns ending at or before it are never handed again
+	// A transaction being handed over in parts (Txn.More): its CommitLSN
+	// and how many of its changes, in WAL order, were handed so far. After
+	// a reconnect the server sends it again from its Begin; those are
+	// skipped.
+	partLSN    LSN
+	partHanded int
+	flushSent  LSN // highest flush position sent (or found confirmed by the slot)
+	running    atomic.Bool
 }
 
 // New applies Config's defaults and validates it.
@@ -353,6 +360,8 @@ type session struct {
 	pendingBytes int // WAL message bytes of the pending transactions
 	txnBytes     int // WAL message bytes of the transaction being decoded
 
+	partSeen int // changes of the transaction at partLSN decoded in this session
+
 	replyStreak      int       // keepalives asking for a reply, each within a second of the previous
 	replyStreakStart time.Time // first of them
 	lastReplyReq     time.Time
@@ -453,20 +462,38 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 		ss.heard, ss.pinged = ss.lastData, false
 		ss.txnBytes += len(data)
 		if txn == nil {
-			return nil
+			if ss.txnBytes < ss.cfg.MaxBatchBytes {
+				return nil
+			}
+			// A transaction this large goes over in parts, so that what
+			// waits for the consumer stays bounded however large it is.
+			if txn = ss.dec.Split(); txn == nil {
+				return nil
+			}
 		}
 		size := ss.txnBytes
 		ss.txnBytes = 0
-		if txn.EndLSN <= ss.handed || txn.EndLSN <= ss.pendingPos {
-			ss.cfg.Logger.Debug("dropping transaction already handed over", "xid", txn.XID, slogLSN("end_lsn", txn.EndLSN), slogLSN("handed_lsn", ss.handed))
+		if txn.More && txn.CommitLSN < ss.handed || !txn.More && (txn.EndLSN <= ss.handed || txn.EndLSN <= ss.pendingPos) {
+			ss.cfg.Logger.Debug("dropping transaction already handed over", "xid", txn.XID, slogLSN("commit_lsn", txn.CommitLSN), slogLSN("handed_lsn", ss.handed))
 			return nil
+		}
+		if txn.CommitLSN == ss.partLSN && ss.partLSN != 0 {
+			// Sent again after a reconnect: skip what was handed.
+			skip := min(max(ss.partHanded-ss.partSeen, 0), len(txn.Changes))
+			ss.partSeen += len(txn.Changes)
+			txn.Changes = txn.Changes[skip:]
+			if txn.More && len(txn.Changes) == 0 {
+				return nil
+			}
 		}
 		if len(ss.pending) == 0 {
 			ss.pendingSince = ss.lastData
 			ss.pending = make([]Txn, 0, min(ss.cfg.MaxBatchTxns, 16))
 		}
 		ss.pending = append(ss.pending, *txn)
-		ss.pendingPos = txn.EndLSN
+		if !txn.More {
+			ss.pendingPos = txn.EndLSN
+		}
 		ss.pendingBytes += size
 		return nil
 
@@ -542,6 +569,24 @@ func (ss *session) checkShutdown(walEnd LSN) error {
 	return nil
 }
 
+// handedOver records b as handed over.
+func (ss *session) handedOver(b Batch) {
+	ss.handed = max(ss.handed, b.Position)
+	ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
+	for i := range b.Txns {
+		t := &b.Txns[i]
+		switch {
+		case t.More && t.CommitLSN == ss.partLSN:
+			ss.partHanded += len(t.Changes)
+		case t.More:
+			ss.partLSN, ss.partHanded = t.CommitLSN, len(t.Changes)
+			ss.partSeen = len(t.Changes)
+		case t.CommitLSN == ss.partLSN:
+			ss.partLSN, ss.partHanded = 0, 0
+		}
+	}
+}
+
 // flush hands the pending transactions over, blocking as long as the
 // consumer does while keeping the standby status updates flowing.
 func (ss *session) flush(ctx context.Context) error {
@@ -550,8 +595,7 @@ func (ss *session) flush(ctx context.Context) error {
 	for {
 		select {
 		case ss.out <- b:
-			ss.handed = max(ss.handed, b.Position)
-			ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
+			ss.handedOver(b)
 			if timer != nil {
 				timer.Stop()
 			}
@@ -572,8 +616,7 @@ func (ss *session) flush(ctx context.Context) error {
 		}
 		select {
 		case ss.out <- b:
-			ss.handed = max(ss.handed, b.Position)
-			ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
+			ss.handedOver(b)
 			timer.Stop()
 			return nil
 		case <-ctx.Done():

@@ -2,6 +2,7 @@ package cdc
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -827,4 +828,150 @@ func TestStreamKeepsAQuietLiveConnection(t *testing.T) {
 	}
 	insertOutbox(t, u, 1, 2)
 	waitFor(t, 20*time.Second, "the second row", func() bool { return len(outboxRows(c.snapshot())) >= 2 })
+}
+
+// insertOneTxn commits rows from..to-1 in one transaction, each with a
+// pad of padBytes.
+func insertOneTxn(t *testing.T, connString string, from, to, padBytes int) {
+	t.Helper()
+	exec(t, connString, `INSERT INTO relay.outbox (tenant_id, event_type, payload)
+SELECT 't1', 'e', jsonb_build_object('n', i, 'pad', repeat('x', $3::int)) FROM generate_series($1::int, $2::int - 1) i`, from, to, padBytes)
+}
+
+// rowNumbers returns the n of every relay.outbox insert, in order.
+func rowNumbers(t *testing.T, txns []Txn) []int {
+	t.Helper()
+	var ns []int
+	for _, txn := range txns {
+		for _, c := range txn.Changes {
+			if c.Rel.Name == "outbox" && c.Op == Insert {
+				var row struct{ N int }
+				if err := json.Unmarshal(c.New[c.Rel.ColumnIndex("payload")].Data, &row); err != nil {
+					t.Fatal(err)
+				}
+				ns = append(ns, row.N)
+			}
+		}
+	}
+	return ns
+}
+
+// checkParts checks that parts come as the stream promises: a run of
+// Txns with More, then the same transaction's last part without it; only
+// that last part has an EndLSN. It returns how many parts each
+// transaction came in.
+func checkParts(t *testing.T, txns []Txn) []int {
+	t.Helper()
+	var parts []int
+	n := 0
+	for i, txn := range txns {
+		n++
+		if i > 0 && txns[i-1].More && (txns[i-1].XID != txn.XID || txns[i-1].CommitLSN != txn.CommitLSN) {
+			t.Fatalf("txn %d (xid %d at %s) follows a part of xid %d at %s", i, txn.XID, txn.CommitLSN, txns[i-1].XID, txns[i-1].CommitLSN)
+		}
+		if txn.More != (txn.EndLSN == 0) {
+			t.Fatalf("txn %d: More %v with EndLSN %s", i, txn.More, txn.EndLSN)
+		}
+		if !txn.More {
+			parts = append(parts, n)
+			n = 0
+		}
+	}
+	return parts
+}
+
+// A transaction larger than MaxBatchBytes comes in parts of about that
+// size, in order, none of them confirmable before the last.
+func TestStreamHandsALargeTransactionOverInParts(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	s := newStream(t, u, func(c *Config) { c.MaxBatchBytes = 64 << 10 })
+	c := &consumer{ack: true}
+	c.run(t, s)
+	insertOutbox(t, u, 0, 1)
+	insertOneTxn(t, u, 1, 2001, 500) // about 1 MB of WAL messages
+	insertOutbox(t, u, 2001, 2002)
+	waitFor(t, 30*time.Second, "every row", func() bool { return len(outboxRows(c.snapshot())) >= 2002 })
+	txns := c.snapshot()
+	parts := checkParts(t, txns)
+	if len(parts) != 3 || parts[0] != 1 || parts[2] != 1 || parts[1] < 10 {
+		t.Fatalf("transactions came in %v parts, want [1 >=10 1]", parts)
+	}
+	ns := rowNumbers(t, txns)
+	for i, n := range ns {
+		if n != i {
+			t.Fatalf("row %d is n=%d: out of order, lost or repeated (%d rows)", i, n, len(ns))
+		}
+	}
+	if len(ns) != 2002 {
+		t.Fatalf("%d rows, want 2002", len(ns))
+	}
+	// No Batch holding a part claims a Position past the transaction's
+	// start, and no part is bigger than about the bound.
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	big := txns[1].CommitLSN
+	for _, b := range c.batches {
+		for _, txn := range b.Txns {
+			if txn.More && b.Position >= big {
+				t.Errorf("a Batch with a part has Position %s, at or past the transaction's commit %s", b.Position, big)
+			}
+			if n := len(txn.Changes); txn.More && n > 150 {
+				t.Errorf("a part of %d rows of ~530 bytes, for a 64 KiB bound", n)
+			}
+		}
+	}
+}
+
+// A connection lost while a large transaction is half handed over: the
+// server sends it again from its Begin, and the stream skips what it
+// already handed, so each row comes once.
+func TestStreamResumesALargeTransactionWithoutRepeats(t *testing.T) {
+	t.Parallel()
+	u := newDB(t, cluster)
+	var logs syncBuffer
+	s := newStream(t, u, func(c *Config) {
+		c.MaxBatchBytes = 64 << 10
+		c.Logger = slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	})
+	// The consumer takes 20 Batches, then waits: the stream stops reading
+	// mid-transaction, and the walsender waits with the rest.
+	c := &consumer{gate: make(chan struct{}, 100000)}
+	for range 20 {
+		c.gate <- struct{}{}
+	}
+	c.run(t, s)
+	const rows = 40000 // about 22 MB, more than the sockets buffer
+	insertOneTxn(t, u, 0, rows, 500)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(c.gate) > 0 || len(outboxRows(c.snapshot())) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("the consumer took %d batches, %d rows; log:\n%s", 20-len(c.gate), len(outboxRows(c.snapshot())), logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var pid int
+	queryScan(t, u, `SELECT pg_terminate_backend(active_pid)::int * active_pid FROM pg_replication_slots WHERE slot_name = $1`, &pid, slotFor(u))
+	if pid == 0 {
+		t.Fatal("no walsender to end")
+	}
+	for range cap(c.gate) - 1 {
+		c.gate <- struct{}{}
+	}
+	waitFor(t, 60*time.Second, "every row", func() bool { return len(outboxRows(c.snapshot())) >= rows })
+	if !strings.Contains(logs.String(), "replication connection lost") {
+		t.Fatalf("the connection was not lost; the test proves nothing. log:\n%s", logs.String())
+	}
+	time.Sleep(200 * time.Millisecond) // anything repeated would arrive by now
+	txns := c.snapshot()
+	checkParts(t, txns)
+	ns := rowNumbers(t, txns)
+	if len(ns) != rows {
+		t.Errorf("%d rows, want %d", len(ns), rows)
+	}
+	for i, n := range ns {
+		if n != i {
+			t.Fatalf("row %d is n=%d: repeated or lost across the reconnect", i, n)
+		}
+	}
 }
