@@ -158,6 +158,9 @@ type Config struct {
 	// the relay says, every slowSQL, that it still runs. Default slowSQL;
 	// tests shorten it.
 	slowSQL time.Duration
+	// streamBatchBytes is the stream's cdc.Config.MaxBatchBytes (0: its
+	// default); tests shrink it to have transactions come in parts.
+	streamBatchBytes int
 }
 
 // DefaultRetrySchedule is the delay before each attempt.

@@ -133,6 +133,10 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 	var cols outboxCols
 	var queue, final []*delivery
 	lanesOpen := false
+	// A transaction handed over in parts (cdc.Txn.More): its CommitLSN,
+	// and the position of its next outbox row.
+	var partLSN cdc.LSN
+	var partSeq int32
 	for {
 		var b cdc.Batch
 		select {
@@ -151,6 +155,9 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			txn := &b.Txns[ti]
 			startQ, startF, startH := len(queue), len(final), len(r.history.entries)
 			var seq int32 // the outbox row's position in the transaction
+			if partLSN != 0 && txn.CommitLSN == partLSN {
+				seq = partSeq // the rest of a transaction that came in parts
+			}
 			for ci := range txn.Changes {
 				ch := &txn.Changes[ci]
 				rel := ch.Rel
@@ -179,6 +186,11 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 					r.installTenant(r.config.upsertTenant(tupleRow(rel, ch.New, nil)))
 				}
 			}
+			if txn.More {
+				partLSN, partSeq = txn.CommitLSN, seq
+			} else {
+				partLSN, partSeq = 0, 0
+			}
 			if more := r.changeLog.more(txn.CommitLSN); more > 0 {
 				r.log.Info("more endpoint config changes in this transaction, logged at debug level",
 					slog.Int("endpoints", more), slog.String("commit_lsn", txn.CommitLSN.String()))
@@ -201,7 +213,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			for _, d := range final[startF:] {
 				d.mark = mark
 			}
-			if txn.EndLSN <= r.recorded {
+			if recordLSN(txn) <= r.recorded {
 				recheck = append(recheck, queue[startQ:]...)
 				recheck = append(recheck, final[startF:]...)
 			}
@@ -247,6 +259,18 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 	}
 }
 
+// recordLSN is the end a delivery of txn records for its transaction
+// (relay_state.recorded_lsn follows it, and a restart looks up the rows of
+// events at or below it): the EndLSN, or for a part of a larger
+// transaction (not ended yet) its CommitLSN, which lies past the end of
+// every earlier transaction and before its own.
+func recordLSN(txn *cdc.Txn) cdc.LSN {
+	if txn.More {
+		return txn.CommitLSN
+	}
+	return txn.EndLSN
+}
+
 // route builds the deliveries of one outbox row: to the named endpoint, or
 // to every enabled endpoint of the tenant that subscribes to the type.
 // Deliveries that cannot be attempted go to final with their reason.
@@ -266,7 +290,7 @@ func (r *Relay) route(txn *cdc.Txn, vals []cdc.Value, cols *outboxCols, seq int3
 		traceparent: string(colBytes(vals, cols.trace)),
 		commitLSN:   txn.CommitLSN,
 		eventSeq:    seq,
-		endLSN:      txn.EndLSN,
+		endLSN:      recordLSN(txn),
 		committedAt: txn.CommitTime,
 		state:       StatePending,
 	}

@@ -254,8 +254,9 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 	stream, err := cdc.New(cdc.Config{
 		ConnString:  r.cfg.DatabaseURL,
 		SlotName:    r.cfg.SlotName,
-		Publication: r.cfg.Publication,
-		Logger:      r.log,
+		Publication:   r.cfg.Publication,
+		Logger:        r.log,
+		MaxBatchBytes: r.cfg.streamBatchBytes,
 	})
 	if err != nil {
 		return nil, err
