@@ -252,8 +252,8 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 	}
 	*connected = true
 	stream, err := cdc.New(cdc.Config{
-		ConnString:  r.cfg.DatabaseURL,
-		SlotName:    r.cfg.SlotName,
+		ConnString:    r.cfg.DatabaseURL,
+		SlotName:      r.cfg.SlotName,
 		Publication:   r.cfg.Publication,
 		Logger:        r.log,
 		MaxBatchBytes: r.cfg.streamBatchBytes,
