@@ -316,3 +316,51 @@ func TestKill9WhileHeldLosesNothing(t *testing.T) {
 		t.Errorf("%d of %d slow deliveries had rows at the kill: the test did not kill while most were held", rowsAtKill, slowEvents)
 	}
 }
+
+// One transaction of 200,000 events (a backfill, say) reaches the relay in
+// parts, so it is held in memory no more than a backlog of many
+// transactions is; a kill -9 in the middle of it loses nothing, and every
+// event ends with one succeeded row.
+func TestOneLargeTransactionInBoundedMemory(t *testing.T) {
+	const events = 200000
+	url, pool := database(t)
+	rcv := newReceiver(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('ep', 't', $1, ARRAY[$2])`, rcv.srv.URL, rcv.secret); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	args := relayArgs(url, "--http-addr", addr)
+	p := startRelay(t, args...)
+	waitServing(t, addr)
+	payload := `{"pad": "` + strings.Repeat("x", 400) + `"}`
+	start := time.Now()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', $1::jsonb || jsonb_build_object('i', i) FROM generate_series(1, $2::int) i`, payload, events); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "half the transaction delivered", 3*time.Minute, func() bool {
+		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) >= events/2
+	})
+	rss := peakRSS(t, p.cmd.Process.Pid)
+	p.kill9()
+	t.Logf("half of one %d-event transaction delivered in %s; peak RSS %.1f MiB; kill -9", events, time.Since(start).Round(time.Millisecond), float64(rss)/(1<<20))
+	if rss > 150<<20 {
+		t.Errorf("peak RSS %d MB while delivering one large transaction, want < 150 MB", rss>>20)
+	}
+	p = startRelay(t, args...)
+	waitFor(t, "every delivery to succeed", 3*time.Minute, func() bool {
+		return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == events
+	})
+	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != events {
+		t.Errorf("%d rows, want %d", n, events)
+	}
+	distinct, total, _, bad := rcv.stats()
+	t.Logf("all delivered %s after the insert; the receiver saw %d requests for %d events; the second relay's peak RSS %.1f MiB",
+		time.Since(start).Round(time.Millisecond), total, distinct, float64(peakRSS(t, p.cmd.Process.Pid))/(1<<20))
+	if distinct != events || bad != 0 {
+		t.Errorf("receiver saw %d distinct events, %d bad signatures; want %d and 0", distinct, bad, events)
+	}
+	if rss := peakRSS(t, p.cmd.Process.Pid); rss > 150<<20 {
+		t.Errorf("the second relay's peak RSS %d MB, want < 150 MB", rss>>20)
+	}
+}
