@@ -191,7 +191,8 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			} else {
 				partLSN, partSeq = 0, 0
 			}
-			if more := r.changeLog.more(txn.CommitLSN); more > 0 {
+			// Counted over every part of a transaction, said after the last.
+			if more := r.changeLog.moreAfter(txn); more > 0 {
 				r.log.Info("more endpoint config changes in this transaction, logged at debug level",
 					slog.Int("endpoints", more), slog.String("commit_lsn", txn.CommitLSN.String()))
 			}
@@ -437,6 +438,14 @@ func (c *changeLog) more(commit cdc.LSN) int {
 	more := c.n - changeLogLimit
 	c.n = 0
 	return more
+}
+
+// moreAfter is more for the last part of txn, and 0 before it.
+func (c *changeLog) moreAfter(txn *cdc.Txn) int {
+	if txn.More {
+		return 0
+	}
+	return c.more(txn.CommitLSN)
 }
 
 // dropRecorded removes deliveries whose row already exists: they were
