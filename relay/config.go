@@ -66,6 +66,11 @@ type Config struct {
 
 	// MaxPayloadBytes rejects larger payloads. Default 256 KiB.
 	MaxPayloadBytes int
+	// StreamBatchBytes bounds the WAL messages the stream hands the
+	// dispatcher at once (cdc.Config.MaxBatchBytes): a transaction larger
+	// than this comes in parts, so one transaction of any size is held in
+	// memory no more than this. Default 4 MiB; at least 4 KiB.
+	StreamBatchBytes int
 	// StatusBatch is the most status rows written per round trip. Default 2000.
 	StatusBatch int
 	// StatusInterval is the longest a status row waits to be written:
@@ -158,9 +163,6 @@ type Config struct {
 	// the relay says, every slowSQL, that it still runs. Default slowSQL;
 	// tests shorten it.
 	slowSQL time.Duration
-	// streamBatchBytes is the stream's cdc.Config.MaxBatchBytes (0: its
-	// default); tests shrink it to have transactions come in parts.
-	streamBatchBytes int
 }
 
 // DefaultRetrySchedule is the delay before each attempt.
@@ -235,6 +237,9 @@ func (c Config) Validate() error {
 		if v < 0 {
 			errs = append(errs, fmt.Errorf("%s must not be negative (got %d)", name, v))
 		}
+	}
+	if c.StreamBatchBytes != 0 && c.StreamBatchBytes < 4<<10 {
+		errs = append(errs, fmt.Errorf("StreamBatchBytes must be 0 (the default, 4 MiB) or at least 4096 (got %d)", c.StreamBatchBytes))
 	}
 	if c.HoldFor < 0 {
 		errs = append(errs, fmt.Errorf("HoldFor must not be negative (got %s)", c.HoldFor))

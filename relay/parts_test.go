@@ -9,7 +9,7 @@ import (
 
 // partsOf has transactions of more than about 200 small events come in
 // parts (cdc.Txn.More).
-func partsOf(c *Config) { c.streamBatchBytes = 16 << 10 }
+func partsOf(c *Config) { c.StreamBatchBytes = 16 << 10 }
 
 // A transaction larger than the stream's batch bound comes in parts, and
 // an ordered endpoint still gets its events in commit order: event_seq

@@ -256,7 +256,7 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 		SlotName:      r.cfg.SlotName,
 		Publication:   r.cfg.Publication,
 		Logger:        r.log,
-		MaxBatchBytes: r.cfg.streamBatchBytes,
+		MaxBatchBytes: r.cfg.StreamBatchBytes,
 	})
 	if err != nil {
 		return nil, err

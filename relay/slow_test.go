@@ -3,19 +3,16 @@ package relay
 import (
 	"context"
 	"log/slog"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 )
 
-// A status write that hangs (here behind a lock; as well on a server that
-// stopped answering) is reported while it hangs, again and again, and no
-// more once it is through.
-func TestHangingStatusWriteSaysSo(t *testing.T) {
-	t.Parallel()
-	e := newEnv(t)
-	rcv := newReceiver(t)
+// startReportingSlowSQL starts a relay with endpoint "ep" of tenant "t"
+// at rcv that reports statements running past 200 ms, and returns how
+// many warnings with message msg it has logged so far.
+func startReportingSlowSQL(t *testing.T, e *env, rcv *receiver, msg string) (reports func() int) {
+	t.Helper()
 	e.addEndpoint("ep", "t", rcv)
 	var mu sync.Mutex
 	var records []slog.Record
@@ -23,17 +20,26 @@ func TestHangingStatusWriteSaysSo(t *testing.T) {
 		c.slowSQL = 200 * time.Millisecond
 		c.Logger = slog.New(recordingHandler{&mu, &records})
 	})
-	stillRunning := func() int {
+	return func() int {
 		mu.Lock()
 		defer mu.Unlock()
 		n := 0
 		for _, r := range records {
-			if strings.HasPrefix(r.Message, "status write still running") && r.Level == slog.LevelWarn {
+			if r.Message == msg && r.Level == slog.LevelWarn {
 				n++
 			}
 		}
 		return n
 	}
+}
+
+// A status write that hangs (here behind a lock; as well on a server that
+// stopped answering) is reported while it hangs, again and again, and no
+// more once it is through.
+func TestHangingStatusWriteSaysSo(t *testing.T) {
+	t.Parallel()
+	e, rcv := newEnv(t), newReceiver(t)
+	stillRunning := startReportingSlowSQL(t, e, rcv, "status write still running; deliveries and acknowledgements wait for it")
 	ctx := context.Background()
 	lock, err := e.Pool.Begin(ctx)
 	if err != nil {
@@ -62,26 +68,8 @@ func TestHangingStatusWriteSaysSo(t *testing.T) {
 // The same for an endpoint history write, which the stream waits for.
 func TestHangingHistoryWriteSaysSo(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t)
-	rcv := newReceiver(t)
-	e.addEndpoint("ep", "t", rcv)
-	var mu sync.Mutex
-	var records []slog.Record
-	e.startRelay(func(c *Config) {
-		c.slowSQL = 200 * time.Millisecond
-		c.Logger = slog.New(recordingHandler{&mu, &records})
-	})
-	reports := func() int {
-		mu.Lock()
-		defer mu.Unlock()
-		n := 0
-		for _, r := range records {
-			if r.Message == "recording endpoint config history still running; the stream waits for it" && r.Level == slog.LevelWarn {
-				n++
-			}
-		}
-		return n
-	}
+	e, rcv := newEnv(t), newReceiver(t)
+	reports := startReportingSlowSQL(t, e, rcv, "recording endpoint config history still running; the stream waits for it")
 	// The startup snapshot is written before the lock is taken.
 	e.WaitFor("the startup snapshot", 20*time.Second, func() bool {
 		return e.Count(`SELECT count(*) FROM relay.endpoint_history`) == 1

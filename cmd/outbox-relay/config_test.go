@@ -111,6 +111,9 @@ func TestConfigCheckRejectsBadSettings(t *testing.T) {
 	if code, _, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--http-client", "curl"); code == 0 || !strings.Contains(errOut, "HTTPClient") {
 		t.Errorf("bad http client: exit %d, %q", code, errOut)
 	}
+	if code, _, errOut := runCLI(t, "config", "check", "--database-url", "postgres://x", "--stream-batch-bytes", "100"); code == 0 || !strings.Contains(errOut, "StreamBatchBytes") {
+		t.Errorf("stream batch of 100 bytes: exit %d, %q", code, errOut)
+	}
 	if code, _, errOut := runCLI(t, "config", "check", "--preset", "huge"); code == 0 || !strings.Contains(errOut, "small, medium or large") {
 		t.Errorf("bad preset: exit %d, %q", code, errOut)
 	}

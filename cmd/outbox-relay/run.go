@@ -32,6 +32,7 @@ func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, all
 	fs.IntVar(&cfg.TenantMaxInFlight, "tenant-max-in-flight", 0, "concurrent deliveries of one tenant at most, over all its endpoints, so a slow tenant leaves workers to the others (0: three quarters of --workers)")
 	fs.StringVar(overflow, "overflow", "spill", "when queues are full: spill (record as pending rows, keep streaming) or block (stop reading the WAL)")
 	fs.IntVar(&cfg.MaxPayloadBytes, "max-payload-bytes", 256<<10, "payloads larger than this are rejected")
+	fs.IntVar(&cfg.StreamBatchBytes, "stream-batch-bytes", 4<<20, "WAL message bytes the stream hands over at once, at least 4096: a larger transaction is read in parts of this size, so memory does not grow with one transaction's size")
 	fs.Var(schedule, "retry-schedule", "comma-separated delay before each attempt; its length is the attempt budget (default 0s,5s,5m,30m,2h,5h,10h,10h)")
 	fs.Float64Var(&cfg.RetryJitter, "retry-jitter", 0.2, "spread each retry delay by ± this fraction")
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", time.Second, "how often due retries and spilled deliveries are claimed")
