@@ -167,6 +167,7 @@ type chaos struct {
 	windows  []faultWindow         // kills, restarts and exits: what can repeat a delivery
 	disabled map[string][]interval // per endpoint, when it was (possibly) disabled
 	sqlErrs  int
+	bulk     int // committed transactions of 200 rows or more
 }
 
 // logf logs with the wall-clock time, to line up with the relays' logs.
@@ -261,7 +262,13 @@ func (c *chaos) produce(p int) {
 		case <-time.After(time.Duration(15+rng.IntN(40)) * time.Millisecond):
 		}
 		rows := 1
-		if rng.IntN(10) == 0 {
+		switch r := rng.IntN(1000); {
+		case r == 0:
+			// A bulk transaction: larger than the relays' stream batch
+			// (--stream-batch-bytes 32768), so it reaches them in parts,
+			// across kills and Postgres restarts like everything else.
+			rows = 200 + rng.IntN(200)
+		case r < 100:
 			rows = 2 + rng.IntN(4)
 		}
 		rollback := rng.IntN(7) == 0
@@ -311,6 +318,11 @@ func (c *chaos) produce(p int) {
 			for _, ev := range evs {
 				ev.done = done
 				ev.ambiguous, ev.committed = err != nil, err == nil
+			}
+			if err == nil && rows >= 200 {
+				c.mu.Lock()
+				c.bulk++
+				c.mu.Unlock()
 			}
 		}
 		cancel()
@@ -885,6 +897,7 @@ FROM relay.deliveries WHERE endpoint_id = $1 AND commit_lsn IS NOT NULL`, ep.id)
 	fmt.Fprintf(&b, "\nchaos summary (seed %d)\n", c.seed)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "events committed", committed)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "  of which commit errored but row exists", ambiguousCommitted)
+	fmt.Fprintf(&b, "  %-50s %8d\n", "bulk transactions committed (200-399 rows)", c.bulk)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "events rolled back", rolledBack)
 	fmt.Fprintf(&b, "  %-50s %8d\n", "commit errors (outcome read from outbox)", ambiguous)
 	kinds := slices.Sorted(func(yield func(string) bool) {
@@ -1070,7 +1083,8 @@ func (s *relaySupervisor) ensure() {
 	for len(s.procs) < s.desired {
 		addr := freeAddr(s.c.t)
 		p := startRelay(s.c.t, relayArgs(s.c.url, "--http-addr", addr,
-			"--retry-schedule", "0s,200ms,500ms,1s,2s,2s,2s,2s,2s,2s", "--poll-interval", "100ms", "--shutdown-grace", "2s")...)
+			"--retry-schedule", "0s,200ms,500ms,1s,2s,2s,2s,2s,2s,2s", "--poll-interval", "100ms", "--shutdown-grace", "2s",
+			"--stream-batch-bytes", "32768")...)
 		s.procs = append(s.procs, &supervised{p, addr})
 		s.started++
 	}
