@@ -3,9 +3,11 @@ package relay
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"io"
 	"math"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -121,7 +123,15 @@ const copyChunk = 64 << 10
 
 // copyReader streams rows as binary COPY data, encoding them as the
 // server's connection asks for more.
+//
+// When a COPY fails midway (a broken connection, a cancelled context),
+// pgconn returns without waiting for its goroutine that reads from here.
+// close, called once CopyFrom has returned, waits for a Read under way
+// and makes every later one fail without touching the rows: the writer
+// may put them back in its buffer, and reuse or clear that memory, at once.
 type copyReader struct {
+	mu     sync.Mutex
+	closed bool
 	enc    *copyEncoder
 	rows   []*delivery
 	encode func(e *copyEncoder, d *delivery)
@@ -129,7 +139,20 @@ type copyReader struct {
 	ended  bool // the trailer is in enc.b
 }
 
+var errCopyAbandoned = errors.New("COPY abandoned")
+
+func (c *copyReader) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+}
+
 func (c *copyReader) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, errCopyAbandoned
+	}
 	if !c.ended && len(c.enc.b)-c.off < copyChunk {
 		c.enc.b = append(c.enc.b[:0], c.enc.b[c.off:]...)
 		c.off = 0
@@ -156,6 +179,7 @@ func (e *copyEncoder) copy(ctx context.Context, conn *pgconn.PgConn, sql string,
 	e.reset()
 	r := &copyReader{enc: e, rows: rows, encode: encode}
 	_, err := conn.CopyFrom(ctx, r, sql)
+	r.close()
 	if err == nil && cap(e.b) > 4*copyChunk {
 		e.b = nil // one huge payload must not stay allocated
 	}

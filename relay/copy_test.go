@@ -2,10 +2,12 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -339,5 +341,52 @@ func TestWriterBatchesPerInterval(t *testing.T) {
 	defer mu.Unlock()
 	if len(batches) != 3 {
 		t.Errorf("the burst was written in %d batches (%v), want 3 of 1,000", len(batches), batches)
+	}
+}
+
+// A COPY that fails midway leaves pgconn's goroutine reading the rows;
+// once close returns it reads no more, so the writer may reuse the rows'
+// memory at once. (A CI run crashed on a nil row: the writer had put a
+// failed batch back and cleared part of it while the abandoned COPY was
+// still encoding from it.)
+func TestCopyReaderStopsAtClose(t *testing.T) {
+	rows := make([]*delivery, 200)
+	for i := range rows {
+		rows[i] = &delivery{endpointID: "ep", tenantID: "t", eventType: "x", state: StatePending,
+			payload: []byte(`"` + strings.Repeat("x", copyChunk) + `"`)} // one row per chunk
+	}
+	var encoded atomic.Int64
+	r := &copyReader{enc: &copyEncoder{}, rows: rows, encode: func(e *copyEncoder, d *delivery) {
+		encoded.Add(1)
+		encodeDelivery(e, d)
+	}}
+	// The reading goroutine reads when told to, as pgconn's does when the
+	// connection has room.
+	step, got := make(chan struct{}), make(chan error)
+	go func() {
+		buf := make([]byte, 16<<10)
+		for range step {
+			_, err := r.Read(buf)
+			got <- err
+		}
+	}()
+	defer close(step)
+	for encoded.Load() < 3 {
+		step <- struct{}{}
+		if err := <-got; err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.close()
+	n := encoded.Load()
+	clear(rows) // as the writer may, once the COPY has returned
+	for range 10 {
+		step <- struct{}{}
+		if err := <-got; !errors.Is(err, errCopyAbandoned) {
+			t.Fatalf("Read after close: %v, want errCopyAbandoned", err)
+		}
+	}
+	if m := encoded.Load(); m != n || n >= int64(len(rows)) {
+		t.Errorf("%d rows encoded by close, %d in all: want no more after close, and the test to stop it midway", n, m)
 	}
 }

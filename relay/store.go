@@ -486,8 +486,8 @@ func (w *writer) writeFresh(ctx context.Context, sql string, rows []*delivery) e
 // copy runs one binary COPY of rows on conn with the writer's encoder,
 // which is reused from batch to batch. When the connection breaks in the
 // middle of a COPY, pgconn returns without waiting for its goroutine that
-// reads the rows from the encoder, so a failed COPY retires the encoder
-// and the next batch gets a new one.
+// reads the rows from the encoder; copyReader.close keeps it from reading
+// more, and a failed COPY retires the encoder besides.
 func (w *writer) copy(ctx context.Context, conn *pgconn.PgConn, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
 	if w.enc == nil {
 		w.enc = &copyEncoder{}
