@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -424,6 +425,12 @@ func (ss *session) loop(ctx context.Context) error {
 					return err
 				}
 				continue
+			}
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				// What a read sees both when the server closes the
+				// connection and when the kernel gives it up (no
+				// acknowledgement within TCP_USER_TIMEOUT).
+				return fmt.Errorf("cdc: receive: the connection ended (closed by the server, or given up for want of acknowledgements): %w", err)
 			}
 			return fmt.Errorf("cdc: receive: %w", err)
 		}
