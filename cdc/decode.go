@@ -101,6 +101,8 @@ type Txn struct {
 	// More false, its EndLSN. A part's EndLSN is zero. pgoutput sends a
 	// transaction only once it has committed, so a part is committed.
 	More bool
+	// first is the index in the whole transaction of Changes[0].
+	first int
 	// Truncated lists the relations truncated in this transaction (TRUNCATE
 	// is published only if the publication includes it; ours does not).
 	Truncated []*Relation
@@ -147,7 +149,7 @@ func (d *Decoder) Split() *Txn {
 	}
 	part := *t
 	part.More = true
-	d.txn = &Txn{XID: t.XID, CommitLSN: t.CommitLSN, CommitTime: t.CommitTime}
+	d.txn = &Txn{XID: t.XID, CommitLSN: t.CommitLSN, CommitTime: t.CommitTime, first: t.first + len(t.Changes)}
 	d.bytes, d.values = nil, nil
 	return &part
 }

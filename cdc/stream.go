@@ -126,7 +126,7 @@ var (
 		{"tcp_keepalives_interval", "1"},
 		{"tcp_keepalives_count", "3"},
 	}
-	sessionDefaults     = [][2]string{{"tcp_user_timeout", "10000"}}
+	sessionDefaults     = [][2]string{{"tcp_user_timeout", userTimeoutMS}}
 	replicationDefaults = [][2]string{{"wal_sender_timeout", "10s"}}
 )
 
@@ -150,11 +150,15 @@ func prepare(c *pgconn.Config, extra [][2]string) {
 	c.DialFunc = sockio.Dial(clientTimeouts(c.DialFunc, c.RuntimeParams))
 }
 
+// userTimeoutMS is the TCP user timeout, in milliseconds, of the relay's
+// ordinary connections (both ends) and of its end of the replication one.
+const userTimeoutMS = "10000"
+
 // clientTimeouts gives the relay's end of each TCP connection the
-// keepalives and user timeout its RuntimeParams ask of the server's end
-// (tcp_keepalives_idle, _interval, _count in seconds, tcp_user_timeout in
-// milliseconds; a connection without tcp_user_timeout, the replication
-// one, gets clientUserTimeout). Without them a server that vanished from
+// keepalives and user timeout its RuntimeParams ask of the server's end,
+// prepare having filled in the defaults (tcp_keepalives_idle, _interval,
+// _count in seconds, tcp_user_timeout in milliseconds; the replication
+// connection, which asks the server for none, gets userTimeoutMS). Without them a server that vanished from
 // the network (a failover that moved its address, a partition) leaves a
 // query waiting as long as Go's and the kernel's defaults allow: a first
 // keepalive after 15 s idle and 9 more 15 s apart, and unacknowledged
@@ -163,21 +167,17 @@ func prepare(c *pgconn.Config, extra [][2]string) {
 // the stream's), and a live server acknowledges them, also when it is
 // not reading; so the user timeout ends only a dead path.
 func clientTimeouts(dial pgconn.DialFunc, params map[string]string) pgconn.DialFunc {
-	ka := net.KeepAliveConfig{Enable: true, Idle: 5 * time.Second, Interval: time.Second, Count: 3}
-	secs := func(name string, d *time.Duration) {
-		if n, err := strconv.Atoi(params[name]); err == nil && n > 0 {
-			*d = time.Duration(n) * time.Second
-		}
+	// A value that is not a number leaves Go's default (0 in
+	// KeepAliveConfig); the server refuses such a connection anyway.
+	num := func(name string) int { n, _ := strconv.Atoi(params[name]); return n }
+	ka := net.KeepAliveConfig{Enable: true, Idle: time.Duration(num("tcp_keepalives_idle")) * time.Second,
+		Interval: time.Duration(num("tcp_keepalives_interval")) * time.Second, Count: num("tcp_keepalives_count")}
+	userMS, ok := params["tcp_user_timeout"]
+	if !ok {
+		userMS = userTimeoutMS
 	}
-	secs("tcp_keepalives_idle", &ka.Idle)
-	secs("tcp_keepalives_interval", &ka.Interval)
-	if n, err := strconv.Atoi(params["tcp_keepalives_count"]); err == nil && n > 0 {
-		ka.Count = n
-	}
-	user := clientUserTimeout
-	if n, err := strconv.Atoi(params["tcp_user_timeout"]); err == nil && n >= 0 {
-		user = time.Duration(n) * time.Millisecond
-	}
+	n, _ := strconv.Atoi(userMS)
+	user := time.Duration(n) * time.Millisecond
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		nc, err := dial(ctx, network, addr)
 		if err != nil {
@@ -196,10 +196,6 @@ func clientTimeouts(dial pgconn.DialFunc, params map[string]string) pgconn.DialF
 		return nc, nil
 	}
 }
-
-// clientUserTimeout is the relay's TCP user timeout where the connection's
-// parameters set none.
-const clientUserTimeout = 10 * time.Second
 
 // Status returns a snapshot; safe from any goroutine.
 func (s *Stream) Status() Status {
@@ -361,8 +357,6 @@ type session struct {
 	pendingBytes int // WAL message bytes of the pending transactions
 	txnBytes     int // WAL message bytes of the transaction being decoded
 
-	partSeen int // changes of the transaction at partLSN decoded in this session
-
 	replyStreak      int       // keepalives asking for a reply, each within a second of the previous
 	replyStreakStart time.Time // first of them
 	lastReplyReq     time.Time
@@ -486,9 +480,8 @@ func (ss *session) handleCopyData(ctx context.Context, data []byte) error {
 		}
 		if txn.CommitLSN == ss.partLSN && ss.partLSN != 0 {
 			// Sent again after a reconnect: skip what was handed.
-			skip := min(max(ss.partHanded-ss.partSeen, 0), len(txn.Changes))
-			ss.partSeen += len(txn.Changes)
-			txn.Changes = txn.Changes[skip:]
+			skip := min(max(ss.partHanded-txn.first, 0), len(txn.Changes))
+			txn.Changes, txn.first = txn.Changes[skip:], txn.first+skip
 			if txn.More && len(txn.Changes) == 0 {
 				return nil
 			}
@@ -581,13 +574,9 @@ func (ss *session) handedOver(b Batch) {
 	ss.handed = max(ss.handed, b.Position)
 	ss.pending, ss.pendingPos, ss.pendingBytes = nil, 0, 0
 	for i := range b.Txns {
-		t := &b.Txns[i]
-		switch {
-		case t.More && t.CommitLSN == ss.partLSN:
-			ss.partHanded += len(t.Changes)
+		switch t := &b.Txns[i]; {
 		case t.More:
-			ss.partLSN, ss.partHanded = t.CommitLSN, len(t.Changes)
-			ss.partSeen = len(t.Changes)
+			ss.partLSN, ss.partHanded = t.CommitLSN, t.first+len(t.Changes)
 		case t.CommitLSN == ss.partLSN:
 			ss.partLSN, ss.partHanded = 0, 0
 		}

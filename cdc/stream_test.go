@@ -253,6 +253,16 @@ func payloads(from, to int) []string {
 	return p
 }
 
+// checkRowsInOrder checks that txns are in commit order and hold exactly
+// the rows payloads(0, n), in order.
+func checkRowsInOrder(t *testing.T, txns []Txn, n int, when string) {
+	t.Helper()
+	checkCommitOrder(t, txns)
+	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, n), ","); got != want {
+		t.Fatalf("rows %s:\n got %s\nwant %s", when, got, want)
+	}
+}
+
 func checkCommitOrder(t *testing.T, txns []Txn) {
 	t.Helper()
 	for i := 1; i < len(txns); i++ {
@@ -350,11 +360,7 @@ func TestStreamSurvivesPostgresRestart(t *testing.T) {
 	if err := stop(); !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run returned %v, want context.Canceled", err)
 	}
-	txns := c.snapshot()
-	checkCommitOrder(t, txns)
-	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, 20), ","); got != want {
-		t.Fatalf("rows across the restart:\n got %s\nwant %s", got, want)
-	}
+	checkRowsInOrder(t, c.snapshot(), 20, "across the restart")
 }
 
 func TestStreamResumesAtConfirmedPosition(t *testing.T) {
@@ -800,11 +806,7 @@ func TestStreamGivesUpASilentConnection(t *testing.T) {
 	if !strings.Contains(logs.String(), "nothing from the server for") {
 		t.Errorf("the reconnect did not say why; log:\n%s", logs.String())
 	}
-	txns := c.snapshot()
-	checkCommitOrder(t, txns)
-	if got, want := strings.Join(outboxRows(txns), ","), strings.Join(payloads(0, 6), ","); got != want {
-		t.Fatalf("rows across the silent connection:\n got %s\nwant %s", got, want)
-	}
+	checkRowsInOrder(t, c.snapshot(), 6, "across the silent connection")
 }
 
 // An idle connection to a live server is kept past ReceiveTimeout: the
