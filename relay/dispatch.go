@@ -192,7 +192,7 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 				partLSN, partSeq = 0, 0
 			}
 			// Counted over every part of a transaction, said after the last.
-			if more := r.changeLog.moreAfter(txn); more > 0 {
+			if more := r.changeLog.more(txn); more > 0 {
 				r.log.Info("more endpoint config changes in this transaction, logged at debug level",
 					slog.Int("endpoints", more), slog.String("commit_lsn", txn.CommitLSN.String()))
 			}
@@ -204,6 +204,8 @@ func (r *Relay) dispatch(ctx context.Context, in <-chan cdc.Batch) error {
 			if n == 0 {
 				continue
 			}
+			// A part's EndLSN is zero: its mark holds the watermark back
+			// until its rows are durable, and never moves it.
 			mark := r.wm.add(txn.EndLSN, n)
 			if changed {
 				histMarks = append(histMarks, mark)
@@ -429,23 +431,15 @@ func (c *changeLog) level(commit cdc.LSN) slog.Level {
 	return slog.LevelInfo
 }
 
-// more returns how many of the transaction's changes went to debug level,
-// once, after its last change.
-func (c *changeLog) more(commit cdc.LSN) int {
-	if c.txn != commit || c.n <= changeLogLimit {
+// more returns how many of txn's changes went to debug level, once,
+// after its last change (in its last part, if it came in parts).
+func (c *changeLog) more(txn *cdc.Txn) int {
+	if txn.More || c.txn != txn.CommitLSN || c.n <= changeLogLimit {
 		return 0
 	}
 	more := c.n - changeLogLimit
 	c.n = 0
 	return more
-}
-
-// moreAfter is more for the last part of txn, and 0 before it.
-func (c *changeLog) moreAfter(txn *cdc.Txn) int {
-	if txn.More {
-		return 0
-	}
-	return c.more(txn.CommitLSN)
 }
 
 // dropRecorded removes deliveries whose row already exists: they were

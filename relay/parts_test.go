@@ -3,6 +3,8 @@ package relay
 import (
 	"net/http"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -87,5 +89,57 @@ func TestLargeTransactionInPartsAcrossARestart(t *testing.T) {
 	t.Logf("first relay: %d requests, %d rows; %d events sent twice", before, recorded, again)
 	if len(seen) != events || again > before-recorded {
 		t.Errorf("%d distinct events, %d sent twice; want %d, and at most the %d sent without a row at the stop", len(seen), again, events, before-recorded)
+	}
+}
+
+// With the receiver down, a transaction that comes in parts spills past
+// the queue like any backlog: every event gets a row, the slot is
+// acknowledged past the whole transaction, and once the receiver is back
+// each event succeeds once.
+func TestLargeTransactionInPartsSpills(t *testing.T) {
+	t.Parallel()
+	const events = 3000
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	var down atomic.Bool
+	down.Store(true)
+	var mu sync.Mutex
+	ok := map[int]int{} // event n: 200 answers
+	rcv.answer = func(_ int, r *http.Request) int {
+		if down.Load() {
+			return http.StatusServiceUnavailable
+		}
+		mu.Lock()
+		ok[requestN(r)]++
+		mu.Unlock()
+		return http.StatusOK
+	}
+	e.addEndpoint("ep", "acme", rcv)
+	e.Exec(`UPDATE relay.endpoints SET breaker_cooldown_ms = 200 WHERE id = 'ep'`)
+	r, _ := e.startRelay(func(c *Config) {
+		partsOf(c)
+		c.QueueEvents = 100
+		c.RetrySchedule = slices.Repeat([]time.Duration{100 * time.Millisecond}, 1000)
+	})
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 'acme', 'x', jsonb_build_object('n', i) FROM generate_series(0, $1 - 1) i`, events)
+	e.WaitFor("a row for every event, and the whole transaction acknowledged", 30*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries`) == events && r.wm.pending() == 0
+	})
+	down.Store(false)
+	e.WaitFor("every delivery to succeed", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) == events
+	})
+	if got := e.Count(`SELECT count(*) FROM relay.deliveries`); got != events {
+		t.Errorf("%d rows, want %d", got, events)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(ok) != events {
+		t.Errorf("%d events answered 200, want %d", len(ok), events)
+	}
+	for n, c := range ok {
+		if c != 1 {
+			t.Errorf("event %d answered 200 %d times", n, c)
+		}
 	}
 }

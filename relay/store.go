@@ -484,19 +484,13 @@ func (w *writer) writeFresh(ctx context.Context, sql string, rows []*delivery) e
 }
 
 // copy runs one binary COPY of rows on conn with the writer's encoder,
-// which is reused from batch to batch. When the connection breaks in the
-// middle of a COPY, pgconn returns without waiting for its goroutine that
-// reads the rows from the encoder; copyReader.close keeps it from reading
-// more, and a failed COPY retires the encoder besides.
+// which is reused from batch to batch, also after a failed COPY: the
+// reader pgconn may leave running stops at copyReader.close.
 func (w *writer) copy(ctx context.Context, conn *pgconn.PgConn, sql string, rows []*delivery, encode func(*copyEncoder, *delivery)) error {
 	if w.enc == nil {
 		w.enc = &copyEncoder{}
 	}
-	if err := w.enc.copy(ctx, conn, sql, rows, encode); err != nil {
-		w.enc = nil
-		return err
-	}
-	return nil
+	return w.enc.copy(ctx, conn, sql, rows, encode)
 }
 
 const lsnSQLTail = `::int8)
