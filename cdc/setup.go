@@ -167,9 +167,20 @@ func (s *Stream) checkSlot(plugin, slotDB, walStatus *string, confirmed *LSN, db
 func (s *Stream) connect(ctx context.Context) (*pgx.Conn, error) {
 	conn, err := pgx.ConnectConfig(ctx, s.pgxCfg.Copy())
 	if err != nil {
-		return nil, fmt.Errorf("cdc: %w (check Config.ConnString, host, port, database and credentials): %w", ErrConnect, err)
+		return nil, connectError("", err)
 	}
 	return conn, nil
+}
+
+// connectError wraps a failed connection attempt in ErrConnect with a
+// hint at the likely cause: a timeout is a server or network that did
+// not answer, anything else most often a wrong address or login.
+func connectError(what string, err error) error {
+	hint := "check Config.ConnString, host, port, database and credentials"
+	if pgconn.Timeout(err) || errors.Is(err, context.DeadlineExceeded) {
+		hint = fmt.Sprintf("no answer within the connect timeout (connect_timeout, else %v): the server or the network is down, stopped or overloaded", connectTimeout)
+	}
+	return fmt.Errorf("cdc: %s%w (%s): %w", what, ErrConnect, hint, err)
 }
 
 func deref(s *string) string {

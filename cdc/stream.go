@@ -137,8 +137,9 @@ var (
 // blocking-syscall bookkeeping cost more than the calls themselves).
 func PrepareSession(c *pgconn.Config) { prepare(c, sessionDefaults) }
 
-// prepare adds commonDefaults and extra to c's RuntimeParams where unset
-// and wraps its dialer with sockio.
+// prepare adds commonDefaults and extra to c's RuntimeParams where unset,
+// bounds each connection attempt (connectTimeout) unless connect_timeout
+// does, and wraps its dialer with sockio.
 func prepare(c *pgconn.Config, extra [][2]string) {
 	for _, defaults := range [][][2]string{commonDefaults, extra} {
 		for _, kv := range defaults {
@@ -147,8 +148,20 @@ func prepare(c *pgconn.Config, extra [][2]string) {
 			}
 		}
 	}
+	if c.ConnectTimeout <= 0 {
+		c.ConnectTimeout = connectTimeout
+	}
 	c.DialFunc = sockio.Dial(clientTimeouts(c.DialFunc, c.RuntimeParams))
 }
+
+// connectTimeout bounds a connection attempt to one host (dial, TLS,
+// startup and authentication) when neither the connection string nor
+// PGCONNECT_TIMEOUT sets a positive connect_timeout. Without it a server
+// that accepts the TCP connection and never answers (a stopped or hung
+// postmaster, a proxy that lost its backend) holds the attempt forever:
+// its kernel acknowledges every packet, so neither keepalives nor the
+// user timeout ever fire.
+const connectTimeout = 10 * time.Second
 
 // userTimeoutMS is the TCP user timeout, in milliseconds, of the relay's
 // ordinary connections (both ends) and of its end of the replication one.
@@ -308,7 +321,7 @@ func (s *Stream) session(ctx context.Context, out chan<- Batch, ack Acker) (stre
 
 	conn, err := pgconn.ConnectConfig(ctx, s.replCfg.Copy())
 	if err != nil {
-		return false, fmt.Errorf("cdc: open replication connection: %w: %w", ErrConnect, err)
+		return false, connectError("open replication connection: ", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
 

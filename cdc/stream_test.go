@@ -722,6 +722,94 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 	}
 }
 
+// A server that accepts the TCP connection and never answers (a stopped
+// postmaster, a proxy without a backend) ends each of the relay's
+// connection attempts after connectTimeout, or after the URL's
+// connect_timeout, with an error that says it timed out; before, the
+// attempt waited forever, since such a peer's kernel acknowledges every
+// packet and neither keepalives nor the user timeout fire.
+func TestConnectGivesUpOnASilentServer(t *testing.T) {
+	t.Parallel()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var held []net.Conn // accepted, never read or answered
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range held {
+			c.Close()
+		}
+		mu.Unlock()
+	})
+	base := "postgres://postgres@" + ln.Addr().String() + "/app"
+	cases := []struct {
+		name, url string
+		want      time.Duration
+	}{
+		{"default, TLS preferred", base, connectTimeout}, // the TLS request and the plain retry share it
+		{"default, plain", base + "?sslmode=disable", connectTimeout},
+		{"connect_timeout=1", base + "?sslmode=disable&connect_timeout=1", time.Second},
+	}
+	var wg sync.WaitGroup
+	for _, c := range cases {
+		s, err := New(Config{ConnString: c.url})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for kind, connect := range map[string]func(ctx context.Context) error{
+			"ordinary": func(ctx context.Context) error {
+				conn, err := pgx.ConnectConfig(ctx, s.pgxCfg)
+				if err == nil {
+					conn.Close(ctx)
+				}
+				return err
+			},
+			"replication": func(ctx context.Context) error {
+				conn, err := pgconn.ConnectConfig(ctx, s.replCfg)
+				if err == nil {
+					conn.Close(ctx)
+				}
+				return err
+			},
+		} {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(context.Background(), c.want+20*time.Second)
+				defer cancel()
+				t0 := time.Now()
+				err := connect(ctx)
+				took := time.Since(t0)
+				switch {
+				case err == nil:
+					t.Errorf("%s, %s connection: connected to a server that never answers", c.name, kind)
+				case ctx.Err() != nil:
+					t.Errorf("%s, %s connection: still waiting after %v", c.name, kind, took)
+				case took < c.want-100*time.Millisecond || took > c.want+3*time.Second:
+					t.Errorf("%s, %s connection: gave up after %v, want about %v (%v)", c.name, kind, took, c.want, err)
+				case !pgconn.Timeout(err) && !strings.Contains(err.Error(), "timeout"):
+					t.Errorf("%s, %s connection: error %q does not say it timed out", c.name, kind, err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+}
+
 // Over a Unix socket the stream reads the same transactions (its sockets
 // are read with raw syscalls, internal/sockio, on Unix sockets as on
 // TCP), and the walsender's client has no address: it is the socket.

@@ -1,11 +1,17 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,4 +166,125 @@ func TestPostgresRestartLosesNothing(t *testing.T) {
 	if distinct, _, _, bad := rcv.stats(); distinct != 400 || bad != 0 {
 		t.Errorf("receiver saw %d distinct events (%d bad signatures), want 400", distinct, bad)
 	}
+}
+
+// A Postgres that stops answering without closing anything (every server
+// process stopped, as a paused VM or a stalled disk leaves it; its kernel
+// still acknowledges every packet) for longer than the stream's receive
+// timeout: the relay says so, reconnects once the server answers again,
+// and loses nothing. A producer keeps inserting throughout (its inserts
+// wait for the server too). Before the stream's receive timeout and the
+// connect timeout the relay waited on the old connection without a word.
+func TestFrozenPostgresLosesNothing(t *testing.T) {
+	if !cluster.Owned() {
+		t.Skip("needs a cluster the test can stop")
+	}
+	url, pool := database(t)
+	rcv := newReceiver(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('ep', 't', $1, ARRAY[$2])`, rcv.srv.URL, rcv.secret); err != nil {
+		t.Fatal(err)
+	}
+	p := startRelay(t, relayArgs(url)...)
+	succeeded := func() int {
+		n := -1
+		pool.QueryRow(ctx, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`).Scan(&n)
+		return n
+	}
+	var inserted atomic.Int64
+	stop := make(chan struct{})
+	producer := make(chan error, 1)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				producer <- nil
+				return
+			default:
+			}
+			if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) VALUES ('t', 'e', $1)`, fmt.Sprintf(`{"i": %d}`, i)); err != nil {
+				producer <- err
+				return
+			}
+			inserted.Add(1)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	waitFor(t, "100 succeeded before the freeze", time.Minute, func() bool { return succeeded() >= 100 })
+	thaw := freezeCluster(t)
+	time.Sleep(35 * time.Second) // past the stream's 30 s receive timeout
+	frozen := inserted.Load()
+	thaw()
+	waitFor(t, "inserts after the thaw", time.Minute, func() bool { return inserted.Load() >= frozen+100 })
+	close(stop)
+	if err := <-producer; err != nil {
+		t.Fatalf("producer: %v", err)
+	}
+	n := int(inserted.Load())
+	waitFor(t, fmt.Sprintf("all %d succeeded", n), 2*time.Minute, func() bool { return succeeded() == n })
+	select {
+	case err := <-p.done:
+		p.done <- err
+		t.Fatalf("the relay exited: %v", err)
+	default:
+	}
+	if rows := count(t, pool, `SELECT count(*) FROM relay.deliveries`); rows != n {
+		t.Errorf("%d delivery rows, want %d", rows, n)
+	}
+	if distinct, _, _, bad := rcv.stats(); distinct != n || bad != 0 {
+		t.Errorf("receiver saw %d distinct events (%d bad signatures), want %d", distinct, bad, n)
+	}
+	out := p.output()
+	if !hasAll(out, "nothing from the server for", "replication connection lost") {
+		t.Errorf("the relay did not say it lost the frozen server:\n%s", out)
+	}
+}
+
+// freezeCluster stops every process of the test cluster with SIGSTOP and
+// returns the function that resumes them (also run at cleanup, so a test
+// that fails in between never leaves the shared cluster stopped).
+func freezeCluster(t *testing.T) (thaw func()) {
+	t.Helper()
+	pid, err := cluster.ServerPID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pids := []int{pid}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		child, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue // ended meanwhile
+		}
+		// pid (comm) state ppid ...; comm may hold spaces, not ')'.
+		fields := strings.Fields(string(stat[bytes.LastIndexByte(stat, ')')+1:]))
+		if len(fields) > 1 && fields[1] == strconv.Itoa(pid) {
+			pids = append(pids, child)
+		}
+	}
+	if len(pids) < 3 {
+		t.Fatalf("found only %v of the cluster's processes", pids)
+	}
+	for _, p := range pids {
+		if err := syscall.Kill(p, syscall.SIGSTOP); err != nil {
+			t.Logf("SIGSTOP %d: %v", p, err)
+		}
+	}
+	var once sync.Once
+	thaw = func() {
+		once.Do(func() {
+			for _, p := range pids {
+				syscall.Kill(p, syscall.SIGCONT)
+			}
+		})
+	}
+	t.Cleanup(thaw)
+	return thaw
 }

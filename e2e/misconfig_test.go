@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"net"
 	"os/exec"
 	"strings"
 	"testing"
@@ -65,6 +66,36 @@ GRANT ALL ON SCHEMA relay TO app_norepl; GRANT ALL ON ALL TABLES IN SCHEMA relay
 	})
 	t.Run("wrong database url", func(t *testing.T) {
 		runFails(t, []string{"connect"}, relayArgs("postgres://postgres@127.0.0.1:1/nope?sslmode=disable&connect_timeout=2")...)
+	})
+	t.Run("database that never answers", func(t *testing.T) {
+		// It accepts the TCP connection and says nothing, as a stopped
+		// postmaster or a proxy without a backend does. The URL sets no
+		// connect_timeout: the relay's own bound (10 s) ends the wait.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			var held []net.Conn
+			defer func() {
+				for _, c := range held {
+					c.Close()
+				}
+			}()
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				held = append(held, c)
+			}
+		}()
+		t0 := time.Now()
+		runFails(t, []string{"connect", "timeout"}, relayArgs("postgres://postgres@"+ln.Addr().String()+"/app?sslmode=disable")...)
+		if took := time.Since(t0); took < 9*time.Second || took > 20*time.Second {
+			t.Errorf("the relay gave up after %v, want about 10s", took)
+		}
 	})
 	t.Run("schema missing", func(t *testing.T) {
 		url := pgtemp.NewDatabase(t, cluster)
