@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/cdc"
 	"github.com/outbox-relay/outbox-relay/dlq"
 )
 
@@ -136,13 +137,21 @@ func splitArgs(fs *flag.FlagSet, args []string) (flags, positional []string) {
 	return flags, positional
 }
 
-// connect opens one connection for a CLI command; the caller closes it.
+// connect opens one connection for a CLI command, set up as the relay's
+// own are (cdc.PrepareSession: TCP timeouts, and a 10 s connect timeout
+// unless the URL sets connect_timeout); the caller closes it.
 func connect(ctx context.Context, cmd, url string, stderr io.Writer) (*pgx.Conn, int) {
 	if url == "" {
 		fmt.Fprintf(stderr, "outbox-relay %s: --database-url (or OUTBOX_RELAY_DATABASE_URL) is required\n", cmd)
 		return nil, 2
 	}
-	conn, err := pgx.Connect(ctx, url)
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay %s: --database-url: %v\n", cmd, err)
+		return nil, 2
+	}
+	cdc.PrepareSession(&cfg.Config)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay %s: connect: %v\n", cmd, err)
 		return nil, 1

@@ -6,8 +6,6 @@ import (
 	"io"
 	"log/slog"
 
-	"github.com/jackc/pgx/v5"
-
 	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/cdc"
 )
@@ -21,14 +19,9 @@ func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr 
 	if err := parseFlags(fs, args); err != nil {
 		return flagExit(err, stderr)
 	}
-	if *dbURL == "" {
-		fmt.Fprintln(stderr, "outbox-relay migrate: --database-url (or OUTBOX_RELAY_DATABASE_URL) is required")
-		return 2
-	}
-	conn, err := pgx.Connect(ctx, *dbURL)
-	if err != nil {
-		fmt.Fprintf(stderr, "outbox-relay migrate: connect: %v\n", err)
-		return 1
+	conn, code := connect(ctx, "migrate", *dbURL, stderr)
+	if conn == nil {
+		return code
 	}
 	defer conn.Close(context.Background())
 	if err := outboxrelay.Migrate(ctx, conn); err != nil {
