@@ -730,32 +730,7 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 // packet and neither keepalives nor the user timeout fire.
 func TestConnectGivesUpOnASilentServer(t *testing.T) {
 	t.Parallel()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var held []net.Conn // accepted, never read or answered
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			held = append(held, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range held {
-			c.Close()
-		}
-		mu.Unlock()
-	})
-	base := "postgres://postgres@" + ln.Addr().String() + "/app"
+	base := "postgres://postgres@" + relaytest.SilentServer(t) + "/app"
 	cases := []struct {
 		name, url string
 		want      time.Duration

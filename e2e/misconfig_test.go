@@ -2,13 +2,13 @@ package e2e
 
 import (
 	"context"
-	"net"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/internal/pgtemp"
+	"github.com/outbox-relay/outbox-relay/internal/relaytest"
 )
 
 // runFails runs the binary and expects it to exit non-zero quickly with a
@@ -71,27 +71,7 @@ GRANT ALL ON SCHEMA relay TO app_norepl; GRANT ALL ON ALL TABLES IN SCHEMA relay
 		// It accepts the TCP connection and says nothing, as a stopped
 		// postmaster or a proxy without a backend does. The URL sets no
 		// connect_timeout: the relay's own bound (10 s) ends the wait.
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() }) // after the parallel subtests below
-		go func() {
-			var held []net.Conn
-			defer func() {
-				for _, c := range held {
-					c.Close()
-				}
-			}()
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				held = append(held, c)
-			}
-		}()
-		silent := "postgres://postgres@" + ln.Addr().String() + "/app?sslmode=disable"
+		silent := "postgres://postgres@" + relaytest.SilentServer(t) + "/app?sslmode=disable"
 		// migrate stands for the other commands: they connect alike.
 		for name, args := range map[string][]string{
 			"run":     relayArgs(silent),

@@ -134,3 +134,40 @@ func (p *FreezeProxy) close() {
 	}
 	p.wg.Wait()
 }
+
+// SilentServer listens on loopback and accepts every connection without
+// ever reading from it or answering, as a stopped postmaster or a proxy
+// that lost its backend does: the kernel completes the handshake and
+// acknowledges what the client sends, and nothing comes back. It returns
+// the host:port; the listener and its connections close at the end of
+// the test (after its parallel subtests).
+func SilentServer(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var held []net.Conn
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-done
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
