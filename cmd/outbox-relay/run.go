@@ -20,7 +20,7 @@ import (
 
 // relayFlags registers the relay's flags; every default is relay's own.
 func relayFlags(fs *flag.FlagSet, cfg *relay.Config, schedule *durationList, allow *prefixList, overflow *string) {
-	fs.StringVar(&cfg.DatabaseURL, "database-url", "", "Postgres URL of the database that holds relay.outbox (required)")
+	fs.StringVar(&cfg.DatabaseURL, "database-url", "", "Postgres URL of the database that holds relay.outbox (required); each connection attempt gives up after 10s unless it sets connect_timeout, and its tcp_keepalives_* and tcp_user_timeout override the relay's (see README, Operating it)")
 	fs.StringVar(&cfg.SlotName, "slot", "outbox_relay", "logical replication slot name")
 	fs.StringVar(&cfg.Publication, "publication", "outbox_relay", "publication name")
 	fs.IntVar(&cfg.Workers, "workers", 64, "concurrent HTTP deliveries")
