@@ -190,6 +190,9 @@ func (s *ScaleResult) targets(w io.Writer) {
 		if b.ManyOverPeerMany > 0 {
 			parts = append(parts, fmt.Sprintf("many relay/peer %.2fx (>= %.2fx %s)", b.ManyOverPeerMany, TargetRelayOverPeer, verdict(b.ManyOverPeerMany >= TargetRelayOverPeer)))
 		}
+		if d := b.Drain; d != nil && d.CPUPerEvent > 0 {
+			parts = append(parts, cpuTarget(d.CPUPerEvent))
+		}
 		if len(parts) > 0 {
 			lines = append(lines, fmt.Sprintf("%s events: %s", thousands(b.Events), strings.Join(parts, "; ")))
 		}
@@ -206,11 +209,22 @@ func (s *ScaleResult) targets(w io.Writer) {
 		lines = append(lines, fmt.Sprintf("relay p99 at %s/s: %.2f ms from before the INSERT (<= %s %s), %.2f ms from the COMMIT's return (%s)%s",
 			thousands(l.Rate), l.Latency.P99, t, verdict(l.Latency.P99 <= ms(t)), l.Latency.AfterP99, verdict(l.Latency.AfterP99 <= ms(t)), note))
 	}
+	for _, l := range s.Steady {
+		if l.Latency != nil && l.Latency.Cost != nil && l.Latency.Cost.CPUPerEvent > 0 {
+			lines = append(lines, fmt.Sprintf("steady %s/s: %s", thousands(l.Rate), cpuTarget(l.Latency.Cost.CPUPerEvent)))
+		}
+	}
 	if len(lines) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "\ntargets (issue 6: backlogs and steady p99; issue 4: many endpoints)\n")
+	fmt.Fprintf(w, "\ntargets (issue 6: backlogs, steady p99 and relay CPU; issue 4: many endpoints)\n")
 	for _, l := range lines {
 		fmt.Fprintf(w, "  %s\n", l)
 	}
+}
+
+// cpuTarget judges the relay's CPU per delivered event against issue 6's
+// target.
+func cpuTarget(us float64) string {
+	return fmt.Sprintf("relay CPU %.1f us/event (<= %.0f %s)", us, TargetCPUPerEvent, verdict(us <= TargetCPUPerEvent))
 }
