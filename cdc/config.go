@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -50,7 +51,10 @@ type Config struct {
 	// for an immediate reply, which a live walsender sends at once; the
 	// time the consumer blocks the stream does not count. Default 30s (as
 	// PostgreSQL's wal_receiver_timeout, which defaults to 60s, and pings
-	// at half).
+	// at half), or twice the connection string's wal_sender_timeout when
+	// that is longer: a walsender decoding a large transaction it does
+	// not publish sends nothing meanwhile, and reads replies, so answers
+	// the request for one, only every half wal_sender_timeout.
 	ReceiveTimeout time.Duration
 	// MaxBatchTxns is the most transactions handed over in one Batch.
 	// Default 256.
@@ -81,7 +85,7 @@ func (c Config) withDefaults() Config {
 	}
 	c.StatusInterval = cmp.Or(c.StatusInterval, 100*time.Millisecond)
 	c.HeartbeatInterval = cmp.Or(c.HeartbeatInterval, 10*time.Second)
-	c.ReceiveTimeout = cmp.Or(c.ReceiveTimeout, 30*time.Second)
+	c.ReceiveTimeout = cmp.Or(c.ReceiveTimeout, receiveTimeoutFor(c.ConnString))
 	c.MaxBatchTxns = cmp.Or(c.MaxBatchTxns, 256)
 	c.MaxBatchBytes = cmp.Or(c.MaxBatchBytes, 4<<20)
 	c.MaxBatchDelay = cmp.Or(c.MaxBatchDelay, time.Millisecond)
@@ -148,4 +152,41 @@ func splitTable(t string) (schema, name string, ok bool) {
 func quoteTable(t string) string {
 	schema, name, _ := splitTable(t)
 	return pgx.Identifier{schema, name}.Sanitize()
+}
+
+// receiveTimeoutFor is the default ReceiveTimeout for a connection
+// string: 30s, or twice its wal_sender_timeout when that is longer.
+func receiveTimeoutFor(connString string) time.Duration {
+	d := 30 * time.Second
+	c, err := pgconn.ParseConfig(connString)
+	if err != nil {
+		return d // Validate reports it
+	}
+	if wst, ok := parseGUCDuration(c.RuntimeParams["wal_sender_timeout"]); ok {
+		d = max(d, 2*wst)
+	}
+	return d
+}
+
+// parseGUCDuration reads a PostgreSQL time setting as the server does: a
+// number, then an optional unit (us, ms, s, min, h, d; milliseconds
+// without one). It reports false for what it cannot read, which the
+// server refuses too.
+func parseGUCDuration(v string) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	i := strings.IndexFunc(v, func(r rune) bool { return (r < '0' || r > '9') && r != '.' })
+	if i < 0 {
+		i = len(v)
+	}
+	n, err := strconv.ParseFloat(v[:i], 64)
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	unit := map[string]time.Duration{"": time.Millisecond, "us": time.Microsecond, "ms": time.Millisecond,
+		"s": time.Second, "min": time.Minute, "h": time.Hour, "d": 24 * time.Hour}
+	u, ok := unit[strings.TrimSpace(v[i:])]
+	if !ok {
+		return 0, false
+	}
+	return time.Duration(n * float64(u)), true
 }

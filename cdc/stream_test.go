@@ -722,6 +722,41 @@ func TestConnectionsAskForShortTCPTimeouts(t *testing.T) {
 	}
 }
 
+// The receive timeout outlasts the walsender's: while the walsender
+// decodes a large transaction the stream does not subscribe to, it sends
+// nothing and reads the stream's replies, so answers its request for one,
+// only every half wal_sender_timeout. With the URL's wal_sender_timeout
+// at 60s, a 30s receive timeout would end the connection during every
+// such decode longer than that, and the next connection would decode the
+// same transaction again.
+func TestReceiveTimeoutOutlastsTheWalSenderTimeout(t *testing.T) {
+	base := "postgres://postgres@127.0.0.1:5432/app?sslmode=disable"
+	for _, c := range []struct {
+		params string
+		set    time.Duration
+		want   time.Duration
+	}{
+		{"", 0, 30 * time.Second}, // the relay's own wal_sender_timeout, 10s
+		{"&wal_sender_timeout=5s", 0, 30 * time.Second},
+		{"&wal_sender_timeout=60s", 0, 2 * time.Minute},
+		{"&wal_sender_timeout=1min", 0, 2 * time.Minute},
+		{"&wal_sender_timeout=90000", 0, 3 * time.Minute}, // milliseconds, the server's unit
+		{"&wal_sender_timeout=2.5min", 0, 5 * time.Minute},
+		{"&wal_sender_timeout=1h", 0, 2 * time.Hour},
+		{"&wal_sender_timeout=0", 0, 30 * time.Second}, // off: the walsender reads replies as it decodes
+		{"&wal_sender_timeout=soon", 0, 30 * time.Second},
+		{"&wal_sender_timeout=60s", 7 * time.Second, 7 * time.Second}, // set: kept
+	} {
+		s, err := New(Config{ConnString: base + c.params, ReceiveTimeout: c.set})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.cfg.ReceiveTimeout; got != c.want {
+			t.Errorf("%q with ReceiveTimeout %v: %v, want %v", c.params, c.set, got, c.want)
+		}
+	}
+}
+
 // A server that accepts the TCP connection and never answers (a stopped
 // postmaster, a proxy without a backend) ends each of the relay's
 // connection attempts after connectTimeout, or after the URL's
