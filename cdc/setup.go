@@ -94,6 +94,7 @@ func (s *Stream) Setup(ctx context.Context) error {
 			return fmt.Errorf("cdc setup: create replication slot %q: %w", s.cfg.SlotName, err)
 		}
 		log.Info("created replication slot", slogSlot(s.cfg.SlotName), slogLSN("consistent_lsn", lsn))
+		s.createdAt = lsn
 		return nil
 	case err != nil:
 		return fmt.Errorf("cdc setup: look up replication slot %q: %w", s.cfg.SlotName, err)

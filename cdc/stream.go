@@ -73,7 +73,14 @@ type Stream struct {
 	partHanded int
 	flushSent  LSN // highest flush position sent (or found confirmed by the slot)
 	running    atomic.Bool
+	createdAt  LSN // where Setup created the slot; 0 if it found one
 }
+
+// SlotCreatedAt is the position at which Setup created the slot, or 0 if
+// the slot already existed. A consumer that had streamed from a slot of
+// this name before learns from it that the slot was lost: what was
+// committed between its last position and this one was never read.
+func (s *Stream) SlotCreatedAt() LSN { return s.createdAt }
 
 // New applies Config's defaults and validates it.
 func New(cfg Config) (*Stream, error) {

@@ -53,3 +53,60 @@ func TestInvalidatedSlotStopsWithAClearError(t *testing.T) {
 	})
 	runFails(t, []string{"invalidated", "pg_drop_replication_slot", "relay.outbox"}, relayArgs(url)...)
 }
+
+// A slot that disappears (dropped, or lost in a failover to a server
+// without it) is created anew at the next start, and what was committed
+// while it was gone was never in any slot's WAL. The relay cannot
+// deliver those events, but it says so, loudly and with a count, at
+// once: before, it logged only "created replication slot" and the gap
+// went unnoticed. migrate says the same when it is the one that creates
+// the slot.
+func TestLostSlotIsReported(t *testing.T) {
+	url, pool := database(t)
+	rcv := newReceiver(t)
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `INSERT INTO relay.endpoints (id, tenant_id, url, secrets) VALUES ('ep', 't', $1, ARRAY[$2])`, rcv.srv.URL, rcv.secret); err != nil {
+		t.Fatal(err)
+	}
+	insert := func(n int) {
+		t.Helper()
+		if _, err := pool.Exec(ctx, `INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'e', '{}' FROM generate_series(1, $1::int)`, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	succeeded := func() int { return count(t, pool, `SELECT count(*) FROM relay.deliveries WHERE state = 'succeeded'`) }
+	dropSlot := func() {
+		t.Helper()
+		waitFor(t, "the slot to be dropped", 30*time.Second, func() bool {
+			_, err := pool.Exec(ctx, `SELECT pg_drop_replication_slot('outbox_relay')`) // fails while a walsender still holds it
+			return err == nil
+		})
+	}
+	p := startRelay(t, relayArgs(url)...)
+	insert(10)
+	waitFor(t, "10 succeeded", time.Minute, func() bool { return succeeded() == 10 })
+	if strings.Contains(p.output(), "created anew") {
+		t.Fatalf("a first start reported a lost slot:\n%s", p.output())
+	}
+	p.kill9()
+	dropSlot()
+	insert(5) // committed while no slot exists: in no slot's WAL
+	p = startRelay(t, relayArgs(url)...)
+	waitFor(t, "the relay to report the lost slot", 30*time.Second, func() bool {
+		return hasAll(p.output(), "level=ERROR", "created anew", "5 rows of relay.outbox have no delivery row")
+	})
+	insert(3)
+	waitFor(t, "the 3 events after the new slot", time.Minute, func() bool { return succeeded() == 13 })
+	if n := count(t, pool, `SELECT count(*) FROM relay.deliveries`); n != 13 {
+		t.Errorf("%d delivery rows, want 13 (the 5 events of the gap have none)", n)
+	}
+	p.kill9()
+	dropSlot()
+	out, err := runBinary("migrate", "--database-url", url)
+	if err != nil {
+		t.Fatalf("migrate: %v\n%s", err, out)
+	}
+	if !hasAll(out, "created anew", "5 rows of relay.outbox have no delivery row") {
+		t.Errorf("migrate, creating the slot again, did not report the gap:\n%s", out)
+	}
+}

@@ -265,6 +265,14 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 	if err := stream.Setup(ctx); err != nil {
 		return nil, err
 	}
+	if at := stream.SlotCreatedAt(); at != 0 {
+		if gap, err := CheckLostSlot(ctx, r.pool, r.cfg.SlotName); err != nil {
+			r.log.Warn("could not check for events the lost slot held", slog.Any("error", err))
+		} else if gap != nil {
+			r.log.Error(gap.Error(), slog.String("slot", r.cfg.SlotName), slog.String("created_lsn", at.String()),
+				slog.String("recorded_lsn", gap.Recorded.String()), slog.Int64("outbox_rows_without_delivery", gap.Undelivered))
+		}
+	}
 	lock, err := r.becomeActive(ctx)
 	if err != nil {
 		return nil, err

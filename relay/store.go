@@ -563,6 +563,47 @@ func recordedLSN(ctx context.Context, pool *pgxpool.Pool, slot string) (cdc.LSN,
 	return pglogrepl.ParseLSN(s)
 }
 
+// LostSlot says that a replication slot was created where a relay had
+// streamed from a slot of that name before: it was dropped, or the
+// database failed over to a server without it. Events committed between
+// the old slot's last position and the new one were never read from the
+// WAL; they stay in relay.outbox, without delivery rows.
+type LostSlot struct {
+	Recorded    cdc.LSN // the highest commit the relay had recorded rows for
+	Undelivered int64   // relay.outbox rows without a delivery row: the gap's, while retained, and any other never read
+}
+
+func (g *LostSlot) Error() string {
+	return fmt.Sprintf("the replication slot was missing and has been created anew, but a relay had recorded events up to %s on a slot of this name "+
+		"(the slot was dropped, or the database failed over to a server without it): events committed in between were never read from the WAL "+
+		"and will not be delivered; %d rows of relay.outbox have no delivery row (they stay there for --outbox-retention)", g.Recorded, g.Undelivered)
+}
+
+// CheckLostSlot, called once slot has just been created, reports a
+// *LostSlot when relay.relay_state shows that a relay had recorded events
+// on a slot of that name before, and nil on a first start.
+func CheckLostSlot(ctx context.Context, db interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, slot string) (*LostSlot, error) {
+	var rec *string
+	err := db.QueryRow(ctx, `SELECT recorded_lsn::text FROM relay.relay_state WHERE slot_name = $1`, slot).Scan(&rec)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read relay_state: %w", err)
+	}
+	recorded, err := pglogrepl.ParseLSN(*rec)
+	if err != nil || recorded == 0 {
+		return nil, err
+	}
+	g := &LostSlot{Recorded: recorded}
+	if err := db.QueryRow(ctx, `SELECT count(*) FROM relay.outbox o WHERE NOT EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.event_id = o.id)`).Scan(&g.Undelivered); err != nil {
+		return nil, fmt.Errorf("count outbox rows without delivery rows: %w", err)
+	}
+	return g, nil
+}
+
 type pairKey struct {
 	event    [16]byte
 	endpoint string

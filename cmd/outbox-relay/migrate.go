@@ -8,6 +8,7 @@ import (
 
 	outboxrelay "github.com/outbox-relay/outbox-relay"
 	"github.com/outbox-relay/outbox-relay/cdc"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr io.Writer) int {
@@ -41,6 +42,14 @@ func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr 
 	if err := stream.Setup(ctx); err != nil {
 		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
 		return 1
+	}
+	if stream.SlotCreatedAt() != 0 {
+		gap, err := relay.CheckLostSlot(ctx, conn, *slot)
+		if err != nil {
+			fmt.Fprintf(stderr, "outbox-relay migrate: could not check for events the lost slot held: %v\n", err)
+		} else if gap != nil {
+			fmt.Fprintf(stderr, "outbox-relay migrate: slot %q: %v\n", *slot, gap)
+		}
 	}
 	fmt.Fprintf(stdout, "publication %q and slot %q are ready\n", *publication, *slot)
 	return 0
