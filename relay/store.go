@@ -550,10 +550,16 @@ func failedAttempts(rows []*delivery) []*delivery {
 	return out
 }
 
-// recordedLSN reads the highest commit end LSN with a recorded row.
-func recordedLSN(ctx context.Context, pool *pgxpool.Pool, slot string) (cdc.LSN, error) {
+// rowQuerier is what reads one row: a pool or a single connection.
+type rowQuerier interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}
+
+// recordedLSN reads the highest commit end LSN with a recorded row (0
+// when no relay has recorded one on slot).
+func recordedLSN(ctx context.Context, db rowQuerier, slot string) (cdc.LSN, error) {
 	var s string
-	err := pool.QueryRow(ctx, `SELECT recorded_lsn::text FROM relay.relay_state WHERE slot_name = $1`, slot).Scan(&s)
+	err := db.QueryRow(ctx, `SELECT recorded_lsn::text FROM relay.relay_state WHERE slot_name = $1`, slot).Scan(&s)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, nil
 	}
@@ -582,18 +588,8 @@ func (g *LostSlot) Error() string {
 // CheckLostSlot, called once slot has just been created, reports a
 // *LostSlot when relay.relay_state shows that a relay had recorded events
 // on a slot of that name before, and nil on a first start.
-func CheckLostSlot(ctx context.Context, db interface {
-	QueryRow(context.Context, string, ...any) pgx.Row
-}, slot string) (*LostSlot, error) {
-	var rec *string
-	err := db.QueryRow(ctx, `SELECT recorded_lsn::text FROM relay.relay_state WHERE slot_name = $1`, slot).Scan(&rec)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read relay_state: %w", err)
-	}
-	recorded, err := pglogrepl.ParseLSN(*rec)
+func CheckLostSlot(ctx context.Context, db rowQuerier, slot string) (*LostSlot, error) {
+	recorded, err := recordedLSN(ctx, db, slot)
 	if err != nil || recorded == 0 {
 		return nil, err
 	}
