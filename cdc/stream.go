@@ -144,6 +144,18 @@ var (
 // blocking-syscall bookkeeping cost more than the calls themselves).
 func PrepareSession(c *pgconn.Config) { prepare(c, sessionDefaults) }
 
+// Connect opens one ordinary connection set up by PrepareSession (TCP
+// keepalives and user timeout, a connect timeout, raw-syscall sockets).
+// A connString that does not parse gives a *pgconn.ParseConfigError.
+func Connect(ctx context.Context, connString string) (*pgx.Conn, error) {
+	cfg, err := pgx.ParseConfig(connString)
+	if err != nil {
+		return nil, err
+	}
+	PrepareSession(&cfg.Config)
+	return pgx.ConnectConfig(ctx, cfg)
+}
+
 // prepare adds commonDefaults and extra to c's RuntimeParams where unset,
 // bounds each connection attempt (connectTimeout) unless connect_timeout
 // does, and wraps its dialer with sockio.

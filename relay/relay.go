@@ -265,13 +265,11 @@ func (r *Relay) startupOnce(ctx context.Context, connected *bool) (*pgx.Conn, er
 	if err := stream.Setup(ctx); err != nil {
 		return nil, err
 	}
-	if at := stream.SlotCreatedAt(); at != 0 {
-		if gap, err := CheckLostSlot(ctx, r.pool, r.cfg.SlotName); err != nil {
-			r.log.Warn("could not check for events the lost slot held", slog.Any("error", err))
-		} else if gap != nil {
-			r.log.Error(gap.Error(), slog.String("slot", r.cfg.SlotName), slog.String("created_lsn", at.String()),
-				slog.String("recorded_lsn", gap.Recorded.String()), slog.Int64("outbox_rows_without_delivery", gap.Undelivered))
-		}
+	if gap, err := CheckLostSlot(ctx, r.pool, stream, r.cfg.SlotName); err != nil {
+		r.log.Warn("could not check for events the lost slot held", slog.Any("error", err))
+	} else if gap != nil {
+		r.log.Error(gap.Error(), slog.String("slot", r.cfg.SlotName), slog.String("created_lsn", gap.Created.String()),
+			slog.String("recorded_lsn", gap.Recorded.String()), slog.Int64("outbox_rows_without_delivery", gap.Undelivered))
 	}
 	lock, err := r.becomeActive(ctx)
 	if err != nil {
@@ -427,12 +425,11 @@ func (r *Relay) keepLock(ctx context.Context, lock **pgx.Conn, lost func(error))
 // session settings: the server notices within seconds if this relay
 // vanishes without closing it (its keepalives), so a standby can take over.
 func (r *Relay) connectLock(ctx context.Context) (*pgx.Conn, error) {
-	cfg, err := pgx.ParseConfig(r.cfg.DatabaseURL)
-	if err != nil {
+	conn, err := cdc.Connect(ctx, r.cfg.DatabaseURL)
+	if errors.As(err, new(*pgconn.ParseConfigError)) {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
-	cdc.PrepareSession(&cfg.Config)
-	return pgx.ConnectConfig(ctx, cfg)
+	return conn, err
 }
 
 // becomeActive takes the slot's advisory lock on a dedicated connection,

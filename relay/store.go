@@ -575,6 +575,7 @@ func recordedLSN(ctx context.Context, db rowQuerier, slot string) (cdc.LSN, erro
 // the old slot's last position and the new one were never read from the
 // WAL; they stay in relay.outbox, without delivery rows.
 type LostSlot struct {
+	Created     cdc.LSN // where the new slot starts
 	Recorded    cdc.LSN // the highest commit the relay had recorded rows for
 	Undelivered int64   // relay.outbox rows without a delivery row: the gap's, while retained, and any other never read
 }
@@ -585,15 +586,20 @@ func (g *LostSlot) Error() string {
 		"and will not be delivered; %d rows of relay.outbox have no delivery row (they stay there for --outbox-retention)", g.Recorded, g.Undelivered)
 }
 
-// CheckLostSlot, called once slot has just been created, reports a
-// *LostSlot when relay.relay_state shows that a relay had recorded events
-// on a slot of that name before, and nil on a first start.
-func CheckLostSlot(ctx context.Context, db rowQuerier, slot string) (*LostSlot, error) {
+// CheckLostSlot, called after stream's Setup, reports a *LostSlot when
+// Setup created slot and relay.relay_state shows that a relay had
+// recorded events on a slot of that name before; nil when Setup found the
+// slot, or on a first start.
+func CheckLostSlot(ctx context.Context, db rowQuerier, stream *cdc.Stream, slot string) (*LostSlot, error) {
+	created := stream.SlotCreatedAt()
+	if created == 0 {
+		return nil, nil
+	}
 	recorded, err := recordedLSN(ctx, db, slot)
 	if err != nil || recorded == 0 {
 		return nil, err
 	}
-	g := &LostSlot{Recorded: recorded}
+	g := &LostSlot{Created: created, Recorded: recorded}
 	if err := db.QueryRow(ctx, `SELECT count(*) FROM relay.outbox o WHERE NOT EXISTS (SELECT 1 FROM relay.deliveries d WHERE d.event_id = o.id)`).Scan(&g.Undelivered); err != nil {
 		return nil, fmt.Errorf("count outbox rows without delivery rows: %w", err)
 	}

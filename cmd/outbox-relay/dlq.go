@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-relay/outbox-relay/cdc"
 	"github.com/outbox-relay/outbox-relay/dlq"
@@ -138,20 +139,18 @@ func splitArgs(fs *flag.FlagSet, args []string) (flags, positional []string) {
 }
 
 // connect opens one connection for a CLI command, set up as the relay's
-// own are (cdc.PrepareSession: TCP timeouts, and a 10 s connect timeout
-// unless the URL sets connect_timeout); the caller closes it.
+// own are (cdc.Connect: TCP timeouts, and a 10 s connect timeout unless
+// the URL sets connect_timeout); the caller closes it.
 func connect(ctx context.Context, cmd, url string, stderr io.Writer) (*pgx.Conn, int) {
 	if url == "" {
 		fmt.Fprintf(stderr, "outbox-relay %s: --database-url (or OUTBOX_RELAY_DATABASE_URL) is required\n", cmd)
 		return nil, 2
 	}
-	cfg, err := pgx.ParseConfig(url)
-	if err != nil {
+	conn, err := cdc.Connect(ctx, url)
+	if errors.As(err, new(*pgconn.ParseConfigError)) {
 		fmt.Fprintf(stderr, "outbox-relay %s: --database-url: %v\n", cmd, err)
 		return nil, 2
 	}
-	cdc.PrepareSession(&cfg.Config)
-	conn, err := pgx.ConnectConfig(ctx, cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay %s: connect: %v\n", cmd, err)
 		return nil, 1

@@ -43,13 +43,10 @@ func runMigrate(ctx context.Context, args []string, _ io.Reader, stdout, stderr 
 		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
 		return 1
 	}
-	if stream.SlotCreatedAt() != 0 {
-		gap, err := relay.CheckLostSlot(ctx, conn, *slot)
-		if err != nil {
-			fmt.Fprintf(stderr, "outbox-relay migrate: could not check for events the lost slot held: %v\n", err)
-		} else if gap != nil {
-			fmt.Fprintf(stderr, "outbox-relay migrate: slot %q: %v\n", *slot, gap)
-		}
+	if gap, err := relay.CheckLostSlot(ctx, conn, stream, *slot); err != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: could not check for events the lost slot held: %v\n", err)
+	} else if gap != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: slot %q: %v\n", *slot, gap)
 	}
 	fmt.Fprintf(stdout, "publication %q and slot %q are ready\n", *publication, *slot)
 	return 0

@@ -147,8 +147,7 @@ func SilentServer(t testing.TB) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var mu sync.Mutex
-	var held []net.Conn
+	var held []net.Conn // the accept loop's own until done is closed
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -157,9 +156,7 @@ func SilentServer(t testing.TB) string {
 			if err != nil {
 				return
 			}
-			mu.Lock()
 			held = append(held, c)
-			mu.Unlock()
 		}
 	}()
 	t.Cleanup(func() {
