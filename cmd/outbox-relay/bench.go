@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -33,6 +34,9 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	if len(args) >= 2 && args[0] == profiledRun {
 		return runProfiled(ctx, args[1], args[2:], stdin, stdout, stderr)
 	}
+	if len(args) == 1 && args[0] == bench.PacedPostCommand {
+		return runPacedPost(ctx, stdin, stdout, stderr)
+	}
 	fs := newFlagSet("bench", benchSynopsis, stderr)
 	var cfg bench.Config
 	events, rates := intList{200_000}, intList{1000}
@@ -44,7 +48,7 @@ func runBench(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	fs.DurationVar(&cfg.Duration, "duration", 20*time.Second, "steady phases: how long the producer runs, at each rate")
 	fs.IntVar(&cfg.Producers, "producers", 0, "steady phases: connections the producer commits on; 0 = one per 250 events/s of the rate, at least 4")
 	phases := fs.String("phases", "all", "comma-separated phases: bare (bare client posts the backlog), drain (relay drains the backlog), drain-many (relay drains a backlog spread over --endpoints), "+
-		"latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate), fairness (tenant B's latency beside tenant A's slow backlog), "+
+		"latency (relay at the steady rate), bare-latency (direct POSTs at the steady rate, from a process of its own with one P, whose CPU per request is reported: the floor under the relay's CPU per event at that rate), fairness (tenant B's latency beside tenant A's slow backlog), "+
 		"peer-drain and peer-drain-many (the polling peer drains the same backlogs), peer-latency (the peer at the steady rate); "+
 		"all = bare, drain, latency, bare-latency, peer-drain, peer-latency; opt-in besides drain-many, peer-drain-many and fairness: "+
 		"recovery (SIGKILL and restart under a steady producer), takeover (SIGKILL of the active relay with a standby), "+
@@ -138,4 +142,27 @@ func runProfiled(ctx context.Context, file string, args []string, stdin io.Reade
 	}
 	defer pprof.StopCPUProfile()
 	return runRun(ctx, args[1:], stdin, stdout, stderr)
+}
+
+// runPacedPost is the hidden subcommand the bench's bare-latency phase
+// runs its client in: `outbox-relay bench paced-post` reads a
+// bench.PostPlan as JSON from stdin, posts it, and prints a
+// bench.PostResult as JSON (exit 1 if it holds an error).
+func runPacedPost(ctx context.Context, stdin io.Reader, stdout, stderr io.Writer) int {
+	var plan bench.PostPlan
+	if err := json.NewDecoder(stdin).Decode(&plan); err != nil {
+		fmt.Fprintln(stderr, "outbox-relay bench paced-post: read the plan from stdin:", err)
+		return 2
+	}
+	res := bench.PacedPost(ctx, plan)
+	out, err := json.Marshal(res)
+	if err != nil {
+		fmt.Fprintln(stderr, "outbox-relay bench paced-post:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, string(out))
+	if res.Err != "" {
+		return 1
+	}
+	return 0
 }

@@ -193,9 +193,9 @@ func (c Config) Validate() error {
 			errs = append(errs, fmt.Errorf("unknown phase %q in Phases", p))
 		}
 	}
-	needRelay := len(c.Phases) == 0 || slices.ContainsFunc(c.Phases, func(p string) bool { return p != PhaseBare && p != PhaseBareLatency })
+	needRelay := len(c.Phases) == 0 || slices.ContainsFunc(c.Phases, func(p string) bool { return p != PhaseBare })
 	if needRelay && c.RelayExe == "" {
-		errs = append(errs, errors.New("every phase but bare and bare-latency needs RelayExe (the outbox-relay binary; the peer's table is made LIKE relay.outbox)"))
+		errs = append(errs, errors.New("every phase but bare needs RelayExe (the outbox-relay binary; bare-latency posts from its hidden 'bench paced-post', the peer's table is made LIKE relay.outbox)"))
 	}
 	errs = append(errs, c.Faults.validate())
 	return errors.Join(errs...)
@@ -657,32 +657,28 @@ func (r *run) latency(ctx context.Context) error {
 }
 
 // bareLatency posts directly at the steady rate: the HTTP floor of
-// commit-to-delivery, with no database and no relay.
+// commit-to-delivery, with no database and no relay, from a child process
+// whose CPU per request is the floor under the relay's at this rate.
 func (r *run) bareLatency(ctx context.Context) error {
 	n := int(float64(r.cfg.Rate) * r.cfg.Duration.Seconds())
 	tl := newTally(r.tag(tagBareLatency), n, r.cfg.BodyBytes, true, r.verifier())
 	r.rcv.expect(tl)
-	r.progress("bare HTTP client: %d posts/s for %s", r.cfg.Rate, r.cfg.Duration)
-	c := newBareClient(r.rcv.url, r.cfg.Workers, r.cfg.BodyBytes, r.bareSigner(), r.cfg.BareClient == BareLean)
-	defer c.CloseIdleConnections()
-	bufs := make(chan []byte, r.cfg.Workers)
-	for range r.cfg.Workers {
-		bufs <- nil
+	r.progress("bare HTTP client (%s, a process of its own with one P): %d posts/s for %s", r.cfg.BareClient, r.cfg.Rate, r.cfg.Duration)
+	plan := PostPlan{URL: r.rcv.url, Rate: r.cfg.Rate, Duration: r.cfg.Duration, Workers: r.cfg.Workers, BodyBytes: r.cfg.BodyBytes,
+		Tag: r.tag(tagBareLatency), Lean: r.cfg.BareClient == BareLean}
+	if r.cfg.VerifySignatures {
+		plan.Secret = r.secretText
 	}
-	sent, rate, err := paced(ctx, r.cfg.Rate, r.cfg.Duration, r.cfg.Workers, func(seq int) error {
-		buf := <-bufs
-		defer func() { bufs <- buf }()
-		var err error
-		buf, err = c.post(ctx, r.tag(tagBareLatency), seq, time.Now().UnixNano(), buf)
-		return err
-	})
+	post, err := r.pacedPostChild(ctx, plan)
 	if err != nil {
 		return err
 	}
 	if err := r.wait(ctx, tl, r.cfg.Timeout); err != nil {
 		return err
 	}
-	r.res.BareLatency = latencyOf(tl, sent, rate)
+	l := latencyOf(tl, post.Sent, post.Rate)
+	l.ClientCPU = post.CPUSecs * 1e6 / float64(max(1, post.Sent))
+	r.res.BareLatency = l
 	return nil
 }
 

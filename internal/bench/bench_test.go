@@ -161,6 +161,11 @@ func TestRunTiny(t *testing.T) {
 			t.Errorf("%s latency: %+v", name, l)
 		}
 	}
+	// The bare client posted from a process of its own, which measured
+	// its CPU: some, and less than the whole of the 2 s run per request.
+	if c := res.BareLatency.ClientCPU; c <= 0 || c > 2e6/400 {
+		t.Errorf("bare client CPU per request: %.1f us", c)
+	}
 	if res.Latency.Cost == nil || res.Latency.Cost.WALPerEvent <= 0 {
 		t.Errorf("latency cost: %+v", res.Latency.Cost)
 	}
@@ -175,6 +180,9 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (Config{}).Validate(); err == nil {
 		t.Error("no RelayExe: want an error")
+	}
+	if err := (Config{Phases: []string{PhaseBareLatency}}).Validate(); err == nil {
+		t.Error("bare-latency without RelayExe (its client runs in the binary's paced-post): want an error")
 	}
 	if p, err := ParsePhases("all,fairness"); err != nil || len(p) != len(AllPhases)+1 {
 		t.Errorf("ParsePhases(all,fairness) = %v, %v", p, err)

@@ -136,6 +136,9 @@ type Latency struct {
 	AfterP99  float64 `json:"after_commit_p99_ms,omitempty"`
 	AfterP999 float64 `json:"after_commit_p999_ms,omitempty"`
 	Cost      *Cost   `json:"cost,omitempty"`
+	// ClientCPU is the bare client's CPU per request, in µs, measured in
+	// a process of its own; set by the bare-latency phase.
+	ClientCPU float64 `json:"client_cpu_us_per_request,omitempty"`
 	// CPU is where the machine's CPU went, per event sent; set by the
 	// fairness phase.
 	CPU *CPUSplit `json:"cpu,omitempty"`
@@ -320,7 +323,7 @@ func (r *Result) Table(w io.Writer) {
 		fmt.Fprintf(w, "  B p99 with backlog / idle: %.2fx   target <= %.1fx  %s; counted from each COMMIT's return: %.2fx %s\n",
 			f.P99Ratio, f.TargetRatio, verdict(f.P99Ratio <= f.TargetRatio), f.AfterRatio, verdict(f.AfterRatio <= f.TargetRatio))
 	}
-	if r.Drain != nil || r.Latency != nil {
+	if r.Drain != nil || r.Latency != nil || r.BareLatency != nil && r.BareLatency.ClientCPU > 0 {
 		fmt.Fprintf(w, "\nrelay cost                 CPU s/10k events  us/event  WAL bytes/event (relay's writes + inserts)\n")
 		if d := r.Drain; d != nil {
 			fmt.Fprintf(w, "  backlog drain            %16.2f %9.1f %9.0f (relay only)\n", d.CPUPer10k, d.CPUPerEvent, d.WALPerEvent)
@@ -328,11 +331,16 @@ func (r *Result) Table(w io.Writer) {
 		if l := r.Latency; l != nil && l.Cost != nil {
 			fmt.Fprintf(w, "  steady %5d/s            %16.2f %9.1f %9.0f (inserts and relay)\n", r.Rate, l.Cost.CPUPer10k, l.Cost.CPUPerEvent, l.Cost.WALPerEvent)
 		}
-		fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (the last relay process)", float64(r.RelayPeakRSS)/(1<<20))
-		if r.DrainRSS > 0 {
-			fmt.Fprintf(w, "; the drain's relay after the drain: %.1f MiB", float64(r.DrainRSS)/(1<<20))
+		if b := r.BareLatency; b != nil && b.ClientCPU > 0 {
+			fmt.Fprintf(w, "  bare client %5d/s       %16.2f %9.1f           (%s, a process of its own with one P: one POST per event, no database)\n", r.Rate, b.ClientCPU/100, b.ClientCPU, r.BareClient)
 		}
-		fmt.Fprintln(w)
+		if r.RelayPeakRSS > 0 {
+			fmt.Fprintf(w, "  relay peak RSS: %.1f MiB (the last relay process)", float64(r.RelayPeakRSS)/(1<<20))
+			if r.DrainRSS > 0 {
+				fmt.Fprintf(w, "; the drain's relay after the drain: %.1f MiB", float64(r.DrainRSS)/(1<<20))
+			}
+			fmt.Fprintln(w)
+		}
 	}
 	r.scaleTable(w)
 	r.faultsTable(w)

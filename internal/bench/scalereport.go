@@ -18,7 +18,7 @@ func (r *Result) scaleTable(w io.Writer) {
 		s.backlogTable(w)
 		s.steadyTable(w)
 	}
-	s.targets(w)
+	s.targets(w, r.BareClient)
 	if s.BenchPeakRSS > 0 {
 		fmt.Fprintf(w, "\nbench process peak RSS: %.1f MiB (receiver tallies, bare client, the in-process polling peer)\n", mib(s.BenchPeakRSS))
 	}
@@ -151,7 +151,7 @@ func (s *ScaleResult) steadyTable(w io.Writer) {
 	if len(s.Steady) == 0 {
 		return
 	}
-	fmt.Fprintf(w, "\nsteady latency by rate   asked/s achieved/s producers  p50 ms   p99 ms p99.9 ms   max ms  dups missing  relay us/ev  commit p50/p99 ms  from COMMIT p50/p99/p99.9 ms\n")
+	fmt.Fprintf(w, "\nsteady latency by rate   asked/s achieved/s producers  p50 ms   p99 ms p99.9 ms   max ms  dups missing  CPU us/ev  commit p50/p99 ms  from COMMIT p50/p99/p99.9 ms\n")
 	for _, l := range s.Steady {
 		for _, x := range []struct {
 			name string
@@ -167,6 +167,9 @@ func (s *ScaleResult) steadyTable(w io.Writer) {
 			if x.name == "relay" && x.l.Cost != nil {
 				cpu = fmt.Sprintf("%.1f", x.l.Cost.CPUPerEvent)
 			}
+			if x.l.ClientCPU > 0 {
+				cpu = fmt.Sprintf("%.1f", x.l.ClientCPU) // the bare client's, in its own process
+			}
 			fmt.Fprintf(w, "  %-20s %9s %10.0f %9s %7.2f %8.2f %8.2f %8.2f %5d %7d %12s%s\n", x.name, thousands(l.Rate), x.l.RatePerSec, prod,
 				x.l.P50, x.l.P99, x.l.P999, x.l.Max, x.l.Duplicates, x.l.Missing, cpu, x.l.commitText())
 		}
@@ -174,7 +177,7 @@ func (s *ScaleResult) steadyTable(w io.Writer) {
 }
 
 // targets writes issue 4's and 6's targets next to this run's figures.
-func (s *ScaleResult) targets(w io.Writer) {
+func (s *ScaleResult) targets(w io.Writer, bareClient string) {
 	var lines []string
 	for _, b := range s.Backlogs {
 		var parts []string
@@ -211,7 +214,12 @@ func (s *ScaleResult) targets(w io.Writer) {
 	}
 	for _, l := range s.Steady {
 		if l.Latency != nil && l.Latency.Cost != nil && l.Latency.Cost.CPUPerEvent > 0 {
-			lines = append(lines, fmt.Sprintf("steady %s/s: %s", thousands(l.Rate), cpuTarget(l.Latency.Cost.CPUPerEvent)))
+			line := fmt.Sprintf("steady %s/s: %s", thousands(l.Rate), cpuTarget(l.Latency.Cost.CPUPerEvent))
+			if b := l.BareLatency; b != nil && b.ClientCPU > 0 {
+				line += fmt.Sprintf("; the bare %s client alone, one POST per event at this rate: %.1f us/request (relay / bare %.2fx)",
+					bareClient, b.ClientCPU, l.Latency.Cost.CPUPerEvent/b.ClientCPU)
+			}
+			lines = append(lines, line)
 		}
 	}
 	if len(lines) == 0 {
