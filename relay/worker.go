@@ -193,7 +193,7 @@ func (r *Relay) attempt(ctx context.Context, d *delivery, ep *Endpoint, sig []by
 		d.state, d.nextAttempt = StatePending, end
 		return sig
 	}
-	delay, ok := retrypolicy.Delay(ep.schedule(r.cfg.RetrySchedule), d.attempts)
+	delay, ok := ep.retryDelay(r.cfg.RetrySchedule, d.attempts)
 	if !ok {
 		d.state, d.completed = StateDead, end
 		d.errText = "attempts exhausted (" + strconv.Itoa(d.attempts) + "): " + d.errText

@@ -27,14 +27,20 @@ var DefaultSchedule = []time.Duration{
 const DefaultMaxDelay = 24 * time.Hour
 
 // Delay returns the delay before attempt number attempt+1, given that
-// attempt attempts have been made so far: schedule[attempt]. It reports
-// false when the schedule is exhausted (attempt >= len(schedule)) or attempt
-// is negative.
-func Delay(schedule []time.Duration, attempt int) (time.Duration, bool) {
-	if attempt < 0 || attempt >= len(schedule) {
+// attempt attempts have been made so far, under a budget of attempts in
+// all: schedule[attempt], or the schedule's last delay repeated when the
+// budget is longer than the schedule (budget 0 means len(schedule)). It
+// reports false when the budget is spent (attempt >= budget), the
+// schedule is empty, or attempt is negative. It allocates nothing,
+// however large the budget.
+func Delay(schedule []time.Duration, budget, attempt int) (time.Duration, bool) {
+	if budget <= 0 {
+		budget = len(schedule)
+	}
+	if len(schedule) == 0 || attempt < 0 || attempt >= budget {
 		return 0, false
 	}
-	return schedule[attempt], true
+	return schedule[min(attempt, len(schedule)-1)], true
 }
 
 // Exponential builds a schedule of the given number of attempts: the first
@@ -147,7 +153,7 @@ func Next(schedule []time.Duration, attempt int, d Decision, h http.Header, now 
 	if d.Outcome != Retry {
 		return 0, false
 	}
-	delay, ok := Delay(schedule, attempt)
+	delay, ok := Delay(schedule, 0, attempt)
 	if !ok {
 		return 0, false
 	}

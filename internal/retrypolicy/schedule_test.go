@@ -38,13 +38,48 @@ func TestDelay(t *testing.T) {
 		{100, 0, false},
 	}
 	for _, tt := range tests {
-		got, ok := Delay(DefaultSchedule, tt.attempt)
+		got, ok := Delay(DefaultSchedule, 0, tt.attempt)
 		if got != tt.want || ok != tt.ok {
-			t.Errorf("Delay(default, %d) = %v, %v; want %v, %v", tt.attempt, got, ok, tt.want, tt.ok)
+			t.Errorf("Delay(default, 0, %d) = %v, %v; want %v, %v", tt.attempt, got, ok, tt.want, tt.ok)
 		}
 	}
-	if _, ok := Delay(nil, 0); ok {
-		t.Errorf("Delay(nil, 0) ok, want exhausted")
+	if _, ok := Delay(nil, 0, 0); ok {
+		t.Errorf("Delay(nil, 0, 0) ok, want exhausted")
+	}
+	if _, ok := Delay(nil, 5, 0); ok {
+		t.Errorf("Delay(nil, 5, 0) ok, want exhausted: no delay to repeat")
+	}
+}
+
+// A budget cuts the schedule or extends it by repeating its last delay.
+func TestDelayBudget(t *testing.T) { // not parallel: AllocsPerRun
+	s := []time.Duration{0, time.Second, time.Minute}
+	tests := []struct {
+		budget, attempt int
+		want            time.Duration
+		ok              bool
+	}{
+		{2, 0, 0, true},
+		{2, 1, time.Second, true},
+		{2, 2, 0, false}, // cut: the minute is never waited
+		{3, 2, time.Minute, true},
+		{3, 3, 0, false},
+		{5, 3, time.Minute, true}, // extended: the last delay again
+		{5, 4, time.Minute, true},
+		{5, 5, 0, false},
+		{1_000_000, 999_999, time.Minute, true},
+		{1_000_000, 1_000_000, 0, false},
+		{1_000_000, -1, 0, false},
+	}
+	for _, tt := range tests {
+		got, ok := Delay(s, tt.budget, tt.attempt)
+		if got != tt.want || ok != tt.ok {
+			t.Errorf("Delay(%v, %d, %d) = %v, %v; want %v, %v", s, tt.budget, tt.attempt, got, ok, tt.want, tt.ok)
+		}
+	}
+	// A budget of millions is a number, not a schedule built to its length.
+	if n := testing.AllocsPerRun(100, func() { Delay(s, math.MaxInt32, 12345) }); n != 0 {
+		t.Errorf("Delay with a budget of %d: %.0f allocations per call, want 0", math.MaxInt32, n)
 	}
 }
 
