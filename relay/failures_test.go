@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -184,5 +185,53 @@ func TestTenantRateLimitCapsTheSum(t *testing.T) {
 	// 80 deliveries over both endpoints at 40/s with burst 4: ~1.9 s.
 	if span := last.Sub(first); span < 1700*time.Millisecond {
 		t.Errorf("80 deliveries under a 40/s tenant limit took only %s", span)
+	}
+}
+
+// An endpoint given an attempt budget of millions (keep retrying through
+// a long outage) retries like any other: every failure is counted on its
+// row, every event ends succeeded once the receiver is back, and the
+// retries cost memory per attempt, not per allowed attempt. A relay that
+// built the extended schedule on each failure allocated 8 MB per failed
+// attempt here (200 failures: 1.6 GB). The breaker opens and probes
+// every 10 ms meanwhile, as it would for any dead receiver. Not parallel: it reads the
+// process's allocation counter.
+func TestHugeAttemptBudgetRetriesInBoundedMemory(t *testing.T) {
+	e := newEnv(t)
+	rcv := newReceiver(t)
+	const events, failures = 20, 200
+	rcv.answer = func(n int, _ *http.Request) int {
+		if n < failures {
+			return 503
+		}
+		return 200
+	}
+	e.addEndpoint("ep", "t", rcv)
+	e.Exec(`UPDATE relay.endpoints SET max_attempts = 1000000, retry_schedule = '{0s,5ms}', breaker_cooldown_ms = 10 WHERE id = 'ep'`)
+	e.startRelay(nil)
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	e.Exec(`INSERT INTO relay.outbox (tenant_id, event_type, payload) SELECT 't', 'x', jsonb_build_object('i', i) FROM generate_series(1, $1) i`, events)
+	e.WaitFor("every event delivered after the failures", 60*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'ep' AND state = 'succeeded'`) == events
+	})
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	allocated := after.TotalAlloc - before.TotalAlloc
+	reqs := len(rcv.requests())
+	t.Logf("%d requests (%d answered 503), %.1f MB allocated by the test process meanwhile", reqs, failures, float64(allocated)/1e6)
+	if reqs != failures+events {
+		t.Errorf("%d requests, want %d failures and %d successes", reqs, failures, events)
+	}
+	// Exact accounting: one row per event, and its attempts are the
+	// requests the receiver saw for it.
+	if n := e.Count(`SELECT count(*) FROM relay.deliveries WHERE endpoint_id = 'ep'`); n != events {
+		t.Errorf("%d rows, want %d", n, events)
+	}
+	if n := e.Count(`SELECT coalesce(sum(attempts), 0) FROM relay.deliveries WHERE endpoint_id = 'ep'`); n != reqs {
+		t.Errorf("attempts on the rows add up to %d, want the %d requests", n, reqs)
+	}
+	if allocated > 400<<20 {
+		t.Errorf("%.0f MB allocated for %d failed attempts, want far less than the 8 MB per attempt a schedule of max_attempts entries costs", float64(allocated)/1e6, failures)
 	}
 }

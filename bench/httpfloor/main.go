@@ -31,6 +31,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/procs"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -121,7 +122,7 @@ func run(c *http.Client, sg *signer.Signer, url string, body []byte, rate int, d
 	for range 10 {
 		post(nil)
 	}
-	cpu0 := cpuTime()
+	cpu0 := procs.CPUTime()
 	start := time.Now()
 	var wg sync.WaitGroup
 	work := make(chan struct{}, workers)
@@ -153,15 +154,7 @@ func run(c *http.Client, sg *signer.Signer, url string, body []byte, rate int, d
 	}
 	close(work)
 	wg.Wait()
-	return n, time.Since(start), cpuTime() - cpu0
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		fail(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	return n, time.Since(start), procs.CPUTime() - cpu0
 }
 
 func serve() {

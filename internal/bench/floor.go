@@ -1,18 +1,15 @@
 package bench
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
-	"syscall"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/internal/procs"
 	"github.com/outbox-relay/outbox-relay/signer"
 )
 
@@ -68,10 +65,7 @@ func PacedPost(ctx context.Context, plan PostPlan) PostResult {
 	for range plan.Workers {
 		bufs <- nil
 	}
-	cpu0, err := selfCPU()
-	if err != nil {
-		return PostResult{Err: err.Error()}
-	}
+	cpu0 := procs.CPUTime()
 	sent, rate, err := paced(ctx, plan.Rate, plan.Duration, plan.Workers, func(seq int) error {
 		buf := <-bufs
 		defer func() { bufs <- buf }()
@@ -79,21 +73,11 @@ func PacedPost(ctx context.Context, plan PostPlan) PostResult {
 		buf, err = c.post(ctx, plan.Tag, seq, time.Now().UnixNano(), buf)
 		return err
 	})
-	res := PostResult{Sent: sent, Rate: rate}
-	cpu1, cerr := selfCPU()
-	res.CPUSecs = (cpu1 - cpu0).Seconds()
-	if err = errors.Join(err, cerr); err != nil {
+	res := PostResult{Sent: sent, Rate: rate, CPUSecs: (procs.CPUTime() - cpu0).Seconds()}
+	if err != nil {
 		res.Err = err.Error()
 	}
 	return res
-}
-
-func selfCPU() (time.Duration, error) {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0, fmt.Errorf("getrusage: %w", err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()), nil
 }
 
 // pacedPostChild runs plan in a paced-post child of the relay binary,
@@ -110,20 +94,14 @@ func (r *run) pacedPostChild(ctx context.Context, plan PostPlan) (PostResult, er
 	cmd.Stderr = &stderr
 	out, runErr := cmd.Output()
 	var res PostResult
-	var last string
-	for sc := bufio.NewScanner(bytes.NewReader(out)); sc.Scan(); {
-		if line := strings.TrimSpace(sc.Text()); line != "" {
-			last = line
-		}
-	}
-	if err := json.Unmarshal([]byte(last), &res); err != nil {
-		return PostResult{}, fmt.Errorf("bench %s child (%v) printed %q: %s", PacedPostCommand, runErr, last, strings.TrimSpace(stderr.String()))
+	if err := json.Unmarshal(bytes.TrimSpace(out), &res); err != nil {
+		return PostResult{}, fmt.Errorf("bench %s child (%v) printed %q: %s", PacedPostCommand, runErr, out, bytes.TrimSpace(stderr.Bytes()))
 	}
 	if res.Err != "" {
 		return res, fmt.Errorf("bench %s child: %s", PacedPostCommand, res.Err)
 	}
 	if runErr != nil {
-		return res, fmt.Errorf("bench %s child: %w: %s", PacedPostCommand, runErr, strings.TrimSpace(stderr.String()))
+		return res, fmt.Errorf("bench %s child: %w: %s", PacedPostCommand, runErr, bytes.TrimSpace(stderr.Bytes()))
 	}
 	return res, nil
 }

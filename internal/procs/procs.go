@@ -73,14 +73,14 @@ func Run(ctx context.Context, attempts func() uint64, log *slog.Logger) {
 	c := NewController(max)
 	t := time.NewTicker(Window)
 	defer t.Stop()
-	last, lastCPU, lastAt := attempts(), cpuTime(), time.Now()
+	last, lastCPU, lastAt := attempts(), CPUTime(), time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		n, cpu, now := attempts(), cpuTime(), time.Now()
+		n, cpu, now := attempts(), CPUTime(), time.Now()
 		secs := now.Sub(lastAt).Seconds()
 		if secs <= 0 {
 			continue
@@ -104,8 +104,9 @@ func Run(ctx context.Context, attempts func() uint64, log *slog.Logger) {
 	}
 }
 
-// cpuTime is the CPU the process has used, user and system.
-func cpuTime() time.Duration {
+// CPUTime is the CPU this process has used, user and system (0 if the
+// kernel will not say).
+func CPUTime() time.Duration {
 	var ru syscall.Rusage
 	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
 		return 0
