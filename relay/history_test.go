@@ -94,7 +94,14 @@ JOIN relay.outbox o ON o.id = d.event_id WHERE o.payload->>'n' <> 'marker' ORDER
 	}
 
 	// Every version is recorded: the snapshot the first relay took, and
-	// each change at its commit.
+	// each change at its commit. Versions are written off the delivery
+	// path, so b2's row can be final before the changes committed ahead of
+	// it are recorded; the slot may not pass a change until its version
+	// is, so once it has passed b2 every one of them must be there.
+	e.WaitFor("the slot past b2", 20*time.Second, func() bool {
+		return e.Count(`SELECT count(*) FROM relay.deliveries d JOIN relay.outbox o ON o.id = d.event_id, pg_replication_slots s
+WHERE o.payload->>'n' = 'b2' AND s.slot_name = $1 AND s.confirmed_flush_lsn > d.commit_lsn`, e.Slot) == 1
+	})
 	if got := e.Count(`SELECT count(*) FROM relay.endpoint_history WHERE endpoint_id = 'ep_b' AND op = 'snapshot'`); got != 1 {
 		t.Errorf("ep_b has %d snapshots, want 1", got)
 	}
